@@ -1,0 +1,240 @@
+"""DINOv3 ViT encoder built on timm's Eva models, with the fixes needed to match Meta's reference.
+
+timm's DINOv3 port matches the reference ``DinoVisionTransformer`` exactly only when:
+
+1. the RoPE periods are the checkpoint's (bf16-rounded) values, not timm's recomputed fp32 ones;
+2. the LayerNorm eps is the one the weights were trained with (1e-5 official, 1e-6 MedDINOv3);
+3. intermediate outputs pass through the final norm (``get_intermediate_layers(norm=True)``).
+
+MedDINOv3 additionally computes RoPE in bf16; ``rope_dtype="bf16"`` reproduces that bit for bit.
+Everything here is built from hyperparameters only; weights are loaded by
+:mod:`nnunet_meddinov3.checkpoints`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm
+from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+from timm.models.eva import Eva
+
+PATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything needed to rebuild a DINOv3 ViT/16 (the reference's constructor arguments)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    n_storage_tokens: int = 4
+    qkv_bias: bool = True
+    layer_scale_init: float = 1e-5
+    norm_eps: float = 1e-5
+    rope_base: float = 100.0
+    rope_normalize_coords: str = "separate"
+    rope_dtype: str = "fp32"  # "fp32" or "bf16" (MedDINOv3 release)
+    patch_size: int = PATCH_SIZE
+    drop_path_rate: float = 0.0
+
+    def replace(self, **overrides) -> "EncoderConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown encoder option(s) {sorted(unknown)}; "
+                            f"valid: {sorted(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+# Official DINOv3 layouts (Meta's hub weights: qkv bias present, LayerNorm eps 1e-5, RoPE fp32).
+ENCODER_CONFIGS: dict[str, EncoderConfig] = {
+    "tiny": EncoderConfig(embed_dim=64, depth=4, num_heads=4),
+    "vits16": EncoderConfig(embed_dim=384, depth=12, num_heads=6),
+    "vitb16": EncoderConfig(embed_dim=768, depth=12, num_heads=12),
+    "vitl16": EncoderConfig(embed_dim=1024, depth=24, num_heads=16),
+}
+
+# What the MedDINOv3 CT release changes relative to the official layout (its ``vit_base(...)`` call).
+MEDDINOV3_LAYOUT = dict(qkv_bias=False, norm_eps=1e-6, rope_dtype="bf16", layer_scale_init=1e-5,
+                        n_storage_tokens=4)
+for _size in ("tiny", "vits16", "vitb16", "vitl16"):
+    ENCODER_CONFIGS[f"meddinov3_{_size}"] = ENCODER_CONFIGS[_size].replace(**MEDDINOV3_LAYOUT)
+
+
+def resolve_encoder_config(name_or_config: str | EncoderConfig | dict, **overrides) -> EncoderConfig:
+    if isinstance(name_or_config, EncoderConfig):
+        config = name_or_config
+    elif isinstance(name_or_config, dict):
+        config = EncoderConfig(**name_or_config)
+    elif name_or_config in ENCODER_CONFIGS:
+        config = ENCODER_CONFIGS[name_or_config]
+    else:
+        raise KeyError(f"unknown encoder '{name_or_config}'; known: {', '.join(sorted(ENCODER_CONFIGS))}")
+    return config.replace(**overrides) if overrides else config
+
+
+def default_feature_layers(depth: int, n: int = 4) -> tuple[int, ...]:
+    """Evenly spaced blocks ending at the last one: (2, 5, 8, 11) for depth 12, as in the paper."""
+    return tuple(round((i + 1) * depth / n) - 1 for i in range(n))
+
+
+def reference_rope_periods(config: EncoderConfig) -> torch.Tensor:
+    """The reference's period formula, rounded through bf16 as every released checkpoint stores it."""
+    n = config.head_dim // 4
+    exponents = 2.0 * torch.arange(n, dtype=torch.float32) / (config.head_dim // 2)
+    return (config.rope_base ** exponents).to(torch.bfloat16).float()
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class ReferenceRotaryEmbedding(RotaryEmbeddingDinoV3):
+    """timm's DINOv3 RoPE, but with the reference's numerics.
+
+    The periods are a persistent buffer, so fine-tuned nnU-Net checkpoints carry the exact values
+    the weights were trained with and inference needs no other file. Coordinates are computed in
+    the RoPE dtype from the start, as the reference does (timm computes them in fp32 and casts),
+    which matters when that dtype is bf16.
+    """
+
+    def __init__(self, dim: int, periods: torch.Tensor, dtype: torch.dtype, **kwargs):
+        super().__init__(dim=dim, **kwargs)
+        self.register_buffer("periods", periods.to(dtype), persistent=True)
+
+    def _create_embed(self, feat_shape, no_aug: bool = False) -> torch.Tensor:
+        if self.normalize_coords != "separate":
+            return super()._create_embed(feat_shape, no_aug=no_aug)
+        H, W = feat_shape
+        dd = dict(device=self.periods.device, dtype=self.periods.dtype)
+        coords_h = torch.arange(0.5, H, **dd) / H
+        coords_w = torch.arange(0.5, W, **dd) / W
+        coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)
+        coords = 2.0 * coords - 1.0
+        if not no_aug:
+            coords = self._apply_coord_augs(coords)
+        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]
+        angles = angles.flatten(1).tile(2)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class RoundToDtype(nn.Module):
+    """Stands in for the (identity) q/k norm so q and k enter the rotation in the RoPE dtype.
+
+    The reference casts q and k (all tokens) to the RoPE dtype, rotates in that dtype and casts
+    back; timm's attention casts back itself (``type_as(v)``), so rounding here is all it takes.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
+
+
+class DINOv3Encoder(nn.Module):
+    """A DINOv3 ViT/16 (timm ``Eva``) returning dense patch features of chosen blocks."""
+
+    def __init__(self, config: EncoderConfig, in_channels: int = 1):
+        super().__init__()
+        self.config = config
+        self.in_channels = in_channels
+        self.embed_dim = config.embed_dim
+        self.patch_size = config.patch_size
+        self.vit = Eva(
+            img_size=224,
+            patch_size=config.patch_size,
+            in_chans=in_channels,
+            num_classes=0,
+            global_pool="token",
+            embed_dim=config.embed_dim,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            qkv_bias=config.qkv_bias,
+            init_values=config.layer_scale_init,
+            drop_path_rate=config.drop_path_rate,
+            norm_layer=partial(LayerNorm, eps=config.norm_eps),
+            num_reg_tokens=config.n_storage_tokens,
+            use_abs_pos_emb=False,
+            use_rot_pos_emb=True,
+            rope_type="dinov3",
+            rope_temperature=config.rope_base,
+            rope_rotate_half=True,
+            use_fc_norm=False,
+            dynamic_img_size=True,
+        )
+        rope_dtype = _DTYPES[config.rope_dtype]
+        self.vit.rope = ReferenceRotaryEmbedding(
+            dim=config.head_dim, periods=reference_rope_periods(config), dtype=rope_dtype,
+            temperature=config.rope_base, normalize_coords=config.rope_normalize_coords, rotate_half=True)
+        if rope_dtype != torch.float32:
+            for block in self.vit.blocks:
+                block.attn.q_norm = RoundToDtype(rope_dtype)
+                block.attn.k_norm = RoundToDtype(rope_dtype)
+
+    @property
+    def depth(self) -> int:
+        return self.config.depth
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.vit.set_grad_checkpointing(enable)
+
+    def intermediate_features(self, x: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """Normalised patch tokens of the given blocks (0-based) as (B, C, H/16, W/16) maps.
+
+        Equals the reference ``get_intermediate_layers(x, n=layers, reshape=True, norm=True)``.
+        H and W must be multiples of the patch size.
+        """
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size "
+                             f"{self.patch_size}; pad it first (MedDINOv3Net does this for you)")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"encoder expects {self.in_channels} input channel(s), got {x.shape[1]}")
+        bad = [i for i in layers if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for a {self.depth}-block encoder")
+        return self.vit.forward_intermediates(
+            x, indices=list(layers), norm=True, output_fmt="NCHW", intermediates_only=True,
+            stop_early=True)
+
+    def forward_tokens(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reference ``forward_features``: normalised cls, storage and patch tokens."""
+        tokens = self.vit.forward_features(x)
+        n_prefix = 1 + self.config.n_storage_tokens
+        return {
+            "x_norm_clstoken": tokens[:, 0],
+            "x_storage_tokens": tokens[:, 1:n_prefix],
+            "x_norm_patchtokens": tokens[:, n_prefix:],
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)["x_norm_clstoken"]
+
+
+def build_encoder(name: str | EncoderConfig = "meddinov3_vitb16", in_channels: int = 1,
+                  checkpoint=None, **overrides) -> DINOv3Encoder:
+    """Build a DINOv3 encoder from a named config (see ``ENCODER_CONFIGS``) plus overrides.
+
+    ``checkpoint`` is a path, a registry name or an already loaded state dict in any layout that
+    :func:`nnunet_meddinov3.checkpoints.load_encoder_weights` understands; loading is strict.
+    """
+    encoder = DINOv3Encoder(resolve_encoder_config(name, **overrides), in_channels=in_channels)
+    if checkpoint is not None:
+        from nnunet_meddinov3.checkpoints import load_encoder_weights
+        load_encoder_weights(encoder, checkpoint)
+    return encoder

@@ -1,0 +1,68 @@
+"""MedDINOv3Net: DINOv3 encoder + light transposed-conv decoder, built from hyperparameters only."""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nnunet_meddinov3.network.decoders import DECODERS
+from nnunet_meddinov3.network.encoder import DINOv3Encoder, default_feature_layers, resolve_encoder_config
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None, "none": None, "fp32": None}
+
+
+class MedDINOv3Net(nn.Module):
+    """2D segmentation network of the MedDINOv3 paper (arXiv 2509.02379).
+
+    Accepts any H, W: the input is zero-padded to a multiple of 16 and the logits cropped back.
+    There is no deep supervision; the output is one (B, num_classes, H, W) float32 tensor.
+
+    On CUDA the network runs in ``autocast_dtype`` (bf16 by default) whatever autocast the caller
+    set up, because nnU-Net's train/predict paths autocast to fp16, where a ViT's activations can
+    overflow; the logits are returned in fp32.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, encoder: str | dict = "meddinov3_vitb16",
+                 decoder: str = "multiscale", feature_layers: Sequence[int] | None = None,
+                 drop_path_rate: float = 0.0, encoder_overrides: dict | None = None,
+                 autocast_dtype: str | None = "bf16", grad_checkpointing: bool = False,
+                 deep_supervision: bool = False):
+        super().__init__()
+        if deep_supervision:
+            raise ValueError("MedDINOv3Net has no deep supervision. Train it with a MedDINOv3 trainer "
+                             "(e.g. -tr nnUNetTrainerMedDINOv3), which disables it.")
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder '{decoder}'; choose one of {sorted(DECODERS)}")
+        if autocast_dtype not in _AUTOCAST_DTYPES:
+            raise ValueError(f"autocast_dtype must be one of {sorted(map(str, _AUTOCAST_DTYPES))}")
+        config = resolve_encoder_config(encoder, drop_path_rate=drop_path_rate, **(encoder_overrides or {}))
+        self.encoder = DINOv3Encoder(config, in_channels=input_channels)
+        if feature_layers is None:
+            feature_layers = (config.depth - 1,) if decoder == "single" else default_feature_layers(config.depth)
+        self.feature_layers = tuple(int(i) for i in feature_layers)
+        if not all(0 <= i < config.depth for i in self.feature_layers):
+            raise ValueError(f"feature_layers {self.feature_layers} out of range for depth {config.depth}")
+        self.decoder = DECODERS[decoder](config.embed_dim, len(self.feature_layers), num_classes)
+        self.autocast_dtype = _AUTOCAST_DTYPES[autocast_dtype]
+        self.num_classes = num_classes
+        if grad_checkpointing:
+            self.encoder.set_grad_checkpointing(True)
+
+    def _precision(self, x: torch.Tensor):
+        if x.device.type == "cuda" and self.autocast_dtype is not None:
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return contextlib.nullcontext()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        p = self.encoder.patch_size
+        pad_h, pad_w = (-h) % p, (-w) % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        with self._precision(x):
+            features = self.encoder.intermediate_features(x, self.feature_layers)
+            logits = self.decoder(features)
+        return logits[..., :h, :w].float()

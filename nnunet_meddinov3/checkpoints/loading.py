@@ -32,7 +32,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         raise ValueError(
             f"refusing to load '{path}': it is a pickle holding more than tensors and plain "
             f"containers ({str(e).splitlines()[0]}). Only weight files are accepted.") from e
-    except (RuntimeError, EOFError) as e:
+    except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
     if not isinstance(state, dict):
         raise ValueError(f"'{path}' holds a {type(state).__name__}, not a state dict")
@@ -99,8 +99,8 @@ def _mismatch_message(missing, unexpected, misshaped, facts, source) -> str:
                          ("shape mismatch (checkpoint vs encoder)", misshaped)):
         if items:
             grouped = sorted({re.sub(r"blocks\.\d+\.", "blocks.*.", k) for k in items})
-            lines.append(f"  {title} ({len(items)}): " + ", ".join(grouped[:12])
-                         + (" ..." if len(grouped) > 12 else ""))
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(grouped[:30])
+                         + (" ..." if len(grouped) > 30 else ""))
     lines.append(f"  checkpoint architecture: {facts}")
     fits = fitting_configs(facts)
     lines.append(f"  encoder configs that would fit: {', '.join(fits) if fits else 'none of the named ones'}")

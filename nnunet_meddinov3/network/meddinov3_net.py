@@ -66,3 +66,7 @@ class MedDINOv3Net(nn.Module):
             features = self.encoder.intermediate_features(x, self.feature_layers)
             logits = self.decoder(features)
         return logits[..., :h, :w].float()
+
+
+# How nnU-Net plans refer to this class (``architecture.network_class_name``, resolved by import).
+NETWORK_CLASS_NAME = f"{MedDINOv3Net.__module__}.{MedDINOv3Net.__qualname__}"

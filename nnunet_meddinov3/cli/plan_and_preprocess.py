@@ -1,0 +1,67 @@
+"""``meddinov3 plan_and_preprocess``: nnU-Net fingerprint -> our 2D planner -> nnU-Net preprocessing.
+
+nnU-Net's ``-pl`` only finds planners inside its own package, so this runs the same three steps
+through nnU-Net's API with ``nnUNetPlannerMedDINOv3``. Stock plans are never touched.
+"""
+from __future__ import annotations
+
+import os
+
+from nnunet_meddinov3.network.decoders import DECODERS
+from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, PATCH_SIZE
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (as for nnUNetv2_* commands)")
+    parser.add_argument("-c", "--configurations", nargs="+", default=["2d", "2d_highres"],
+                        help="configurations to preprocess (default: 2d 2d_highres)")
+    parser.add_argument("--vit", default="vitb16", choices=sorted(k for k in ENCODER_CONFIGS if "_" not in k),
+                        help="ViT size written into the plans (default vitb16)")
+    parser.add_argument("--decoder", default="multiscale", choices=sorted(DECODERS))
+    parser.add_argument("--target-patch", type=int, default=896,
+                        help="longest side of the 2d_highres patch, a multiple of 16 (default 896; 0 disables it)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="memory target for the batch size")
+    parser.add_argument("--plans-name", default="nnUNetPlansMedDINOv3")
+    parser.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 4)))
+    parser.add_argument("--verify_dataset_integrity", action="store_true")
+    parser.add_argument("--no-preprocess", action="store_true", help="only plan")
+
+
+def run(args) -> int:
+    if args.target_patch % PATCH_SIZE:
+        raise SystemExit(f"--target-patch {args.target_patch} is not a multiple of {PATCH_SIZE} (the ViT patch size); "
+                         f"try {round(args.target_patch / PATCH_SIZE) * PATCH_SIZE}")
+    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed") if not os.environ.get(v)]
+    if missing:
+        raise SystemExit(f"environment variable(s) {', '.join(missing)} not set: nnU-Net needs them to find the "
+                         f"raw dataset and to write plans (see `meddinov3 env`)")
+
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset,
+        preprocess_dataset,
+    )
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_meddinov3.training.planner import nnUNetPlannerMedDINOv3
+
+    dataset_name = maybe_convert_to_dataset_name(args.dataset)
+    dataset_id = int(dataset_name[7:10])
+    fingerprint = os.path.join(nnUNet_preprocessed, dataset_name, "dataset_fingerprint.json")
+    if args.verify_dataset_integrity or not os.path.isfile(fingerprint):
+        extract_fingerprint_dataset(dataset_id, num_processes=args.num_processes,
+                                    check_dataset_integrity=args.verify_dataset_integrity, clean=False)
+
+    planner = nnUNetPlannerMedDINOv3(dataset_id, gpu_memory_target_in_gb=args.gpu_memory_gb,
+                                     plans_name=args.plans_name)
+    planner.encoder, planner.decoder, planner.highres_patch = args.vit, args.decoder, args.target_patch
+    plans = planner.plan_experiment()
+    for name, conf in plans["configurations"].items():
+        print(f"{args.plans_name} / {name}: patch {conf['patch_size']}, spacing "
+              f"{[round(s, 4) for s in conf['spacing']]}, batch {conf['batch_size']}")
+
+    if not args.no_preprocess:
+        configurations = [c for c in args.configurations if c in plans["configurations"]]
+        preprocess_dataset(dataset_id, args.plans_name, configurations, [args.num_processes] * len(configurations))
+    print(f"Train with: nnUNetv2_train {dataset_id} 2d FOLD -tr nnUNetTrainerMedDINOv3 -p {args.plans_name}")
+    return 0

@@ -1,0 +1,145 @@
+"""nnUNetPlannerMedDINOv3: 2D plans for MedDINOv3Net (``2d`` and ``2d_highres``).
+
+nnU-Net's own planner decides spacing, normalisation, resampling and the CNN's 2D patch; we keep
+all of that and change only what a ViT needs: the patch rounded up to a multiple of 16, a batch size
+from a ViT memory model instead of the CNN's, the architecture entry, and a ``2d_highres``
+configuration with the same field of view at a finer spacing (the paper's 896x896 setting).
+"""
+from __future__ import annotations
+
+import math
+import os
+from copy import deepcopy
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import maybe_mkdir_p, save_json
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
+from nnunet_meddinov3.network.encoder import PATCH_SIZE, default_feature_layers, resolve_encoder_config
+from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
+
+PLANS_NAME = "nnUNetPlansMedDINOv3"
+
+
+def round_up(value: float, multiple: int = PATCH_SIZE) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def estimate_training_memory_gb(encoder: str, decoder: str, patch_size, batch_size: int, num_classes: int,
+                                in_channels: int = 1) -> float:
+    """Rough peak GPU memory of one bf16 training step with AdamW (fp32 master weights + 2 moments).
+
+    Activations saved for backward, per image: ~18 tensors of N x D per transformer block (norms,
+    qkv, attention output with a fused kernel, the 4x MLP) and ~3 per decoder stage (transposed
+    conv output, its LayerNorm, GELU), all bf16; logits and loss in fp32. Calibrate with
+    ``meddinov3 bench``; the planner only needs the right order of magnitude.
+    """
+    cfg = resolve_encoder_config(encoder)
+    h, w = (round_up(s) for s in patch_size)
+    tokens = (h // PATCH_SIZE) * (w // PATCH_SIZE) + 1 + cfg.n_storage_tokens
+    n_layers = 1 if decoder == "single" else len(default_feature_layers(cfg.depth))
+    bytes_bf16 = 2
+    encoder_act = cfg.depth * 18 * tokens * cfg.embed_dim * bytes_bf16
+    channels = cfg.embed_dim * (n_layers if decoder == "multiscale" else 1)
+    decoder_act, size = 0, (h // PATCH_SIZE) * (w // PATCH_SIZE)
+    for _ in range(4):
+        channels, size = max(channels // 2, 1), size * 4
+        decoder_act += 3 * channels * size * bytes_bf16
+    head_act = 4 * num_classes * h * w * 4 + in_channels * h * w * 4
+    per_image = encoder_act + decoder_act + head_act
+    enc_params = cfg.depth * 12 * cfg.embed_dim ** 2
+    dec_in = cfg.embed_dim * (n_layers if decoder == "multiscale" else 1)
+    dec_params = sum((dec_in >> i) * (dec_in >> (i + 1)) * 4 for i in range(4))
+    state = (enc_params + dec_params) * 16  # fp32 weights, grads, two AdamW moments
+    return (state + batch_size * per_image) / 1024 ** 3 + 0.5  # + CUDA context / allocator slack
+
+
+class nnUNetPlannerMedDINOv3(ExperimentPlanner):
+    """Options are class attributes (the constructor keeps ``ExperimentPlanner``'s signature,
+    which ``plan_experiment_dataset`` relies on); ``meddinov3 plan_and_preprocess`` sets them."""
+
+    encoder = "vitb16"
+    decoder = "multiscale"
+    drop_path_rate = 0.2
+    highres_patch = 896
+    min_batch_size = 2
+    max_batch_size = 64
+
+    def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = PLANS_NAME,
+                 overwrite_target_spacing=None, suppress_transpose: bool = False):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
+                         overwrite_target_spacing, suppress_transpose)
+
+    def architecture(self) -> dict:
+        return {
+            "network_class_name": NETWORK_CLASS_NAME,
+            "arch_kwargs": {"encoder": self.encoder, "decoder": self.decoder, "feature_layers": None,
+                            "drop_path_rate": self.drop_path_rate, "autocast_dtype": "bf16"},
+            "_kw_requires_import": [],
+        }
+
+    def vit_batch_size(self, patch_size, n_voxels_dataset: float) -> int:
+        num_classes = len(self.dataset_json["labels"])
+        channels = len(self.dataset_json["channel_names"])
+        batch = self.min_batch_size
+        while (batch < self.max_batch_size and estimate_training_memory_gb(
+                self.encoder, self.decoder, patch_size, batch + 1, num_classes, channels) <= self.UNet_vram_target_GB):
+            batch += 1
+        # nnU-Net's overfitting guard: a batch covers at most 5% of the dataset
+        cap = round(n_voxels_dataset * self.max_dataset_covered / np.prod(patch_size, dtype=np.float64))
+        return int(max(min(batch, cap), self.min_batch_size))
+
+    def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
+                                    _cache) -> dict:
+        plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
+                                                   approximate_n_voxels_dataset, _cache)
+        if len(spacing) != 2:
+            return plan  # 3D configurations are computed by the parent and then dropped in save_plans
+        if min(median_shape) < 2 * PATCH_SIZE:
+            raise ValueError(
+                f"median 2D image size {tuple(int(s) for s in median_shape)} is too small for a ViT with "
+                f"{PATCH_SIZE}-pixel patches (need at least {2 * PATCH_SIZE} per side). Use the stock nnU-Net "
+                f"configurations for this dataset (nnUNetv2_plan_and_preprocess).")
+        plan["patch_size"] = [round_up(s) for s in plan["patch_size"]]
+        plan["batch_size"] = self.vit_batch_size(plan["patch_size"], approximate_n_voxels_dataset)
+        plan["architecture"] = self.architecture()
+        plan["batch_dice"] = True
+        self._n_voxels_dataset = approximate_n_voxels_dataset
+        return plan
+
+    def highres_configuration(self, plan_2d: dict) -> dict:
+        """Same field of view as ``2d``, longest side ``highres_patch``: spacing * old / new patch."""
+        scale = self.highres_patch / max(plan_2d["patch_size"])
+        patch = [round_up(p * scale) for p in plan_2d["patch_size"]]
+        spacing = [s * p_old / p_new for s, p_old, p_new in zip(plan_2d["spacing"], plan_2d["patch_size"], patch)]
+        plan = deepcopy(plan_2d)
+        plan.update({
+            "data_identifier": self.generate_data_identifier("2d_highres"),
+            "patch_size": patch,
+            "spacing": spacing,
+            "median_image_size_in_voxels": [m * s_old / s_new for m, s_old, s_new in
+                                            zip(plan_2d["median_image_size_in_voxels"], plan_2d["spacing"], spacing)],
+        })
+        n_voxels = self._n_voxels_dataset * float(np.prod(np.array(plan_2d["spacing"]) / np.array(spacing)))
+        plan["batch_size"] = self.vit_batch_size(patch, n_voxels)
+        return plan
+
+    def save_plans(self, plans):
+        # The parent merges with an existing plans file (resurrecting 3D configurations); ours holds
+        # exactly the two ViT configurations, written from scratch.
+        plan_2d = plans["configurations"]["2d"]
+        plans["configurations"] = {"2d": plan_2d}
+        if self.highres_patch and self.highres_patch > max(plan_2d["patch_size"]):
+            plans["configurations"]["2d_highres"] = self.highres_configuration(plan_2d)
+        else:
+            print(f"2d_highres skipped: target patch {self.highres_patch} is not larger than the 2d patch "
+                  f"{plan_2d['patch_size']}")
+        recursive_fix_for_json_export(plans)
+        folder = os.path.join(nnUNet_preprocessed, self.dataset_name)
+        maybe_mkdir_p(folder)
+        plans_file = os.path.join(folder, self.plans_identifier + ".json")
+        save_json(plans, plans_file, sort_keys=False)
+        print(f"MedDINOv3 plans were saved to {plans_file}")

@@ -1,0 +1,24 @@
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+warnings.filterwarnings("ignore", message=".*torch.jit.interface.*")
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def reference_inputs() -> dict:
+    return torch.load(FIXTURES / "inputs.pt", weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

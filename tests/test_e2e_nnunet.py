@@ -1,0 +1,123 @@
+"""End to end through the real console scripts on a tiny synthetic dataset (no mocks).
+
+The stock commands must find our trainer through nnU-Net's own nnUNet_extTrainer lookup, train,
+resume with --c, and predict with the pretrained weights file deleted.
+"""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.e2e
+
+DATASET = 501
+TINY = "nnUNetTrainerMedDINOv3_Tiny"
+
+
+def run(cmd, env, cwd, expect_ok=True, timeout=600):
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, fixtures):
+    root = tmp_path_factory.mktemp("nnunet")
+    from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
+    raw = write_nnunet_raw_dataset(root / "raw", DATASET, num_train=6, num_test=2, shape=(5, 64, 64))
+    weights = root / "tiny_weights.pth"
+    shutil.copy(fixtures / "meddino_tiny_teacher.pth", weights)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet", "MEDDINOV3"))}
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
+               nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", MEDDINOV3_CACHE=str(root / "cache"),
+               OMP_NUM_THREADS="1", MEDDINOV3_EPOCHS="2", MEDDINOV3_ITERATIONS="2", MEDDINOV3_VAL_ITERATIONS="1")
+    exported = run(["meddinov3", "env", "--export"], env, root).stdout.strip()
+    assert exported.startswith("export nnUNet_extTrainer=")
+    env["nnUNet_extTrainer"] = exported.split("=", 1)[1].strip("'")
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "1"], env, root)
+    run(["meddinov3", "plan_and_preprocess", "-d", str(DATASET), "--target-patch", "128", "-np", "1"], env, root)
+    return {"root": root, "raw": raw, "env": env, "weights": weights}
+
+
+def results_folder(ws, plans, config="2d"):
+    return ws["root"] / "res" / f"Dataset{DATASET:03d}_SyntheticCT" / f"{TINY}__{plans}__{config}"
+
+
+def test_env_reports_the_trainer_folder(workspace):
+    out = run(["meddinov3", "env"], workspace["env"], workspace["root"]).stdout
+    assert "nnUNet_extTrainer: set" in out
+
+
+def test_our_plans_are_vit_plans(workspace):
+    plans = json.loads((workspace["root"] / "pre" / f"Dataset{DATASET:03d}_SyntheticCT" /
+                        "nnUNetPlansMedDINOv3.json").read_text())
+    assert set(plans["configurations"]) == {"2d", "2d_highres"}
+    c2d, hi = plans["configurations"]["2d"], plans["configurations"]["2d_highres"]
+    assert all(p % 16 == 0 for p in c2d["patch_size"] + hi["patch_size"])
+    assert hi["patch_size"] == [128, 128]
+    for s_hi, s, p, p_hi in zip(hi["spacing"], c2d["spacing"], c2d["patch_size"], hi["patch_size"]):
+        assert s_hi == pytest.approx(s * p / p_hi)  # same field of view
+    assert c2d["architecture"]["network_class_name"] == "nnunet_meddinov3.network.meddinov3_net.MedDINOv3Net"
+    assert hi["data_identifier"] != c2d["data_identifier"]
+    stock = json.loads((workspace["root"] / "pre" / f"Dataset{DATASET:03d}_SyntheticCT" /
+                        "nnUNetPlans.json").read_text())
+    assert "PlainConvUNet" in stock["configurations"]["2d"]["architecture"]["network_class_name"]
+
+
+def test_train_on_stock_plans_resume_and_predict_without_weights(workspace):
+    ws, env = workspace, dict(workspace["env"], MEDDINOV3_WEIGHTS=str(workspace["weights"]))
+    train = ["nnUNetv2_train", str(DATASET), "2d", "0", "-tr", TINY, "-device", "cpu"]
+    out = run(train, env, ws["root"]).stdout
+    assert "Encoder weights:" in out and "layout dinov3_training" in out
+    fold = results_folder(ws, "nnUNetPlans") / "fold_0"
+    assert (fold / "checkpoint_final.pth").exists()
+    assert (fold / "validation" / "summary.json").exists()
+
+    # Nothing outside the results folder is needed any more: resume and predict without the weights.
+    ws["weights"].unlink()
+    resumed = run(train + ["--c"], dict(env, MEDDINOV3_EPOCHS="3"), ws["root"]).stdout
+    assert "Epoch 2" in resumed and "Epoch 0\n" not in resumed and "Encoder weights:" not in resumed
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["current_epoch"] == 3 and ckpt["trainer_name"] == TINY
+    assert "encoder.vit.rope.periods" in ckpt["network_weights"]
+
+    pred = ws["root"] / "pred_stock_plans"
+    run(["nnUNetv2_predict", "-i", str(ws["raw"] / "imagesTs"), "-o", str(pred), "-d", str(DATASET), "-c", "2d",
+         "-tr", TINY, "-f", "0", "-device", "cpu"], env, ws["root"])
+    assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["case_006.nii.gz", "case_007.nii.gz"]
+    run(["nnUNetv2_evaluate_folder", str(ws["raw"] / "labelsTs"), str(pred), "-djfile",
+         str(ws["raw"] / "dataset.json"), "-pfile", str(pred / "plans.json")], env, ws["root"])
+    summary = json.loads((pred / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2", "3"}
+
+
+def test_train_and_predict_on_our_highres_plans(workspace):
+    ws, env = workspace, dict(workspace["env"], MEDDINOV3_EPOCHS="1")
+    run(["nnUNetv2_train", str(DATASET), "2d_highres", "1", "-tr", TINY, "-p", "nnUNetPlansMedDINOv3",
+         "-device", "cpu"], env, ws["root"])
+    folder = results_folder(ws, "nnUNetPlansMedDINOv3", "2d_highres")
+    assert (folder / "fold_1" / "checkpoint_final.pth").exists()
+    pred = ws["root"] / "pred_highres"
+    run(["nnUNetv2_predict", "-i", str(ws["raw"] / "imagesTs"), "-o", str(pred), "-d", str(DATASET), "-c",
+         "2d_highres", "-p", "nnUNetPlansMedDINOv3", "-tr", TINY, "-f", "1", "-device", "cpu"], env, ws["root"])
+    import SimpleITK as sitk
+    for case in ("case_006", "case_007"):
+        src = sitk.ReadImage(str(ws["raw"] / "imagesTs" / f"{case}_0000.nii.gz"))
+        out = sitk.ReadImage(str(pred / f"{case}.nii.gz"))
+        assert out.GetSize() == src.GetSize() and out.GetSpacing() == pytest.approx(src.GetSpacing())
+
+
+def test_missing_pretrained_weights_stop_training_with_instructions(workspace):
+    ws = workspace
+    proc = run(["nnUNetv2_train", str(DATASET), "2d", "2", "-tr", "nnUNetTrainerMedDINOv3", "-device", "cpu"],
+               ws["env"], ws["root"], expect_ok=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "meddinov3 weights fetch meddinov3-vitb16-ct3m" in text
+    assert "MEDDINOV3_WEIGHTS" in text

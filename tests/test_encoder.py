@@ -1,0 +1,117 @@
+"""The encoder against Meta's reference outputs (tests/fixtures, see shared fixture README)."""
+import pytest
+import torch
+
+from nnunet_meddinov3.network import ENCODER_CONFIGS, build_encoder, default_feature_layers
+
+LAYERS = [0, 1, 2, 3]
+TOKEN_KEYS = ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens")
+
+
+def max_abs_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def expected(fixtures, name, variant):
+    return torch.load(fixtures / name, weights_only=True)[variant]
+
+
+@pytest.mark.parametrize("checkpoint,config,overrides,expected_file,variant", [
+    ("official_tiny.pth", "tiny", {}, "expected_official_tiny.pt", "rope_fp32"),
+    ("meddino_tiny_teacher.pth", "meddinov3_tiny", {}, "expected_meddino_tiny.pt", "rope_bf16"),
+    ("meddino_tiny_teacher.pth", "meddinov3_tiny", {"rope_dtype": "fp32"}, "expected_meddino_tiny.pt", "rope_fp32"),
+])
+def test_matches_reference_exactly(fixtures, reference_inputs, checkpoint, config, overrides, expected_file, variant):
+    enc = build_encoder(config, in_channels=3, checkpoint=fixtures / checkpoint, **overrides).eval()
+    ref = expected(fixtures, expected_file, variant)
+    with torch.no_grad():
+        feats = enc.intermediate_features(reference_inputs["x"], LAYERS)
+        tokens = enc.forward_tokens(reference_inputs["x"])
+    assert [f.shape for f in feats] == [torch.Size([2, 64, 4, 6])] * 4
+    assert max_abs_diff(feats, ref["intermediates_norm"]) == 0.0
+    for key in TOKEN_KEYS:
+        assert torch.equal(tokens[key], ref[key]), key
+
+
+def test_bf16_rope_is_what_separates_the_meddino_variants(fixtures, reference_inputs):
+    # Guards the bf16 emulation: the fp32 model must NOT match the bf16 reference.
+    enc = build_encoder("meddinov3_tiny", in_channels=3, checkpoint=fixtures / "meddino_tiny_teacher.pth",
+                        rope_dtype="fp32").eval()
+    with torch.no_grad():
+        feats = enc.intermediate_features(reference_inputs["x"], LAYERS)
+    assert max_abs_diff(feats, expected(fixtures, "expected_meddino_tiny.pt", "rope_bf16")["intermediates_norm"]) > 1e-2
+
+
+@pytest.mark.parametrize("checkpoint,config,expected_file", [
+    ("official_tiny.pth", "tiny", "expected_official_tiny.pt"),
+    ("meddino_tiny_teacher.pth", "meddinov3_tiny", "expected_meddino_tiny.pt"),
+])
+def test_one_channel_equals_gray_repeated_to_rgb(fixtures, reference_inputs, checkpoint, config, expected_file):
+    enc = build_encoder(config, in_channels=1, checkpoint=fixtures / checkpoint, rope_dtype="fp32").eval()
+    assert enc.vit.patch_embed.proj.weight.shape[1] == 1
+    with torch.no_grad():
+        feats = enc.intermediate_features(reference_inputs["x1"], LAYERS)
+    ref = expected(fixtures, expected_file, "rope_fp32")["intermediates_norm"]
+    assert max_abs_diff(feats, ref) < 2e-5
+
+
+def test_many_channels_with_identical_content_equal_one_channel(fixtures, reference_inputs):
+    one = build_encoder("tiny", in_channels=1, checkpoint=fixtures / "official_tiny.pth").eval()
+    four = build_encoder("tiny", in_channels=4, checkpoint=fixtures / "official_tiny.pth").eval()
+    x1 = reference_inputs["x1"]
+    with torch.no_grad():
+        a = one.intermediate_features(x1, [3])
+        b = four.intermediate_features(x1.repeat(1, 4, 1, 1), [3])
+    assert max_abs_diff(a, b) < 1e-5
+
+
+def test_named_configs_and_feature_layers():
+    assert default_feature_layers(12) == (2, 5, 8, 11)
+    assert default_feature_layers(24) == (5, 11, 17, 23)
+    assert default_feature_layers(4) == (0, 1, 2, 3)
+    for name in ("vits16", "vitb16", "vitl16", "tiny", "meddinov3_vitb16"):
+        assert name in ENCODER_CONFIGS
+    med = ENCODER_CONFIGS["meddinov3_vitb16"]
+    assert (med.embed_dim, med.depth, med.num_heads, med.n_storage_tokens) == (768, 12, 12, 4)
+    assert (med.qkv_bias, med.norm_eps, med.rope_dtype) == (False, 1e-6, "bf16")
+    assert ENCODER_CONFIGS["vitb16"].qkv_bias and ENCODER_CONFIGS["vitb16"].norm_eps == 1e-5
+
+
+def test_overrides_and_options():
+    enc = build_encoder("tiny", qkv_bias=False, drop_path_rate=0.1, n_storage_tokens=2, layer_scale_init=1e-4)
+    assert enc.vit.blocks[0].attn.q_bias is None
+    assert enc.vit.reg_token.shape == (1, 2, 64)
+    assert torch.allclose(enc.vit.blocks[0].gamma_1, torch.full((64,), 1e-4))
+    assert enc.vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    with pytest.raises(TypeError, match="unknown encoder option"):
+        build_encoder("tiny", not_an_option=1)
+    with pytest.raises(KeyError, match="unknown encoder 'vitz16'"):
+        build_encoder("vitz16")
+
+
+def test_rope_periods_are_persistent_and_bf16_rounded():
+    enc = build_encoder("meddinov3_tiny")
+    periods = enc.state_dict()["vit.rope.periods"]
+    assert periods.dtype == torch.bfloat16
+    assert periods.float().tolist() == [1.0, 3.15625, 10.0, 31.625]
+
+
+def test_bad_inputs_are_refused_with_a_reason():
+    enc = build_encoder("tiny", in_channels=1)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        enc.intermediate_features(torch.zeros(1, 1, 40, 48), [0])
+    with pytest.raises(ValueError, match="expects 1 input channel"):
+        enc.intermediate_features(torch.zeros(1, 3, 32, 32), [0])
+    with pytest.raises(ValueError, match="out of range"):
+        enc.intermediate_features(torch.zeros(1, 1, 32, 32), [4])
+
+
+def test_gradient_checkpointing_gives_same_gradients(reference_inputs):
+    enc = build_encoder("tiny", in_channels=1)
+    x = reference_inputs["x1"]
+    enc.intermediate_features(x, [1, 3])[1].sum().backward()
+    g0 = enc.vit.blocks[0].mlp.fc1.weight.grad.clone()
+    enc.zero_grad()
+    enc.set_grad_checkpointing(True)
+    enc.intermediate_features(x, [1, 3])[1].sum().backward()
+    assert torch.allclose(g0, enc.vit.blocks[0].mlp.fc1.weight.grad, atol=1e-6)

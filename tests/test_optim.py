@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from nnunet_meddinov3.network import MedDINOv3Net
+from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, encoder_layer_id, parameter_groups
+
+
+@pytest.fixture()
+def net():
+    return MedDINOv3Net(1, 2, encoder="tiny")
+
+
+def test_two_groups_with_paper_lrs(net):
+    groups = parameter_groups(net, encoder_lr=3e-5, decoder_lr=3e-4, weight_decay=0.05)
+    assert [g["name"] for g in groups] == ["decoder", "encoder_level5"]
+    assert groups[0]["lr"] == 3e-4 and groups[1]["lr"] == 3e-5
+    n_params = sum(p.numel() for g in groups for p in g["params"])
+    assert n_params == sum(p.numel() for p in net.parameters())
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98))
+    assert all(g["weight_decay"] == 0.05 for g in opt.param_groups)
+
+
+def test_layer_wise_decay(net):
+    groups = parameter_groups(net, encoder_lr=1e-4, decoder_lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    depth = 4
+    assert lrs[f"encoder_level{depth + 1}"] == pytest.approx(1e-4)   # final norm
+    assert lrs[f"encoder_level{depth}"] == pytest.approx(0.5e-4)     # last block
+    assert lrs["encoder_level1"] == pytest.approx(1e-4 * 0.5 ** 4)   # first block
+    assert lrs["encoder_level0"] == pytest.approx(1e-4 * 0.5 ** 5)   # embeddings
+    assert encoder_layer_id("vit.blocks.2.attn.qkv.weight", 4) == 3
+    assert encoder_layer_id("vit.patch_embed.proj.weight", 4) == 0
+
+
+def test_frozen_encoder_gets_no_group_and_no_grad(net):
+    groups = parameter_groups(net, encoder_lr=1e-4, decoder_lr=1e-3, weight_decay=0.05, freeze_encoder=True)
+    assert [g["name"] for g in groups] == ["decoder"]
+    assert not any(p.requires_grad for p in net.encoder.parameters())
+    net(torch.randn(1, 1, 32, 32)).sum().backward()
+    assert net.encoder.vit.cls_token.grad is None
+
+
+def test_schedule_warmup_then_linear_to_zero(net):
+    opt = torch.optim.AdamW(parameter_groups(net, encoder_lr=1e-4, decoder_lr=1e-3, weight_decay=0.05))
+    sched = WarmupLinearDecayLR(opt, total_epochs=10, warmup_epochs=2)
+    seen = []
+    for epoch in range(10):
+        sched.step(epoch)
+        seen.append(sched.get_last_lr())
+    assert seen[0] == pytest.approx([1e-3 / 3, 1e-4 / 3])
+    assert seen[1] == pytest.approx([2e-3 / 3, 2e-4 / 3])
+    assert seen[2] == pytest.approx([1e-3, 1e-4])
+    assert seen[6] == pytest.approx([0.5e-3, 0.5e-4])
+    assert seen[9][0] == pytest.approx(1e-3 / 8)
+    sched.step(10)
+    assert sched.get_last_lr() == [0.0, 0.0]
+    no_warmup = WarmupLinearDecayLR(opt, total_epochs=4)
+    assert [no_warmup.factor(e) for e in range(4)] == [1.0, 0.75, 0.5, 0.25]

@@ -1,0 +1,23 @@
+"""Pretraining data: slice dataset over unlabeled volumes, intensity presets, multi-crop
+augmentation, iBOT block masks and batch collation."""
+
+from .augment import MultiCropAugmentation
+from .collate import collate
+from .intensity import MEDDINOV3_CT, CTIntensity, IntensityPreset, MRIntensity, preset_from_dict
+from .masking import BlockMaskGenerator
+from .slices import Exclusion, SliceDataset, VolumeSource, find_volumes
+
+__all__ = [
+    "MEDDINOV3_CT",
+    "BlockMaskGenerator",
+    "CTIntensity",
+    "Exclusion",
+    "IntensityPreset",
+    "MRIntensity",
+    "MultiCropAugmentation",
+    "SliceDataset",
+    "VolumeSource",
+    "collate",
+    "find_volumes",
+    "preset_from_dict",
+]

@@ -55,7 +55,10 @@ def run(args) -> int:
     planner = nnUNetPlannerMedDINOv3(dataset_id, gpu_memory_target_in_gb=args.gpu_memory_gb,
                                      plans_name=args.plans_name)
     planner.encoder, planner.decoder, planner.highres_patch = args.vit, args.decoder, args.target_patch
-    plans = planner.plan_experiment()
+    try:
+        plans = planner.plan_experiment()
+    except ValueError as e:  # the planner's own checks: say what is wrong, without a traceback
+        raise SystemExit(f"cannot plan {dataset_name} for MedDINOv3: {e}") from None
     for name, conf in plans["configurations"].items():
         print(f"{args.plans_name} / {name}: patch {conf['patch_size']}, spacing "
               f"{[round(s, 4) for s in conf['spacing']]}, batch {conf['batch_size']}")

@@ -1,0 +1,46 @@
+import os
+import subprocess
+
+import pytest
+
+from nnunet_meddinov3.training.planner import estimate_training_memory_gb, round_up
+
+
+def meddinov3(args, env, cwd):
+    return subprocess.run(["meddinov3", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_round_up_to_patch_multiples():
+    assert [round_up(x) for x in (40, 48, 112, 1)] == [48, 48, 112, 16]
+
+
+def test_memory_model_grows_with_batch_patch_and_model():
+    base = estimate_training_memory_gb("vitb16", "multiscale", (896, 896), 2, 14)
+    assert 3 < base < 40
+    assert estimate_training_memory_gb("vitb16", "multiscale", (896, 896), 4, 14) > base
+    assert estimate_training_memory_gb("vitb16", "multiscale", (512, 512), 2, 14) < base
+    assert estimate_training_memory_gb("vitl16", "multiscale", (896, 896), 2, 14) > base
+    assert estimate_training_memory_gb("vitb16", "bottleneck", (896, 896), 2, 14) < base
+
+
+def test_plan_options_are_checked_before_anything_runs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
+    proc = meddinov3(["plan_and_preprocess", "-d", "1", "--target-patch", "900"], env, tmp_path)
+    assert proc.returncode != 0 and "not a multiple of 16" in proc.stderr and "896" in proc.stderr
+    proc = meddinov3(["plan_and_preprocess", "-d", "1"], env, tmp_path)
+    assert proc.returncode != 0 and "nnUNet_raw, nnUNet_preprocessed not set" in proc.stderr
+
+
+def test_images_too_small_for_a_vit_get_a_clear_message(tmp_path):
+    from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
+    write_nnunet_raw_dataset(tmp_path / "raw", 503, name="Small", num_train=4, num_test=0, shape=(1, 24, 24))
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "res"))
+    proc = meddinov3(["plan_and_preprocess", "-d", "503", "-np", "1", "--no-preprocess"], env, tmp_path)
+    assert proc.returncode != 0
+    assert "too small for a ViT" in proc.stderr and "nnUNetv2_plan_and_preprocess" in proc.stderr
+
+
+def test_unknown_subcommand_and_help(tmp_path):
+    proc = meddinov3([], dict(os.environ), tmp_path)
+    assert proc.returncode == 2 and "plan_and_preprocess" in proc.stdout

@@ -50,6 +50,13 @@ def _flag(value: str) -> bool:
 _flag.__name__ = "boolean (1/0, true/false)"
 
 
+def apply_schedule_from_env(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterations: int) -> None:
+    """Schedule length from MEDDINOV3_EPOCHS / _ITERATIONS / _VAL_ITERATIONS, else the defaults given."""
+    trainer.num_epochs = _env("MEDDINOV3_EPOCHS", int, epochs)
+    trainer.num_iterations_per_epoch = _env("MEDDINOV3_ITERATIONS", int, iterations)
+    trainer.num_val_iterations_per_epoch = _env("MEDDINOV3_VAL_ITERATIONS", int, val_iterations)
+
+
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     """The MedDINOv3Net inside DDP and/or torch.compile wrappers."""
     network = getattr(network, "module", network)
@@ -82,9 +89,7 @@ class nnUNetTrainerMedDINOv3(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
         self.weight_decay = 0.05
-        self.num_epochs = _env("MEDDINOV3_EPOCHS", int, self.num_epochs_default)
-        self.num_iterations_per_epoch = _env("MEDDINOV3_ITERATIONS", int, self.iterations_default)
-        self.num_val_iterations_per_epoch = _env("MEDDINOV3_VAL_ITERATIONS", int, self.val_iterations_default)
+        apply_schedule_from_env(self, self.num_epochs_default, self.iterations_default, self.val_iterations_default)
         self.decoder_lr = _env("MEDDINOV3_DECODER_LR", float, self.decoder_lr)
         self.encoder_lr = _env("MEDDINOV3_ENCODER_LR", float, self.encoder_lr)
         self.layer_decay = _env("MEDDINOV3_LAYER_DECAY", float, self.layer_decay)
@@ -216,6 +221,4 @@ class nnUNetTrainerShortSchedule(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = _env("MEDDINOV3_EPOCHS", int, 20)
-        self.num_iterations_per_epoch = _env("MEDDINOV3_ITERATIONS", int, 25)
-        self.num_val_iterations_per_epoch = _env("MEDDINOV3_VAL_ITERATIONS", int, 5)
+        apply_schedule_from_env(self, epochs=20, iterations=25, val_iterations=5)

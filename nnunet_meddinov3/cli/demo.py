@@ -24,7 +24,7 @@ PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice
 def add_arguments(parser) -> None:
     parser.add_argument("--workdir", default="meddinov3_demo",
                         help="folder for nnU-Net's raw/preprocessed/results and logs (default ./meddinov3_demo)")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs for each trainer (default 10)")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs for each trainer (default 30)")
     parser.add_argument("--iterations", type=int, default=25, help="iterations per epoch (default 25)")
     parser.add_argument("--num-train", type=int, default=16)
     parser.add_argument("--num-test", type=int, default=6)

@@ -1,3 +1,4 @@
+import locale
 import warnings
 from pathlib import Path
 
@@ -22,3 +23,13 @@ def reference_inputs() -> dict:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _keep_locale():
+    # Native libraries (ITK/GDCM) may reset the C locale to "C"; Python then decodes subprocess
+    # output as ASCII and later tests fail on nnU-Net's progress bars. Restore it after each test.
+    saved = locale.setlocale(locale.LC_CTYPE)
+    yield
+    if locale.setlocale(locale.LC_CTYPE) != saved:
+        locale.setlocale(locale.LC_CTYPE, saved)

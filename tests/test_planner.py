@@ -7,7 +7,7 @@ from nnunet_meddinov3.training.planner import estimate_training_memory_gb, round
 
 
 def meddinov3(args, env, cwd):
-    return subprocess.run(["meddinov3", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(["meddinov3", *args], env=env, cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
 
 
 def test_round_up_to_patch_multiples():

@@ -1,16 +1,32 @@
-"""Weights flow: public file or pretrain export -> converter -> one format -> encoder."""
-from nnunet_meddinov3.checkpoints.converters import LayoutError, detect_layout, to_encoder_layout
-from nnunet_meddinov3.checkpoints.loading import (
-    CheckpointMismatchError,
-    adapt_patch_embed,
-    describe_checkpoint,
-    load_encoder_weights,
-    read_state_dict,
-)
-from nnunet_meddinov3.checkpoints.registry import cache_dir, registry, resolve_weights
+"""Weights flow: public file or pretrain export -> converter -> one format -> encoder.
 
-__all__ = [
-    "CheckpointMismatchError", "LayoutError", "adapt_patch_embed", "cache_dir", "describe_checkpoint",
-    "detect_layout", "load_encoder_weights", "read_state_dict", "registry", "resolve_weights",
-    "to_encoder_layout",
-]
+Names are imported lazily (PEP 562), so ``registry`` (used by ``meddinov3 weights list``) does not
+pull in torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "converters": ("LayoutError", "detect_layout", "infer_encoder_config", "read_dcp_backbone", "to_encoder_layout"),
+    "loading": ("CheckpointMismatchError", "adapt_patch_embed", "describe_checkpoint", "load_encoder_weights",
+                "read_source", "read_state_dict"),
+    "format": ("CheckpointFormatError", "CheckpointMetadata", "LoadedCheckpoint", "build_encoder_from_checkpoint",
+               "read_checkpoint", "tensor_sha256", "write_checkpoint"),
+    "registry": ("cache_dir", "registry", "resolve_weights"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -4,11 +4,18 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from nnunet_meddinov3.checkpoints.converters import ENCODER_PREFIX, to_encoder_layout
+from nnunet_meddinov3.checkpoints.converters import (
+    ENCODER_PREFIX,
+    LayoutError,
+    is_dcp_checkpoint,
+    read_dcp_backbone,
+    to_encoder_layout,
+)
 
 PATCH_EMBED_KEY = f"{ENCODER_PREFIX}patch_embed.proj.weight"
 PERIODS_KEY = f"{ENCODER_PREFIX}rope.periods"
@@ -19,13 +26,23 @@ class CheckpointMismatchError(RuntimeError):
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:
-    """Read a checkpoint file without executing pickled code (``weights_only=True``)."""
+    """Read a checkpoint without executing pickled code.
+
+    ``.safetensors`` must be in this project's format (hash-checked; other safetensors files are
+    refused with a message saying what they look like and how to convert them); a directory must
+    be a dinov3 DCP checkpoint (its backbone is consolidated); anything else is read with
+    ``torch.load(weights_only=True)``.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if path.suffix == ".safetensors":
         from nnunet_meddinov3.checkpoints.format import read_checkpoint
         return read_checkpoint(path).state_dict
+    if path.is_dir():
+        if not is_dcp_checkpoint(path):
+            raise ValueError(f"'{path}' is a folder but not a torch.distributed.checkpoint directory (no .metadata)")
+        return read_dcp_backbone(path)[0]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -110,25 +127,78 @@ def _mismatch_message(missing, unexpected, misshaped, facts, source) -> str:
     return "\n".join(lines)
 
 
-def load_encoder_weights(encoder, source, *, verbose: bool = False) -> str:
-    """Strictly load ``source`` (path, registry name or state dict) into a DINOv3Encoder.
+# EncoderConfig fields that change what the weights compute. drop_path_rate and layer_scale_init
+# only matter for training from scratch, so a fine-tuning run may differ there.
+ARCHITECTURE_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "n_storage_tokens", "qkv_bias", "norm_eps",
+                       "rope_base", "rope_normalize_coords", "rope_dtype", "patch_size")
 
-    Returns the detected layout. Raises :class:`CheckpointMismatchError` listing every missing,
-    unexpected or mis-shaped key and the configs that would fit; nothing is loaded in that case.
+
+def architecture_differences(recorded: dict, config, state: dict | None = None) -> dict:
+    """{field: (checkpoint value, encoder value)} for every field in ARCHITECTURE_FIELDS that differs.
+
+    A checkpoint with qkv biases that are all zero loads exactly into an encoder without them, so
+    that one difference is allowed.
     """
+    ours = config.to_dict()
+    diffs = {k: (recorded.get(k), ours[k]) for k in ARCHITECTURE_FIELDS if recorded.get(k) != ours[k]}
+    if diffs.get("qkv_bias") == (True, False) and state is not None:
+        biases = [v for k, v in state.items() if k.endswith(("attn.q_bias", "attn.v_bias"))]
+        if all(not bool(v.abs().max() > 0) for v in biases):
+            del diffs["qkv_bias"]
+    return diffs
+
+
+def _architecture_message(diffs: dict, recorded: dict, name: str) -> str:
+    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
+    fits = [n for n, cfg in ENCODER_CONFIGS.items()
+            if all(getattr(cfg, k) == recorded.get(k) for k in ARCHITECTURE_FIELDS)]
+    lines = [f"encoder weights from {name} were pretrained with a different architecture than this encoder "
+             "(checkpoint vs encoder):"]
+    lines += [f"  {k}: {a!r} vs {b!r}" for k, (a, b) in diffs.items()]
+    lines.append("  (LayerNorm eps and the RoPE dtype do not show in tensor shapes; the file's metadata records them)")
+    lines.append("  build the encoder from the file instead (build_encoder_from_checkpoint), or use a config that "
+                 f"fits: {', '.join(fits) if fits else 'none of the named ones; pass the recorded architecture'}")
+    return "\n".join(lines)
+
+
+def _read_source(source):
+    """(raw state dict, recorded architecture or None, display name, layout name or None)."""
+    from nnunet_meddinov3.checkpoints.format import LoadedCheckpoint, read_checkpoint
+    if isinstance(source, LoadedCheckpoint):
+        return source.state_dict, source.metadata.architecture, f"'{source.path}'", "meddinov3"
     if isinstance(source, dict):
-        raw, name = source, "the given state dict"
-    else:
-        from nnunet_meddinov3.checkpoints.registry import resolve_weights
-        path = resolve_weights(source)
-        raw, name = read_state_dict(path), f"'{path}'"
+        return source, None, "the given state dict", None
+    from nnunet_meddinov3.checkpoints.registry import resolve_weights
+    path = resolve_weights(source)
+    if path.suffix == ".safetensors":
+        checkpoint = read_checkpoint(path)
+        return checkpoint.state_dict, checkpoint.metadata.architecture, f"'{path}'", "meddinov3"
+    return read_state_dict(path), None, f"'{path}'", None
+
+
+def load_encoder_weights(encoder, source, *, verbose: bool = False) -> str:
+    """Strictly load ``source`` into a DINOv3Encoder.
+
+    ``source`` is a path (``.pth``/``.pt`` in any known layout, a ``.safetensors`` file in this
+    project's format, a dinov3 DCP directory), a registry name, a state dict or a
+    :class:`~nnunet_meddinov3.checkpoints.format.LoadedCheckpoint`. Returns the layout
+    (``'meddinov3'`` for this project's format). Raises :class:`CheckpointMismatchError` listing
+    every missing, unexpected or mis-shaped key and the configs that would fit, and, for files
+    in this project's format, every architecture field (LayerNorm eps, RoPE settings, ...) in
+    which the file's metadata and the encoder's config differ; nothing is loaded in that case.
+    """
+    from nnunet_meddinov3.network.encoder import reference_rope_periods
+
+    raw, recorded, name, own_layout = _read_source(source)
     state, layout = to_encoder_layout(raw)
+    layout = own_layout or layout
     target = encoder.state_dict()
 
     if PATCH_EMBED_KEY in state and PATCH_EMBED_KEY in target:
         state[PATCH_EMBED_KEY] = adapt_patch_embed(state[PATCH_EMBED_KEY], target[PATCH_EMBED_KEY].shape[1])
-    if PERIODS_KEY not in state and layout == "timm":
-        state[PERIODS_KEY] = target[PERIODS_KEY]  # timm never stores periods; ours are the reference's
+    if PERIODS_KEY not in state and layout in ("timm", "hf_transformers"):
+        # timm and HF never store periods; the weights were trained with the reference's (bf16-rounded) ones
+        state[PERIODS_KEY] = reference_rope_periods(encoder.config)
     facts = describe_checkpoint(state)
     if not encoder.config.qkv_bias and not facts["qkv_bias"]:
         # Official distilled B/L/H files carry all-zero qkv biases: dropping them is exact.
@@ -138,9 +208,56 @@ def load_encoder_weights(encoder, source, *, verbose: bool = False) -> str:
     unexpected = sorted(set(state) - set(target))
     misshaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
                        for k in set(state) & set(target) if state[k].shape != target[k].shape)
+    messages = []
     if missing or unexpected or misshaped:
-        raise CheckpointMismatchError(_mismatch_message(missing, unexpected, misshaped, facts, name))
+        messages.append(_mismatch_message(missing, unexpected, misshaped, facts, name))
+    if recorded is not None:
+        diffs = architecture_differences(recorded, encoder.config, raw)
+        if diffs:
+            messages.append(_architecture_message(diffs, recorded, name))
+    if messages:
+        raise CheckpointMismatchError("\n".join(messages))
     encoder.load_state_dict(state, strict=True)
     if verbose:
         print(f"loaded encoder weights from {name} (layout: {layout})")
     return layout
+
+
+@dataclass
+class SourceCheckpoint:
+    """Any supported checkpoint, read for inspection or conversion (see :func:`read_source`)."""
+
+    path: Path
+    layout: str                   # a converters.CONVERTERS name, 'dinov3_dcp' or 'meddinov3' (ours)
+    raw: dict                     # as stored (for DCP: the consolidated reference-layout backbone)
+    state: dict                   # encoder layout ('vit.*' keys)
+    metadata: object | None = None  # CheckpointMetadata for our format
+    details: dict = field(default_factory=dict)
+
+
+def read_source(path: str | os.PathLike) -> SourceCheckpoint:
+    """Read a checkpoint of any supported layout: our format, a foreign ``.safetensors`` (timm, Hugging
+    Face, bare encoder keys), a ``.pth``/``.pt``/``.bin`` pickle of tensors, or a dinov3 DCP directory."""
+    from nnunet_meddinov3.checkpoints.format import METADATA_KEY, read_checkpoint, read_safetensors_header
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if path.is_dir():
+        if not is_dcp_checkpoint(path):
+            raise LayoutError(f"'{path}' is a folder but not a torch.distributed.checkpoint directory (no .metadata)")
+        raw, prefix = read_dcp_backbone(path)
+        state, _ = to_encoder_layout(raw)
+        return SourceCheckpoint(path, "dinov3_dcp", raw, state, details={"dcp_prefix": prefix})
+    if path.suffix == ".safetensors":
+        header, _ = read_safetensors_header(path)
+        if METADATA_KEY in header:
+            checkpoint = read_checkpoint(path)
+            return SourceCheckpoint(path, "meddinov3", checkpoint.state_dict, dict(checkpoint.state_dict),
+                                    checkpoint.metadata)
+        from safetensors.torch import load_file
+        raw = load_file(str(path))
+    else:
+        raw = read_state_dict(path)
+    state, layout = to_encoder_layout(raw)
+    return SourceCheckpoint(path, layout, raw, state)

@@ -18,7 +18,7 @@ def cache_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def _registry_entries(path: str) -> tuple[dict, ...]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return tuple(yaml.safe_load(f)["checkpoints"])
 
 
@@ -34,17 +34,39 @@ def registry() -> dict[str, dict]:
     return entries
 
 
+def converted_path(name: str) -> Path:
+    """Where ``meddinov3 weights fetch NAME`` puts the file converted to this project's format."""
+    return cache_dir() / f"{name}.safetensors"
+
+
+def cached_paths(name: str, entry: dict) -> list[Path]:
+    """Cache locations of a registered checkpoint, best first: converted file, then the original."""
+    paths = [converted_path(name)]
+    if entry.get("file"):
+        paths.append(cache_dir() / entry["file"])
+    return list(dict.fromkeys(paths))
+
+
+def find_cached(name: str, entry: dict) -> Path | None:
+    return next((p for p in cached_paths(name, entry) if p.exists()), None)
+
+
 def resolve_weights(name_or_path: str | os.PathLike) -> Path:
-    """A checkpoint path from a path or a registry name; a clear error if neither exists."""
+    """A checkpoint path from a path or a registry name; a clear error if neither exists.
+
+    A registered name resolves to its converted file in the cache (``NAME.safetensors``, what
+    ``meddinov3 weights fetch`` writes) or else to the original file (``file`` in the registry).
+    """
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
         return path
     entries = registry()
     if text in entries:
-        cached = cache_dir() / entries[text]["file"]
-        if cached.exists():
+        cached = find_cached(text, entries[text])
+        if cached is not None:
             return cached
+        cached = cache_dir() / (entries[text].get("file") or f"{text}.safetensors")
         raise FileNotFoundError(
             f"checkpoint '{text}' is registered but not in the cache ({cached}). "
             f"Get it with `meddinov3 weights fetch {text}` ({entries[text].get('access', '')}), "

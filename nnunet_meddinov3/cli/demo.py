@@ -57,7 +57,8 @@ def _step(title: str, cmd: list[str], env: dict, log_dir: Path) -> None:
     log = log_dir / (title.lower().replace(" ", "_").replace("/", "_") + ".log")
     start = time.time()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, encoding="utf-8", errors="replace")
         for line in proc.stdout:
             f.write(line)
             if any(m in line for m in PROGRESS_MARKERS):

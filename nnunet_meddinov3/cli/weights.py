@@ -1,0 +1,305 @@
+"""``meddinov3 weights``: list, inspect, convert, verify and fetch encoder checkpoints.
+
+    meddinov3 weights list
+    meddinov3 weights info FILE
+    meddinov3 weights convert SRC DST [--encoder NAME] [--intensity ct-meddinov3|nnunet|...] [--licence TEXT]
+    meddinov3 weights verify FILE
+    meddinov3 weights fetch NAME
+
+Every file the trainer should load is converted once into this project's format (safetensors with
+a metadata header, see ``nnunet_meddinov3/checkpoints/format.py``); ``convert`` accepts Meta's hub
+``.pth``, MedDINOv3/dinov3 training checkpoints, dinov3 DCP directories, timm and Hugging Face files.
+Heavy imports (torch, timm, huggingface_hub) happen inside the subcommands that need them.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+INTENSITY_CHOICES = ("ct-meddinov3", "nnunet", "imagenet", "unknown")
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="weights_command", metavar="ACTION")
+    sub.add_parser("list", help="registered checkpoints, their licence and whether they are cached")
+
+    p = sub.add_parser("info", help="metadata and tensor summary of a checkpoint (any supported layout)")
+    p.add_argument("file", help="checkpoint file or dinov3 DCP directory")
+
+    p = sub.add_parser("convert", help="convert any supported layout (file or DCP directory) to this project's format")
+    p.add_argument("src", help="source checkpoint: .pth/.pt/.bin, .safetensors, or a DCP directory")
+    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("--encoder", help="named encoder config (default: inferred from layout and shapes)")
+    p.add_argument("--intensity", choices=INTENSITY_CHOICES,
+                   help="intensity convention of the pretraining (default: imagenet for Meta's releases, else unknown)")
+    p.add_argument("--licence", help="licence text to record (default: the DINOv3 License)")
+    p.add_argument("--citation", help="citation to record")
+    p.add_argument("--resolution", type=int, help="pretraining resolution (pixels) to record")
+    p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+
+    p = sub.add_parser("verify", help="rebuild the encoder from a file's metadata, check its hashes, run a forward pass")
+    p.add_argument("file")
+    p.add_argument("--in-channels", type=int, default=1, help="input channels for the test forward pass (default 1)")
+
+    p = sub.add_parser("fetch", help="download a registered checkpoint (Hugging Face) and convert it into the cache")
+    p.add_argument("name", help="registry name (see `meddinov3 weights list`)")
+    p.add_argument("--force", action="store_true", help="convert again even if the converted file exists")
+    parser.set_defaults(weights_parser=parser)
+
+
+def run(args) -> int:
+    action = getattr(args, "weights_command", None)
+    if action is None:
+        args.weights_parser.print_help()
+        return 2
+    try:
+        return {"list": cmd_list, "info": cmd_info, "convert": cmd_convert, "verify": cmd_verify,
+                "fetch": cmd_fetch}[action](args)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, FetchError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+# --- list --------------------------------------------------------------------------------------
+
+def _short(text, width: int) -> str:
+    text = "-" if text in (None, "") else str(text)
+    return text if len(text) <= width else text[: width - 1] + "..."
+
+
+def cmd_list(args) -> int:
+    from nnunet_meddinov3.checkpoints.registry import cache_dir, find_cached, registry
+
+    entries = registry()
+    print(f"weights cache: {cache_dir()}")
+    header = f"{'NAME':30} {'ENCODER':16} {'LAYOUT':18} {'LICENCE':28} {'ACCESS':34} CACHED"
+    print(header)
+    for name, entry in entries.items():
+        cached = find_cached(name, entry)
+        access = re.split(r"[;(]", entry.get("access") or "-")[0].strip()
+        print(f"{_short(name, 30):30} {_short(entry.get('encoder'), 16):16} {_short(entry.get('layout'), 18):18} "
+              f"{_short(entry.get('licence'), 28):28} {_short(access, 34):34} {cached if cached else 'no'}")
+    return 0
+
+
+# --- info --------------------------------------------------------------------------------------
+
+def key_summary(state: dict, limit: int = 40) -> list[str]:
+    """One line per key with block indices folded (``blocks.*``): shape, dtype and how many blocks."""
+    groups = defaultdict(list)
+    for key, value in state.items():
+        folded = re.sub(r"(^|\.)(blocks|layer)\.\d+\.", r"\1\2.*.", key)
+        groups[folded].append(value)
+    lines = []
+    for folded, values in groups.items():
+        shapes = {tuple(v.shape) for v in values}
+        dtypes = {str(v.dtype).replace("torch.", "") for v in values}
+        shape = str(next(iter(shapes))) if len(shapes) == 1 else "various"
+        count = f" x{len(values)}" if len(values) > 1 else ""
+        lines.append(f"  {folded:48} {shape:22} {'/'.join(sorted(dtypes))}{count}")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"  ... {len(lines) - limit} more"]
+    return lines
+
+
+def _sizes(state: dict) -> str:
+    n = sum(v.numel() for v in state.values())
+    nbytes = sum(v.numel() * v.element_size() for v in state.values())
+    return f"{len(state)} tensors, {n / 1e6:.2f}M values, {nbytes / 2 ** 20:.1f} MiB"
+
+
+def cmd_info(args) -> int:
+    from nnunet_meddinov3.checkpoints.converters import LayoutError, infer_encoder_config
+    from nnunet_meddinov3.checkpoints.format import _hf_config_hints
+    from nnunet_meddinov3.checkpoints.loading import describe_checkpoint, fitting_configs, read_source
+
+    path = Path(args.file)
+    source = read_source(path)
+    print(f"file: {path}")
+    if source.metadata is not None:
+        md = source.metadata
+        print(f"format: meddinov3 safetensors v{md.format_version} (tensor and metadata sha256 verified)")
+        print("architecture:")
+        for key, value in md.architecture.items():
+            print(f"  {key}: {value}")
+        print(f"rope periods: {md.rope_periods}")
+        print(f"intensity: {md.intensity}")
+        print(f"input channels (stored kernel): {md.in_channels}")
+        print(f"pretraining resolution: {md.pretraining_resolution or 'not recorded'}")
+        print(f"stages: {md.stages if md.stages else 'none recorded'}")
+        print(f"data manifest sha256: {md.data_manifest_sha256 or 'not recorded'}")
+        print(f"licence: {md.licence or 'not recorded'}")
+        print(f"citation: {md.citation or 'not recorded'}")
+        print(f"source: {md.source or 'not recorded'}")
+        print(f"tensor sha256: {md.tensor_sha256}")
+    else:
+        print(f"layout: {source.layout}" + (f" ({source.details})" if source.details else ""))
+        facts = describe_checkpoint(source.state)
+        print(f"architecture from shapes: {facts}")
+        try:
+            config = infer_encoder_config(source.state, source.layout, **_hf_config_hints(path))
+            print(f"inferred architecture (layout defaults for what shapes do not show): {config.to_dict()}")
+        except LayoutError as e:
+            print(f"inferred architecture: not possible ({e})")
+        fits = fitting_configs(facts)
+        print(f"named configs that fit the shapes: {', '.join(fits) if fits else 'none'}")
+        print(f"convert with: meddinov3 weights convert {path} OUT.safetensors")
+    shown = source.raw if source.metadata is None else source.state
+    print(f"tensors ({'as stored' if source.metadata is None else 'encoder keys'}): {_sizes(shown)}")
+    print("\n".join(key_summary(shown)))
+    return 0
+
+
+# --- convert / verify --------------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    from nnunet_meddinov3.checkpoints.format import convert_checkpoint
+
+    dst = Path(args.dst)
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"the output must be a .safetensors file, got '{dst}'")
+    if dst.exists() and not args.force:
+        raise ValueError(f"'{dst}' exists; pass --force to overwrite it")
+    metadata = convert_checkpoint(args.src, dst, encoder=args.encoder, intensity=args.intensity,
+                                  licence=args.licence, citation=args.citation,
+                                  pretraining_resolution=args.resolution)
+    arch = metadata.architecture
+    print(f"converted {args.src} ({metadata.source['layout']}) -> {dst}")
+    print(f"  architecture: {arch['embed_dim']}-dim, {arch['depth']} blocks, {arch['num_heads']} heads, "
+          f"{arch['n_storage_tokens']} storage tokens, qkv_bias={arch['qkv_bias']}, norm_eps={arch['norm_eps']}, "
+          f"rope_dtype={arch['rope_dtype']}")
+    print(f"  intensity: {metadata.intensity}; licence: {metadata.licence}")
+    print(f"  tensor sha256: {metadata.tensor_sha256} (verified by a strict load)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import torch
+
+    from nnunet_meddinov3.checkpoints.format import build_encoder_from_checkpoint, read_checkpoint
+    from nnunet_meddinov3.network.encoder import default_feature_layers
+
+    checkpoint = read_checkpoint(args.file)  # checks both hashes
+    encoder = build_encoder_from_checkpoint(args.file, in_channels=args.in_channels).eval()
+    layers = default_feature_layers(encoder.depth)
+    x = torch.randn(1, args.in_channels, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = encoder.intermediate_features(x, layers)
+    bad = [i for i, f in zip(layers, features) if not torch.isfinite(f).all()]
+    if bad:
+        raise RuntimeError(f"forward pass gave non-finite features in blocks {bad}")
+    md = checkpoint.metadata
+    print(f"ok: {args.file}")
+    print(f"  hashes: tensor and metadata sha256 match ({md.tensor_sha256[:16]}...)")
+    print(f"  encoder rebuilt from metadata and loaded strictly: {md.architecture['embed_dim']}-dim, "
+          f"{md.architecture['depth']} blocks, rope_dtype={md.architecture['rope_dtype']}, "
+          f"norm_eps={md.architecture['norm_eps']}")
+    print(f"  forward pass on 1x{args.in_channels}x32x32: blocks {list(layers)} -> "
+          f"{[tuple(f.shape) for f in features]}, all finite")
+    return 0
+
+
+# --- fetch -------------------------------------------------------------------------------------
+
+class FetchError(RuntimeError):
+    pass
+
+
+def _endpoint_reachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """None if a TCP connection to the hub endpoint opens, else why not (fails fast when offline,
+    where huggingface_hub would retry for half a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{url.hostname}:{port}: {e.strerror or e}"
+
+
+def download_from_hub(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
+    except ImportError as e:
+        raise FetchError("fetching needs huggingface_hub: pip install 'nnunet-meddinov3[hub]'") from e
+
+    where = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
+    cached = try_to_load_from_cache(repo_id, filename, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    offline_help = (f"Download it on a machine with internet access (huggingface.co/{repo_id}, file {filename}) "
+                    "and pass its path to `meddinov3 weights convert`, or copy the Hugging Face cache over")
+    if constants.HF_HUB_OFFLINE:
+        raise FetchError(f"cannot fetch {where}: HF_HUB_OFFLINE is set and the file is not in the local "
+                         f"Hugging Face cache ({constants.HF_HUB_CACHE}). Unset HF_HUB_OFFLINE, or: {offline_help}.")
+    problem = _endpoint_reachable(constants.ENDPOINT)
+    if problem:
+        raise FetchError(f"cannot fetch {where}: the hub at {constants.ENDPOINT} is unreachable ({problem}); "
+                         f"you seem to be offline. {offline_help}.")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except GatedRepoError as e:
+        raise FetchError(f"{repo_id} is gated: accept its licence on huggingface.co/{repo_id}, then log in "
+                         "(`hf auth login`) or set HF_TOKEN, and fetch again") from e
+    except RepositoryNotFoundError as e:
+        raise FetchError(f"repository {repo_id} not found (or private and you are not logged in)") from e
+    except LocalEntryNotFoundError as e:
+        raise FetchError(f"cannot fetch {where}: the hub could not be reached and the file is not cached. "
+                         f"{offline_help}.") from e
+    except EntryNotFoundError as e:
+        raise FetchError(f"{repo_id} has no file {filename}; the registry entry needs fixing") from e
+    except (HfHubHTTPError, OSError, huggingface_hub.errors.HFValidationError) as e:
+        raise FetchError(f"cannot fetch {where}: {e}") from e
+
+
+def cmd_fetch(args) -> int:
+    from nnunet_meddinov3.checkpoints.registry import cache_dir, converted_path, registry
+
+    entries = registry()
+    if args.name not in entries:
+        raise FetchError(f"'{args.name}' is not registered; known: {', '.join(sorted(entries))}")
+    entry = entries[args.name]
+    target = converted_path(args.name)
+    if target.exists() and not args.force:
+        print(f"already converted: {target} (pass --force to fetch and convert again)")
+        return 0
+    if not entry.get("hf_repo") or not entry.get("hf_filename"):
+        raise FetchError(f"'{args.name}' cannot be fetched automatically ({entry.get('access', 'no download source')}). "
+                         f"Put the original file at {cache_dir() / (entry.get('file') or args.name + '.pth')} or run "
+                         f"`meddinov3 weights convert FILE {target}`")
+    if not entry.get("encoder"):
+        raise FetchError(f"'{args.name}' has no encoder config this project can build ({entry.get('description', '')})")
+
+    downloaded = download_from_hub(entry["hf_repo"], entry["hf_filename"], entry.get("hf_revision"))
+    from nnunet_meddinov3.checkpoints.format import convert_checkpoint, file_sha256
+
+    actual = file_sha256(downloaded)
+    expected = entry.get("sha256")
+    if expected and actual != expected:
+        raise FetchError(f"sha256 of the downloaded {downloaded} is {actual}, the registry says {expected}: "
+                         "refusing to convert a file that is not the registered one")
+    print(f"downloaded {entry['hf_repo']}/{entry['hf_filename']} -> {downloaded}")
+    print(f"  sha256 {actual}" + (" (matches the registry)" if expected else " (the registry has no checksum to compare)"))
+    metadata = convert_checkpoint(
+        downloaded, target, encoder=entry["encoder"], intensity=entry.get("intensity"),
+        licence=entry.get("licence"), citation=entry.get("citation"),
+        pretraining_resolution=entry.get("pretraining_resolution"),
+        source_extra={"registry_name": args.name, "hf_repo": entry["hf_repo"], "hf_filename": entry["hf_filename"],
+                      "hf_revision": entry.get("hf_revision")})
+    print(f"converted ({metadata.source['layout']}) -> {target}")
+    print(f"use it with: MEDDINOV3_WEIGHTS={args.name}  (or the path above)")
+    return 0

@@ -1,0 +1,5 @@
+"""``python -m pretrain`` (also under ``torchrun -m pretrain``)."""
+
+from .cli import main
+
+raise SystemExit(main())

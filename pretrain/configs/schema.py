@@ -1,0 +1,347 @@
+"""The pretraining stage config: plain dataclasses, filled from YAML and dotted overrides.
+
+Every field has a default, so a YAML file only states what differs (and may name a ``base``
+config to start from). Lengths are in iterations, not epochs: a CT slice collection has no
+natural epoch, and Meta's epoch of 1250 iterations is converted where its numbers are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+PATCH_SIZE = 16
+LR_SCHEDULES = ("warmup_cosine", "cosine_rise_constant", "warmup_constant")
+SCALING_RULES = ("sqrt_wrt_1024", "none")
+STAGES = ("self_distillation", "gram_anchoring", "high_resolution")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message names the field and what is valid."""
+
+
+@dataclass
+class InitConfig:
+    """Where the weights come from when the stage starts (a resumed run ignores both)."""
+
+    # Released backbone weights to continue from (path or registry name, any DINOv3 layout). Heads
+    # and the iBOT mask token are taken from the file when it has them.
+    weights: str | None = None
+    # A training checkpoint of an earlier stage (file or run folder): student, teacher and heads.
+    checkpoint: str | None = None
+
+
+@dataclass
+class HeadConfig:
+    prototypes: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    layers: int = 3
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "meddinov3_vitb16"  # a name of nnunet_meddinov3.network.encoder.ENCODER_CONFIGS
+    drop_path_rate: float = 0.3  # student only; the teacher runs without drop path
+    layer_scale_init: float | None = None  # None: the encoder config's (1e-5); only matters from scratch
+    dino_head: HeadConfig = field(default_factory=HeadConfig)
+    ibot_head: HeadConfig = field(default_factory=HeadConfig)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    roots: list[str] = field(default_factory=list)  # nnU-Net raw datasets, NIfTI or DICOM folders
+    cache_dir: str | None = None  # slice cache; default: slice_cache/ next to the run (shared by a chain)
+    intensity: dict = field(
+        default_factory=lambda: {"kind": "ct", "window": [-1000.0, 1000.0], "mean": 65.1084, "std": 178.0166}
+    )
+    target_spacing: list[float] | None = None  # in-plane (row, column) mm; None keeps each volume's own
+    body_threshold: float | None = -500.0
+    min_body_fraction: float = 0.05
+    # The leakage guard: cases never read for pretraining.
+    exclude_case_ids: list[str] = field(default_factory=list)
+    exclude_test_images_of: list[str] = field(default_factory=list)  # nnU-Net raw dataset folders (imagesTs)
+    exclude_validation_of: list[str] = field(default_factory=list)  # "path/splits_final.json:FOLD"
+    batch_size: int = 64  # slices per process per micro-step
+    num_workers: int = 8
+
+
+@dataclass
+class CropsConfig:
+    """Crop sizes as parallel lists: entry i is one (global, local, Gram teacher) triple drawn with
+    probability ``probabilities[i]`` for a whole iteration (all ranks use the same triple)."""
+
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    global_sizes: list[int] = field(default_factory=lambda: [224])
+    local_sizes: list[int] = field(default_factory=lambda: [96])
+    gram_teacher_sizes: list[int] | None = None  # None: 2x the global size (when the Gram loss is on)
+    probabilities: list[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
+class MaskingConfig:
+    probability: float = 0.5  # fraction of global crops that get an iBOT mask
+    ratio: tuple[float, float] = (0.1, 0.5)
+    min_block_patches: int = 4
+
+
+@dataclass
+class LossConfig:
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04
+    teacher_temp_end: float = 0.07
+    teacher_temp_warmup_iterations: int = 37500  # Meta: 30 epochs x 1250
+    # Extra factor on the local DINO term, cosine from start to end over the ramp (Gram stage: 1 -> 0.5).
+    local_dino_weight_start: float = 1.0
+    local_dino_weight_end: float = 1.0
+    local_dino_weight_ramp_iterations: int = 0
+    sinkhorn_iterations: int = 3
+
+
+@dataclass
+class GramConfig:
+    enabled: bool = False
+    weight: float = 2.0
+    weight_ramp_iterations: int = 0  # cosine ramp from 0 to ``weight``; 0 = constant
+    # "ema": a frozen snapshot of the EMA teacher at the stage start; "previous" / "previous@N": the
+    # teacher of the chain's previous stage (its last checkpoint / the one at iteration N); or a path
+    # or registry name of any checkpoint (a training checkpoint, an export, released weights).
+    teacher: str = "ema"
+    refresh_every: int = 0  # copy the EMA teacher into the Gram teacher every K iterations; 0 = never
+    img_level: bool = True  # one Gram matrix per image (False: one over all patches of the batch)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # before the scaling rule
+    scaling_rule: str = "sqrt_wrt_1024"  # lr * 4 * sqrt(global batch / 1024) (DINOv3), or "none"
+    min_lr: float = 1e-6
+    lr_schedule: str = "warmup_cosine"  # or cosine_rise_constant (high-res stage), warmup_constant
+    warmup_iterations: int = 12500  # Meta: 10 epochs x 1250
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 3.0  # per sub-network (backbone, DINO head, iBOT head); 0 = off
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    freeze_last_layer_iterations: int = 1250  # Meta: 1 epoch
+    momentum_start: float = 0.992
+    momentum_end: float = 1.0
+    global_batch_size: int | None = None  # reached by gradient accumulation; None = batch_size x processes
+
+
+@dataclass
+class HeadWarmupConfig:
+    """Stage 0 of continued pretraining: new heads learn on a frozen backbone first.
+
+    ``enabled``: "auto" (on when the stage starts from released weights without heads), "on", "off".
+    The heads train alone for ``iterations`` iterations, or, with ``plateau_window`` > 0, until the
+    mean DINO loss of the last window improved by less than ``plateau_tolerance`` (relative) on the
+    window before (at most ``max_iterations``); then the backbone LR warms up linearly over
+    ``backbone_warmup_iterations``.
+    """
+
+    enabled: str = "auto"
+    iterations: int = 1000
+    plateau_window: int = 0
+    plateau_tolerance: float = 0.01
+    max_iterations: int = 5000
+    backbone_warmup_iterations: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 125000  # the schedules' length (Meta: 100 epochs x 1250)
+    max_iterations: int | None = None  # stop early (with a checkpoint) at this iteration: a planned interruption
+    seed: int = 0
+    checkpoint_every: int = 2500
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every checkpoint at a multiple of this (Gram teachers); 0 = none
+    log_every: int = 10
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
+    parallel: str = "ddp"  # ddp or fsdp (FSDP2 fully_shard)
+    progress_bar: bool = True
+
+
+@dataclass
+class MonitorConfig:
+    """Collapse and divergence guards; a threshold of null switches that check off."""
+
+    nonfinite_patience: int = 3  # consecutive non-finite losses that stop the run
+    min_teacher_entropy: float | None = None  # normalised entropy of the teacher's batch-mean distribution
+    min_feature_std: float | None = None  # std of the L2-normalised teacher CLS features x sqrt(D)
+    max_koleo: float | None = None
+    patience: int = 50  # consecutive violating iterations before a collapse stop
+    start_iteration: int = 0
+
+
+@dataclass
+class DebugConfig:
+    inject_nan_at_iteration: int | None = None  # the loss becomes NaN from this iteration ...
+    inject_nan_iterations: int = 3  # ... for this many iterations
+
+
+@dataclass
+class PretrainConfig:
+    name: str = ""
+    stage: str = "self_distillation"
+    init: InitConfig = field(default_factory=InitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    head_warmup: HeadWarmupConfig = field(default_factory=HeadWarmupConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @property
+    def gram_sizes(self) -> list[int] | None:
+        """Gram-teacher crop size per triple, or None when the Gram loss is off."""
+        if not self.gram.enabled:
+            return None
+        return self.crops.gram_teacher_sizes or [2 * s for s in self.crops.global_sizes]
+
+    def validate(self) -> PretrainConfig:
+        from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"config '{self.name}': {message}")
+
+        check(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+        check(self.model.encoder in ENCODER_CONFIGS,
+              f"model.encoder '{self.model.encoder}' unknown; known: {', '.join(sorted(ENCODER_CONFIGS))}")
+        c = self.crops
+        n = len(c.global_sizes)
+        lists = {"local_sizes": c.local_sizes, "probabilities": c.probabilities}
+        if c.gram_teacher_sizes is not None:
+            lists["gram_teacher_sizes"] = c.gram_teacher_sizes
+        for key, values in lists.items():
+            check(len(values) == n, f"crops.{key} has {len(values)} entries, crops.global_sizes {n}")
+        check(n > 0 and abs(sum(c.probabilities) - 1) < 1e-6 and min(c.probabilities) >= 0,
+              f"crops.probabilities must be non-negative and sum to 1, got {c.probabilities}")
+        # Global and Gram-teacher crops carry patch grids (masks, Gram matrices); a local crop is
+        # only cut into whole patches (Meta's 168 px local crops give 10 x 10 patches).
+        sizes = c.global_sizes + (self.gram_sizes or [])
+        check(all(s > 0 and s % PATCH_SIZE == 0 for s in sizes),
+              f"global and Gram-teacher crop sizes must be multiples of the patch size {PATCH_SIZE}, got {sizes}")
+        check(all(s >= PATCH_SIZE for s in c.local_sizes), f"local crops must be >= {PATCH_SIZE} px")
+        check(c.n_local >= 0, "crops.n_local must be >= 0")
+        check(self.data.batch_size >= 2, "data.batch_size must be >= 2 (KoLeo needs a nearest neighbour)")
+        check(0 <= self.masking.probability <= 1, "masking.probability must be in [0, 1]")
+        check(0 <= self.masking.ratio[0] < self.masking.ratio[1] <= 1, "masking.ratio must be 0 <= low < high <= 1")
+        check(self.optim.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {LR_SCHEDULES}")
+        check(self.optim.scaling_rule in SCALING_RULES, f"optim.scaling_rule must be one of {SCALING_RULES}")
+        check(self.head_warmup.enabled in ("auto", "on", "off"), "head_warmup.enabled must be auto, on or off")
+        check(self.train.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32")
+        check(self.train.parallel in ("ddp", "fsdp"), "train.parallel must be ddp or fsdp")
+        check(self.train.iterations > 0, "train.iterations must be positive")
+        check(self.train.keep_last >= 1, "train.keep_last must be >= 1")
+        check(self.monitor.nonfinite_patience >= 1, "monitor.nonfinite_patience must be >= 1")
+        check(self.init.weights is None or self.init.checkpoint is None,
+              "init.weights and init.checkpoint exclude each other (a checkpoint already holds weights)")
+        return self
+
+
+# --- generic dict <-> dataclass conversion with validation ------------------------------------------
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses, tuples and lists -> dicts and lists (YAML/JSON-safe)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _coerce(value: Any, annotation: str, where: str) -> Any:
+    """Check ``value`` against a field annotation (as written, e.g. ``"list[int] | None"``)."""
+    kinds = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"{where} must not be null (expected {annotation})")
+    kind = next(k for k in kinds if k != "None")
+    scalar = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}
+    if kind in scalar:
+        target = scalar[kind]
+        if target is float and isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if target is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, bool) and target is not bool:
+            raise ConfigError(f"{where} must be {kind}, got {value!r}")
+        if not isinstance(value, target):
+            raise ConfigError(f"{where} must be {kind}, got {value!r}")
+        return value
+    if kind.startswith(("list[", "tuple[")):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list ({annotation}), got {value!r}")
+        inner = kind[kind.index("[") + 1 : -1].split(",")
+        if kind.startswith("tuple["):
+            if len(value) != len(inner):
+                raise ConfigError(f"{where} must have {len(inner)} entries, got {value!r}")
+            return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, inner)))
+        return [_coerce(v, inner[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"{where}: unsupported annotation {annotation}")  # a schema bug, not a user error
+
+
+def from_plain(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors that list the valid ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(f'{where}{k}' for k in unknown)}; valid keys"
+            f"{' in ' + where.rstrip('.') if where else ''}: {', '.join(fields)}"
+        )
+    values = {}
+    for name, value in data.items():
+        f = fields[name]
+        if isinstance(f.type, str) and f.type in _DATACLASSES:
+            values[name] = from_plain(_DATACLASSES[f.type], value, f"{where}{name}.")
+        else:
+            values[name] = _coerce(value, f.type, f"{where}{name}")
+    return cls(**values)
+
+
+_DATACLASSES = {
+    c.__name__: c
+    for c in (
+        InitConfig,
+        HeadConfig,
+        ModelConfig,
+        DataConfig,
+        CropsConfig,
+        MaskingConfig,
+        LossConfig,
+        GramConfig,
+        OptimConfig,
+        HeadWarmupConfig,
+        TrainConfig,
+        MonitorConfig,
+        DebugConfig,
+    )
+}

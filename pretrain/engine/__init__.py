@@ -1,0 +1,6 @@
+"""The pretraining engine: training loop, distributed setup, checkpoints, progress and guards."""
+
+from .loop import FINISHED, PAUSED, STOPPED_COLLAPSE, STOPPED_NONFINITE, RunResult, Trainer, read_run_status, train
+
+__all__ = ["FINISHED", "PAUSED", "STOPPED_COLLAPSE", "STOPPED_NONFINITE", "RunResult", "Trainer", "read_run_status",
+           "train"]

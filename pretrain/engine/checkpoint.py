@@ -1,0 +1,172 @@
+"""Training checkpoints: atomic, rotated, and complete enough to resume bit for bit.
+
+A checkpoint (``RUN/checkpoints/checkpoint_<iteration>.pt``, a ``torch.save`` dict of tensors and
+plain containers, readable with ``weights_only=True``) holds the student, EMA teacher, Gram
+teacher, optimizer, every rank's RNG states (torch, CUDA, NumPy, Python), the head warm-up and
+monitor states, the iteration (which is also the data stream position), the config, the stage
+history and the provenance (licence, starting weights, data manifest).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "nnunet-meddinov3-pretrain/1"
+_NAME = re.compile(r"^checkpoint_(\d{8})\.pt$")
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: str | os.PathLike, iteration: int) -> Path:
+    return checkpoint_dir(run_dir) / f"checkpoint_{iteration:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(iteration, path) of the run's complete checkpoints, oldest first (temp files are skipped)."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path_or_run: str | os.PathLike) -> Path:
+    """A checkpoint file, or the latest checkpoint of a run folder."""
+    path = Path(path_or_run).expanduser()
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"run folder '{path}' has no checkpoints (expected {checkpoint_dir(path)}/)")
+        return latest
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    return path
+
+
+def is_training_checkpoint(path_or_run: str | os.PathLike) -> bool:
+    """Whether this is one of our training checkpoints (or a run folder that has one)."""
+    path = Path(path_or_run).expanduser()
+    if path.is_dir():
+        return latest_checkpoint(path) is not None
+    return path.is_file() and _NAME.match(path.name) is not None
+
+
+def read_training_checkpoint(path_or_run: str | os.PathLike) -> dict:
+    path = resolve_checkpoint(path_or_run)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"'{path}' is not a pretraining checkpoint of this project ({CHECKPOINT_FORMAT})")
+    state["path"] = str(path)
+    return state
+
+
+def write_atomic(state: dict, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a checkpoint is complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> list[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints, sparing multiples of ``keep_every``."""
+    found = list_checkpoints(run_dir)
+    removed = []
+    for iteration, path in found[: max(len(found) - keep_last, 0)]:
+        if keep_every > 0 and iteration % keep_every == 0:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+# --- RNG states -------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict:
+    """This process's RNG states as tensors and plain containers (``weights_only``-loadable)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": n["bit_generator"],
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- model / optimizer states (plain, DDP or FSDP2) -----------------------------------------------------
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # full (unsharded) tensors gathered to CPU: the file does not depend on the number of processes
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def model_state(module: nn.Module) -> dict:
+    """Full state dict of a plain or FSDP2 module (collective under FSDP2: call on every rank)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_options())
+
+
+def load_model_state(module: nn.Module, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(module, state, options=_options())
+
+
+def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=_options())
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=_options())

@@ -1,0 +1,194 @@
+"""Optimiser, parameter groups and schedules of DINOv3 pretraining.
+
+Every schedule is a pure function of the iteration, so a resumed run sets exactly the values
+the uninterrupted run would have had: nothing here carries state between iterations.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .configs.schema import OptimConfig, PretrainConfig
+from .losses import teacher_temperature
+
+# --- schedule shapes ---------------------------------------------------------------------------
+
+
+def cosine(step: int, start: float, end: float, length: int) -> float:
+    """Half cosine from ``start`` at step 0 to ``end`` at ``length``, then ``end``."""
+    if length <= 0 or step >= length:
+        return end
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * max(step, 0) / length))
+
+
+def warmup_cosine(step: int, peak: float, end: float, warmup: int, total: int) -> float:
+    """Linear from 0 to ``peak`` over ``warmup`` steps, then cosine to ``end`` at ``total``."""
+    if step < warmup:
+        return peak * step / warmup
+    return cosine(step - warmup, peak, end, total - warmup)
+
+
+def warmup_constant(step: int, peak: float, warmup: int) -> float:
+    """Linear from 0 to ``peak`` over ``warmup`` steps, then constant."""
+    return peak * step / warmup if step < warmup else peak
+
+
+def cosine_rise_constant(step: int, peak: float, rise: int) -> float:
+    """Cosine from 0 to ``peak`` over ``rise`` steps, then constant (DINOv3 high-res stage)."""
+    return cosine(step, 0.0, peak, rise)
+
+
+def scaled_lr(config: OptimConfig, global_batch_size: int) -> float:
+    """The peak LR after the scaling rule; DINOv3's ``sqrt_wrt_1024`` is lr * 4 * sqrt(batch / 1024)."""
+    if config.scaling_rule == "sqrt_wrt_1024":
+        return config.lr * 4 * math.sqrt(global_batch_size / 1024)
+    return config.lr
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """All per-iteration values of a stage, from its config and the effective global batch."""
+
+    config: PretrainConfig
+    global_batch_size: int
+
+    @property
+    def peak_lr(self) -> float:
+        return scaled_lr(self.config.optim, self.global_batch_size)
+
+    def lr(self, step: int) -> float:
+        o, total = self.config.optim, self.config.train.iterations
+        if o.lr_schedule == "warmup_cosine":
+            return warmup_cosine(step, self.peak_lr, o.min_lr, o.warmup_iterations, total)
+        if o.lr_schedule == "cosine_rise_constant":
+            return cosine_rise_constant(step, self.peak_lr, o.warmup_iterations)
+        return warmup_constant(step, self.peak_lr, o.warmup_iterations)
+
+    def weight_decay(self, step: int) -> float:
+        o = self.config.optim
+        return cosine(step, o.weight_decay, o.weight_decay_end, self.config.train.iterations)
+
+    def momentum(self, step: int) -> float:
+        o = self.config.optim
+        return cosine(step, o.momentum_start, o.momentum_end, self.config.train.iterations)
+
+    def teacher_temp(self, step: int) -> float:
+        loss = self.config.loss
+        return teacher_temperature(step, loss.teacher_temp_warmup_iterations, loss.teacher_temp_start,
+                                   loss.teacher_temp_end)
+
+    def last_layer_frozen(self, step: int) -> bool:
+        return step < self.config.optim.freeze_last_layer_iterations
+
+    def local_dino_weight(self, step: int) -> float:
+        loss = self.config.loss
+        return cosine(step, loss.local_dino_weight_start, loss.local_dino_weight_end,
+                      loss.local_dino_weight_ramp_iterations)
+
+    def gram_weight(self, step: int) -> float:
+        gram = self.config.gram
+        if not gram.enabled:
+            return 0.0
+        return cosine(step, 0.0, gram.weight, gram.weight_ramp_iterations)
+
+    def at(self, step: int) -> dict[str, float]:
+        return {
+            "lr": self.lr(step),
+            "weight_decay": self.weight_decay(step),
+            "momentum": self.momentum(step),
+            "teacher_temp": self.teacher_temp(step),
+            "last_layer_frozen": float(self.last_layer_frozen(step)),
+            "local_dino_weight": self.local_dino_weight(step),
+            "gram_weight": self.gram_weight(step),
+        }
+
+
+# --- parameter groups ------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"\.blocks\.(\d+)\.")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for the patch embedding and learned tokens, i + 1 for block i, depth + 1 for the final
+    norm and the heads (the reference's layer-wise LR decay numbering)."""
+    if not name.startswith("backbone."):
+        return depth + 1
+    if "patch_embed" in name or name.endswith(("cls_token", "reg_token", "mask_token")):
+        return 0
+    match = _BLOCK.search(name)
+    return int(match.group(1)) + 1 if match else depth + 1
+
+
+def parameter_groups(network: nn.Module, config: OptimConfig, depth: int) -> list[dict]:
+    """AdamW groups with ``lr_multiplier``, ``wd_multiplier``, ``is_last_layer``, ``is_backbone``.
+
+    Layer-wise decay: lr x decay ** (depth + 1 - layer_id); the patch embedding additionally
+    x ``patch_embed_lr_mult``. No weight decay on biases, norms, layer scales and learned tokens.
+    ``is_backbone`` marks what the head warm-up freezes (the mask token trains with the heads:
+    released weights rarely have a trained one). Parameters with equal settings share a group.
+    """
+    groups: dict[tuple, dict] = {}
+    for name, param in network.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr_multiplier = config.layerwise_decay ** (depth + 1 - layer_id(name, depth))
+        if "patch_embed" in name:
+            lr_multiplier *= config.patch_embed_lr_mult
+        no_decay = name.endswith(("bias", "_token")) or "norm" in name or "gamma" in name
+        key = (
+            lr_multiplier,
+            0.0 if no_decay else 1.0,
+            "last_layer" in name,
+            name.startswith("backbone.") and not name.endswith("mask_token"),
+        )
+        group = groups.setdefault(key, {
+            "params": [], "names": [], "lr_multiplier": key[0], "wd_multiplier": key[1],
+            "is_last_layer": key[2], "is_backbone": key[3],
+        })
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(network: nn.Module, config: OptimConfig, depth: int) -> torch.optim.AdamW:
+    """AdamW over :func:`parameter_groups`; LR and weight decay are set every iteration by
+    :func:`apply_schedules`."""
+    return torch.optim.AdamW(parameter_groups(network, config, depth), lr=0.0, betas=tuple(config.betas),
+                             weight_decay=0.0)
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, last_layer_frozen: bool,
+                    backbone_factor: float = 1.0) -> None:
+    """Set every group's LR and weight decay for this iteration.
+
+    ``backbone_factor`` scales the backbone's LR (0 while the head warm-up freezes it). A frozen
+    last layer gets LR 0, which with AdamW's decoupled decay also stops its weight decay.
+    """
+    for group in optimizer.param_groups:
+        factor = group["lr_multiplier"]
+        if group["is_backbone"]:
+            factor *= backbone_factor
+        if group["is_last_layer"] and last_layer_frozen:
+            factor = 0.0
+        group["lr"] = lr * factor
+        group["weight_decay"] = weight_decay * group["wd_multiplier"]
+
+
+def clip_gradients(network: nn.Module, max_norm: float, parts=("backbone", "dino_head", "ibot_head")) -> dict:
+    """Clip each sub-network's gradient norm to ``max_norm`` separately (as the reference; 0 = no
+    clipping) and return the norms before clipping; non-finite norms are returned as they are."""
+    norms = {}
+    for part in parts:
+        params = [p for p in getattr(network, part).parameters() if p.grad is not None]
+        if not params:
+            continue
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        norms[part] = float(norm)
+    return norms

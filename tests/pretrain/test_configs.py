@@ -1,0 +1,90 @@
+"""Stage configs: every packaged YAML loads, carries the recipe's numbers, and bad input is refused."""
+
+import math
+
+import pytest
+
+from pretrain.configs import ConfigError, available_configs, load_config
+from pretrain.optim import scaled_lr
+
+STAGES = ("stage1", "stage2_gram", "stage3_highres")
+
+
+def test_all_packaged_configs_load():
+    names = available_configs()
+    for size in ("tiny", "vits16", "vitb16"):
+        assert {f"{size}_{stage}" for stage in STAGES} <= set(names)
+    for name in names:
+        config = load_config(name)
+        assert config.name == name
+
+
+def test_vitb16_stage1_is_the_recipe():
+    c = load_config("vitb16_stage1")
+    assert c.model.encoder == "meddinov3_vitb16" and c.model.drop_path_rate == 0.3
+    for head in (c.model.dino_head, c.model.ibot_head):
+        assert (head.prototypes, head.hidden_dim, head.bottleneck_dim, head.layers) == (65536, 2048, 256, 3)
+    assert (c.crops.global_sizes, c.crops.local_sizes, c.crops.n_local) == ([224], [96], 8)
+    assert (c.crops.global_scale, c.crops.local_scale) == ((0.32, 1.0), (0.05, 0.32))
+    assert (c.masking.probability, c.masking.ratio) == (0.5, (0.1, 0.5))
+    assert (c.loss.dino_weight, c.loss.ibot_weight, c.loss.koleo_weight, c.loss.student_temp) == (1.0, 1.0, 0.1, 0.1)
+    assert (c.loss.teacher_temp_start, c.loss.teacher_temp_end) == (0.04, 0.07)
+    o = c.optim
+    assert (o.weight_decay, o.weight_decay_end, o.clip_grad, o.layerwise_decay, o.patch_embed_lr_mult) == (
+        0.04, 0.4, 3.0, 0.9, 0.2)
+    assert (o.momentum_start, o.momentum_end, o.betas, o.min_lr) == (0.992, 1.0, (0.9, 0.999), 1e-6)
+    assert o.global_batch_size == 512
+    assert math.isclose(scaled_lr(o, 512), 1e-3 * 4 * math.sqrt(0.5))
+
+
+def test_stage3_crop_triples_are_the_recipe_table():
+    c = load_config("vitb16_stage3_highres")
+    triples = list(zip(c.crops.global_sizes, c.crops.local_sizes, c.gram_sizes, c.crops.probabilities))
+    assert triples == [(512, 112, 768, 0.3), (768, 112, 1152, 0.3), (768, 168, 1152, 0.3),
+                       (768, 224, 1152, 0.05), (768, 336, 1152, 0.05)]
+    assert (c.gram.enabled, c.gram.weight, c.gram.refresh_every) == (True, 1.5, 0)
+    assert (c.loss.local_dino_weight_start, c.loss.teacher_temp_start, c.optim.momentum_start) == (0.5, 0.07, 0.999)
+    assert c.optim.lr_schedule == "cosine_rise_constant"
+
+
+def test_stage2_gram_and_base_inheritance():
+    c = load_config("vitb16_stage2_gram")
+    assert c.gram.enabled and c.gram.weight == 2.0 and c.gram.refresh_every == 10000
+    assert c.gram_sizes == [448]
+    assert (c.loss.local_dino_weight_start, c.loss.local_dino_weight_end) == (1.0, 0.5)
+    assert c.model.dino_head.prototypes == 65536  # inherited from stage 1
+    s = load_config("vits16_stage2_gram")
+    assert s.model.encoder == "meddinov3_vits16" and s.gram.weight == 2.0
+
+
+def test_overrides_apply_and_parse_yaml_values():
+    c = load_config("tiny_stage1", ["optim.lr=1e-4", "data.batch_size=8", "data.roots=[/a, /b]",
+                                    "crops.global_scale=[0.4, 1.0]", "monitor.max_koleo=null"])
+    assert c.optim.lr == 1e-4 and isinstance(c.optim.lr, float)  # YAML 1.1 reads 1e-4 as a string
+    assert c.data.batch_size == 8 and c.data.roots == ["/a", "/b"]
+    assert c.crops.global_scale == (0.4, 1.0) and c.monitor.max_koleo is None
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.learning_rate=1", ["optim.learning_rate", "valid keys in optim", "lr", "warmup_iterations"]),
+    ("nonsense=1", ["nonsense", "valid keys", "optim", "crops"]),
+    ("data.batch_size=many", ["data.batch_size", "int"]),
+    ("optim.lr", ["dotted.key=value"]),
+    ("crops.local_sizes=[32, 32]", ["crops.local_sizes", "2 entries"]),
+    ("crops.global_sizes=[60]", ["multiples of the patch size"]),
+    ("model.encoder=vit_huge", ["vit_huge", "meddinov3_vitb16"]),
+])
+def test_bad_overrides_are_errors_that_say_what_is_valid(override, words):
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny_stage1", [override])
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: tiny_stage1\ntrain:\n  iteratons: 5\n")
+    with pytest.raises(ConfigError, match="train.iteratons.*valid keys in train.*iterations"):
+        load_config(path)
+    path.write_text("base: tiny_stage1\ntrain:\n  iterations: 5\n")
+    assert load_config(path).train.iterations == 5 and load_config(path).name == "bad"

@@ -1,0 +1,126 @@
+"""Schedules (pure functions of the iteration), parameter groups, clipping, head warm-up, monitors."""
+
+import math
+
+import pytest
+import torch
+
+from pretrain.configs import load_config
+from pretrain.engine.head_warmup import HeadWarmup
+from pretrain.engine.monitors import CollapseMonitor, collapse_statistics
+from pretrain.model import build_student_and_teacher
+from pretrain.optim import (
+    Schedules,
+    apply_schedules,
+    build_optimizer,
+    clip_gradients,
+    cosine_rise_constant,
+    layer_id,
+    warmup_cosine,
+)
+
+
+def test_schedules_of_stage1():
+    config = load_config("vitb16_stage1")
+    s = Schedules(config, 512)
+    total, warmup = config.train.iterations, config.optim.warmup_iterations
+    peak = 1e-3 * 4 * math.sqrt(512 / 1024)
+    assert s.lr(0) == 0 and s.lr(warmup // 2) == pytest.approx(peak / 2) and s.lr(warmup) == pytest.approx(peak)
+    assert s.lr(total) == pytest.approx(1e-6) and s.lr(total + 10) == pytest.approx(1e-6)
+    assert s.lr((warmup + total) // 2) == pytest.approx((peak + 1e-6) / 2, rel=1e-4)
+    assert s.weight_decay(0) == pytest.approx(0.04) and s.weight_decay(total) == pytest.approx(0.4)
+    assert s.weight_decay(total // 2) == pytest.approx(0.22)
+    assert s.momentum(0) == pytest.approx(0.992) and s.momentum(total) == pytest.approx(1.0)
+    assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(37500) == pytest.approx(0.07)
+    assert s.last_layer_frozen(1249) and not s.last_layer_frozen(1250)
+    assert s.gram_weight(5) == 0.0 and s.local_dino_weight(5) == 1.0
+    # pure: the same iteration gives the same values whatever came before
+    assert s.at(4321) == Schedules(config, 512).at(4321)
+
+
+def test_schedules_of_gram_and_high_res_stages():
+    g = Schedules(load_config("vitb16_stage2_gram"), 512)
+    assert g.gram_weight(0) == 0.0 and g.gram_weight(500) == pytest.approx(1.0) and g.gram_weight(1000) == 2.0
+    assert g.local_dino_weight(0) == 1.0 and g.local_dino_weight(1000) == 0.5
+    assert g.lr(1000) == g.lr(20000) == pytest.approx(3e-5 * 4 * math.sqrt(0.5))
+    h = Schedules(load_config("vitb16_stage3_highres"), 128)
+    assert h.lr(0) == 0.0 and h.lr(850) == pytest.approx(h.peak_lr / 2) and h.lr(1700) == h.lr(4999) == h.peak_lr
+    assert cosine_rise_constant(10, 1.0, 0) == 1.0 and warmup_cosine(5, 1.0, 0.0, 0, 10) == pytest.approx(0.5)
+
+
+def test_parameter_groups_layer_decay_and_no_weight_decay():
+    config = load_config("tiny_stage1")
+    student, _ = build_student_and_teacher(config.model)
+    depth = student.encoder.depth
+    optimizer = build_optimizer(student, config.optim, depth)
+    settings = {name: g for g in optimizer.param_groups for name in g["names"]}
+    assert set(settings) == {n for n, _ in student.named_parameters()}
+    decay = config.optim.layerwise_decay
+    assert settings["backbone.encoder.vit.blocks.3.attn.qkv.weight"]["lr_multiplier"] == pytest.approx(decay)
+    assert settings["backbone.encoder.vit.blocks.0.mlp.fc1.weight"]["lr_multiplier"] == pytest.approx(decay**4)
+    assert settings["backbone.encoder.vit.patch_embed.proj.weight"]["lr_multiplier"] == pytest.approx(decay**5 * 0.2)
+    assert settings["backbone.encoder.vit.norm.weight"]["lr_multiplier"] == 1.0
+    assert settings["dino_head.mlp.0.weight"]["lr_multiplier"] == 1.0
+    assert layer_id("backbone.encoder.vit.cls_token", depth) == 0
+    for name in ("backbone.encoder.vit.blocks.1.norm1.weight", "backbone.encoder.vit.blocks.1.gamma_1",
+                 "backbone.encoder.vit.cls_token", "backbone.mask_token", "dino_head.mlp.0.bias"):
+        assert settings[name]["wd_multiplier"] == 0.0, name
+    assert settings["backbone.encoder.vit.blocks.1.attn.qkv.weight"]["wd_multiplier"] == 1.0
+    assert settings["ibot_head.last_layer.weight"]["is_last_layer"]
+    assert not settings["backbone.mask_token"]["is_backbone"]  # trains with the heads in the warm-up
+
+    apply_schedules(optimizer, lr=1.0, weight_decay=0.5, last_layer_frozen=True, backbone_factor=0.0)
+    for name, group in settings.items():
+        frozen = group["is_backbone"] or group["is_last_layer"]
+        assert (group["lr"] == 0) == frozen, name
+        assert group["weight_decay"] == 0.5 * group["wd_multiplier"]
+    apply_schedules(optimizer, lr=1.0, weight_decay=0.5, last_layer_frozen=False, backbone_factor=0.5)
+    assert settings["dino_head.last_layer.weight"]["lr"] == 1.0
+    assert settings["backbone.encoder.vit.norm.weight"]["lr"] == 0.5
+
+
+def test_gradients_are_clipped_per_sub_network():
+    student, _ = build_student_and_teacher(load_config("tiny_stage1").model)
+    for p in student.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    norms = clip_gradients(student, 3.0)
+    assert set(norms) == {"backbone", "dino_head", "ibot_head"} and all(n > 3 for n in norms.values())
+    for part in ("backbone", "dino_head", "ibot_head"):
+        grads = [p.grad for p in getattr(student, part).parameters()]
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(3.0, rel=1e-4)
+
+
+def test_head_warmup_fixed_and_plateau():
+    config = load_config("tiny_stage1", ["head_warmup.iterations=3", "head_warmup.backbone_warmup_iterations=2"])
+    fixed = HeadWarmup(config.head_warmup, active=True)
+    factors = []
+    for it in range(6):
+        factors.append(fixed.backbone_factor(it))
+        fixed.observe(it, 5.0)
+    assert factors == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    assert HeadWarmup(config.head_warmup, active=False).backbone_factor(0) == 1.0
+
+    plateau = HeadWarmup(load_config("tiny_stage1", ["head_warmup.plateau_window=2",
+                                                     "head_warmup.plateau_tolerance=0.01"]).head_warmup, True)
+    losses = [8.0, 7.0, 6.0, 5.0, 4.99, 4.98, 4.98, 4.98]
+    messages = [plateau.observe(i, v) for i, v in enumerate(losses)]
+    unfrozen_at = next(i for i, m in enumerate(messages) if m)
+    # windows of 2: (5.0, 4.99) -> (4.98, 4.98) is the first improvement under 1 %
+    assert unfrozen_at == 6 and "settled" in messages[6] and plateau.unfreeze_iteration == 7
+    restored = HeadWarmup(plateau.config, True)
+    restored.load_state_dict(plateau.state_dict())
+    assert restored.backbone_factor(7) == plateau.backbone_factor(7)
+
+
+def test_collapse_statistics_and_monitor():
+    torch.manual_seed(0)
+    spread = collapse_statistics(torch.randn(64, 32), torch.randn(64, 256), 0.1)
+    same = collapse_statistics(torch.ones(64, 32), torch.zeros(64, 256).index_fill_(1, torch.tensor([3]), 50.0), 0.1)
+    assert spread["feature_std"] > 0.5 and same["feature_std"] < 1e-6
+    assert spread["teacher_entropy"] > 0.8 and same["teacher_entropy"] < 0.01
+
+    monitor = CollapseMonitor(load_config("tiny_stage1", ["monitor.min_feature_std=0.1", "monitor.patience=2"]).monitor)
+    assert monitor.update(0, {"feature_std": 0.0}) is None
+    message = monitor.update(1, {"feature_std": 0.0})
+    assert "collapse" in message and "feature_std" in message
+    assert monitor.update(2, {"feature_std": 1.0}) is None and monitor.streak == 0

@@ -1,0 +1,179 @@
+"""The training loop in one process on a tiny ViT and synthetic CT: learning, exact resume, guards,
+and the head warm-up of continued pretraining."""
+
+import json
+
+import pytest
+import torch
+from pretrain_synthetic import ct_volume, write_nifti
+
+from pretrain.configs import load_config
+from pretrain.engine import FINISHED, PAUSED, STOPPED_COLLAPSE, STOPPED_NONFINITE, train
+from pretrain.engine.checkpoint import list_checkpoints, read_training_checkpoint
+from pretrain.engine.progress import read_metrics
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two contended cores: one intra-op thread is several times faster for these tiny matrices
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Four synthetic CT volumes (24 body slices) and a slice cache shared by the module's runs."""
+    root = tmp_path_factory.mktemp("volumes")
+    for i in range(4):
+        write_nifti(root / f"ct_{i}.nii.gz", ct_volume(10 + i))
+    return [f"data.roots=[{root}]", f"data.cache_dir={tmp_path_factory.mktemp('slice_cache')}"]
+
+
+def tiny(data, *overrides, name="tiny_stage1"):
+    return load_config(name, [*data, *overrides])
+
+
+def test_losses_fall_over_30_iterations(data, tmp_path):
+    result = train(tiny(data, "train.iterations=30", "train.checkpoint_every=0"), tmp_path / "run")
+    assert result.status == FINISHED and result.iteration == 30
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["iteration"] for m in metrics] == list(range(1, 31))
+    assert all(m["finite"] for m in metrics)
+
+    def mean(key, part):
+        return sum(m[key] for m in part) / len(part)
+
+    first, last = metrics[:5], metrics[-5:]
+    # the total (DINO + iBOT + 0.1 KoLeo) falls clearly; DINO and iBOT may only creep down from
+    # log K this early (the teacher's targets are still nearly uniform), but must not rise
+    assert mean("total_loss", first) - mean("total_loss", last) > 0.5
+    assert mean("dino_loss", last) <= mean("dino_loss", first) + 1e-3
+    assert mean("ibot_loss", last) <= mean("ibot_loss", first) + 1e-3
+    assert mean("koleo_loss", last) < mean("koleo_loss", first)
+    for key in ("lr", "momentum", "teacher_temp", "images_per_s", "memory_gib", "feature_std", "teacher_entropy"):
+        assert key in metrics[-1]
+    assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
+    assert [i for i, _ in list_checkpoints(tmp_path / "run")] == [30]  # the exit checkpoint
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data, tmp_path):
+    run = ["train.iterations=8", "train.checkpoint_every=2", "train.keep_last=2"]
+    assert train(tiny(data, *run), tmp_path / "straight").status == FINISHED
+
+    paused = train(tiny(data, *run, "train.max_iterations=4"), tmp_path / "resumed")
+    assert paused.status == PAUSED and paused.iteration == 4
+    assert paused.checkpoint.name == "checkpoint_00000004.pt"
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny(data, *run), tmp_path / "resumed")
+    resumed = train(tiny(data, *run), tmp_path / "resumed", resume=True)
+    assert resumed.status == FINISHED and resumed.iteration == 8
+
+    a = read_training_checkpoint(tmp_path / "straight")
+    b = read_training_checkpoint(tmp_path / "resumed")
+    for part in ("teacher", "student"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][key]["exp_avg_sq"]), key
+    # the metrics log of the resumed run reads like the uninterrupted one
+    straight, again = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [m["iteration"] for m in again] == list(range(1, 9))
+    assert [m["total_loss"] for m in again] == [m["total_loss"] for m in straight]
+    assert [i for i, _ in list_checkpoints(tmp_path / "resumed")] == [6, 8]  # keep_last=2
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    config = tiny(data, "train.iterations=10", "train.checkpoint_every=2", "debug.inject_nan_at_iteration=3")
+    result = train(config, tmp_path / "run")
+    assert result.status == STOPPED_NONFINITE and result.iteration == 6  # iterations 4, 5, 6 (1-based)
+    assert "not finite for 3 consecutive iterations" in result.message
+    assert "checkpoint_00000002.pt" in result.message
+    status = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert status["status"] == STOPPED_NONFINITE and status["checkpoint"].endswith("checkpoint_00000002.pt")
+    # no checkpoint was written after the last good one (4 would have been due), and it loads
+    assert [i for i, _ in list_checkpoints(tmp_path / "run")] == [2]
+    good = read_training_checkpoint(tmp_path / "run")
+    assert good["iteration"] == 2 and all(torch.isfinite(v).all() for v in good["teacher"].values())
+    logged = read_metrics(tmp_path / "run")
+    assert [m["finite"] for m in logged] == [True, True, True, False, False, False]
+
+
+def test_a_single_nan_is_skipped_and_the_run_goes_on(data, tmp_path):
+    config = tiny(data, "train.iterations=4", "train.checkpoint_every=0", "debug.inject_nan_at_iteration=1",
+                  "debug.inject_nan_iterations=1")
+    result = train(config, tmp_path / "run")
+    assert result.status == FINISHED
+    assert [m["finite"] for m in read_metrics(tmp_path / "run")] == [True, False, True, True]
+    assert all(torch.isfinite(v).all() for v in read_training_checkpoint(tmp_path / "run")["student"].values())
+
+
+def test_collapse_monitor_stops_the_run(data, tmp_path):
+    config = tiny(data, "train.iterations=10", "monitor.max_koleo=-1000", "monitor.patience=2",
+                  "monitor.start_iteration=1")
+    result = train(config, tmp_path / "run")
+    assert result.status == STOPPED_COLLAPSE and result.iteration == 3
+    assert "koleo_loss" in result.message and "collapse" in result.message
+
+
+def test_head_warmup_freezes_released_backbone_then_warms_it_up(data, tmp_path):
+    """Stage 0: weights without heads -> heads train on a frozen backbone, then the backbone LR warms up."""
+    released = tmp_path / "released.pth"
+    from pretrain.model import build_student_and_teacher
+
+    student, _ = build_student_and_teacher(tiny(data).model)
+    torch.save({f"backbone.{k.removeprefix('vit.')}".replace("reg_token", "storage_tokens")
+                .replace("rope.periods", "rope_embed.periods").replace(".gamma_1", ".ls1.gamma")
+                .replace(".gamma_2", ".ls2.gamma"): v for k, v in student.encoder.state_dict().items()}, released)
+    config = tiny(data, f"init.weights={released}", "train.iterations=4", "train.checkpoint_every=2",
+                  "head_warmup.iterations=2", "head_warmup.backbone_warmup_iterations=2")
+    assert train(config, tmp_path / "run").status == FINISHED
+    factors = [m["backbone_lr_factor"] for m in read_metrics(tmp_path / "run")]
+    assert factors == [0.0, 0.0, 0.5, 1.0]
+
+    at_2 = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint_00000002.pt", weights_only=True)
+    at_4 = read_training_checkpoint(tmp_path / "run")
+    initial = student.encoder.state_dict()
+    for key, value in initial.items():  # frozen backbone: unchanged after the head-only iterations
+        assert torch.equal(at_2["student"][f"backbone.encoder.{key}"], value), key
+    assert not torch.equal(at_4["student"]["backbone.encoder.vit.blocks.0.attn.qkv.weight"],
+                           initial["vit.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(at_2["student"]["dino_head.mlp.0.weight"], at_4["student"]["dino_head.mlp.0.weight"])
+    assert at_4["provenance"]["init"]["kind"] == "weights" and "DINOv3 License" in at_4["provenance"]["licence"]
+
+
+def test_losses_are_computed_in_fp32_under_bf16_autocast():
+    """Under bf16 autocast the DINO einsum / KoLeo and Gram matmuls must not drop to bf16 (an H100
+    run logged the DINO loss quantised to 11.125 before the losses were taken out of autocast)."""
+    from pretrain.engine.loop import build_losses, compute_losses
+    from pretrain.optim import Schedules
+
+    config = load_config("tiny_stage2_gram", ["model.dino_head.prototypes=4096", "model.ibot_head.prototypes=4096"])
+    g = torch.Generator().manual_seed(0)
+    b, k, d, p = 4, 4096, 64, 16
+    masks = torch.zeros(2 * b, p, dtype=torch.bool)
+    masks[:b, :5] = True
+    m = int(masks.sum())
+
+    def logits(n):  # head outputs are small: unit-norm bottleneck times prototypes of norm ~0.3
+        return 0.3 * torch.randn(n, k, generator=g)
+
+    student = {"cls": torch.randn(2 * b, d, generator=g), "patch": torch.randn(2 * b, p, d, generator=g),
+               "dino_global": logits(2 * b), "dino_local": logits(4 * b), "ibot_masked": logits(m)}
+    teacher = {"dino_global": logits(2 * b), "ibot_masked": logits(m)}
+    gram_target = torch.randn(2 * b, p, d, generator=g)
+    sched = Schedules(config, b).at(3)
+    weights = masks.float().sum(-1, keepdim=True).clamp(min=1).reciprocal().expand_as(masks)[masks]
+
+    def run():
+        return compute_losses(build_losses(config), config, sched, student, teacher, gram_target, masks, weights)
+
+    reference_total, reference = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, terms = run()
+        assert torch.einsum("ij,ij->i", student["cls"], student["cls"]).dtype == torch.bfloat16  # autocast is on
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, reference_total, rtol=1e-6, atol=1e-6)
+    for key, value in reference.items():
+        torch.testing.assert_close(terms[key], value, rtol=1e-6, atol=1e-6)

@@ -121,3 +121,18 @@ def test_missing_pretrained_weights_stop_training_with_instructions(workspace):
     text = proc.stdout + proc.stderr
     assert "meddinov3 weights fetch meddinov3-vitb16-ct3m" in text
     assert "MEDDINOV3_WEIGHTS" in text
+
+
+def test_pretrain_chain_export_then_finetune_by_name(workspace):
+    """Unlabelled images -> three pretraining stages -> export -> nnUNetv2_train loads it by name."""
+    import sys
+    ws = workspace
+    env = dict(ws["env"], MEDDINOV3_EPOCHS="1")
+    run([sys.executable, "-m", "pretrain", "chain", "--configs", "tiny_stage1", "tiny_stage2_gram",
+         "tiny_stage3_highres", "--data", str(ws["raw"]), "--output", str(ws["root"] / "pretrain_run"),
+         "--export", "tiny_ct_chain", "1:train.iterations=4", "1:train.checkpoint_every=2",
+         "2:train.iterations=2", "3:train.iterations=2"], env, ws["root"])
+    assert (ws["root"] / "cache" / "exports" / "tiny_ct_chain.safetensors").exists()
+    out = run(["nnUNetv2_train", str(DATASET), "2d", "3", "-tr", TINY, "-device", "cpu"],
+              dict(env, MEDDINOV3_WEIGHTS="tiny_ct_chain"), ws["root"]).stdout
+    assert "tiny_ct_chain.safetensors (layout meddinov3)" in out

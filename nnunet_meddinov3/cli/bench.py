@@ -1,0 +1,108 @@
+"""``meddinov3 bench``: training/inference throughput and peak memory of MedDINOv3Net variants next to
+the nnU-Net 2D network (PlainConvUNet as nnU-Net plans it) at the same patch size and batch.
+
+Each configuration runs in a fresh process, so peak memory is per configuration. See
+:mod:`nnunet_meddinov3.benchmark.bench` for exactly what a step is (loss, optimiser, precision).
+
+    meddinov3 bench --device cuda --encoders vitb16 --decoders multiscale bottleneck --patch-sizes 896
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+
+DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16
+
+
+def add_arguments(parser) -> None:
+    from nnunet_meddinov3.network import DECODERS, ENCODER_CONFIGS
+
+    parser.add_argument("--encoders", nargs="+", default=["vitb16"], choices=sorted(ENCODER_CONFIGS),
+                        metavar="ENCODER", help="encoder configs (default vitb16; 'tiny' for smoke tests)")
+    parser.add_argument("--decoders", nargs="+", default=["multiscale", "single", "bottleneck"],
+                        choices=sorted(DECODERS), metavar="DECODER",
+                        help="decoders (default: multiscale single bottleneck)")
+    parser.add_argument("--patch-sizes", nargs="+", type=int, default=[512, 896], metavar="PX",
+                        help="square patch sizes, multiples of 16 (default 512 896)")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
+    parser.add_argument("--classes", type=int, default=16, help="segmentation classes incl. background (default 16)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = cuda when available (default)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="CUDA autocast dtype (default bf16); CPU always runs fp32, as nnU-Net does")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per phase (default 3)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per phase; the median counts (default 10)")
+    parser.add_argument("--compile", nargs="?", const="encoder", default=None, choices=("encoder", "network"),
+                        help="torch.compile: 'encoder' (bare --compile) compiles each ViT block of our networks; "
+                             "'network' compiles every whole network, the baseline included, as nnU-Net's "
+                             "trainers do on CUDA")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="activation checkpointing of the ViT blocks (our networks)")
+    parser.add_argument("--reference-layernorm", action="store_true",
+                        help="also run every MedDINOv3 configuration with the decoder's fused ChannelLayerNorm2d "
+                             "swapped for the reference's elementwise-chain LayerNormNd")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the nnU-Net PlainConvUNet baseline")
+    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                        help=f"accelerator peak for MFU, in TFLOP/s (default {DEFAULT_PEAK_TFLOPS:g}: H100 dense bf16)")
+    parser.add_argument("--worker-timeout", type=float, default=1800.0, metavar="S",
+                        help="give up on one configuration after this many seconds (default 1800)")
+    parser.add_argument("-o", "--output", default=None, help="write the results as JSON here")
+
+
+def _error(message: str) -> int:
+    print(f"meddinov3 bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
+    import torch
+
+    from nnunet_meddinov3.benchmark.bench import (
+        METHOD_NOTES, build_configs, environment, format_table, nnunet_2d_arch_kwargs, run_benchmark, write_report)
+
+    if args.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        return _error("--device cuda, but torch sees no CUDA device")
+    else:
+        device = args.device
+    bad = [p for p in args.patch_sizes if p <= 0 or p % 16]
+    if bad:
+        return _error(f"patch sizes must be positive multiples of 16 (the ViT patch); got {bad}")
+    if not args.no_baseline:
+        for patch in args.patch_sizes:
+            try:
+                nnunet_2d_arch_kwargs(patch)
+            except ValueError as e:
+                return _error(f"{e} (or run without the baseline: --no-baseline)")
+    for name in ("batch_size", "classes", "repeats"):
+        if getattr(args, name) < 1:
+            return _error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        return _error("--warmup must be >= 0")
+    if device == "cpu" and args.dtype == "bf16":
+        print("meddinov3 bench: note: CPU runs fp32 (no autocast), as nnU-Net does", file=sys.stderr)
+
+    configs = build_configs(
+        args.encoders, args.decoders, args.patch_sizes, baseline=not args.no_baseline,
+        reference_layernorm=args.reference_layernorm, batch_size=args.batch_size, num_classes=args.classes,
+        device=device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats, compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing, peak_tflops=args.peak_tflops)
+    started = time.time()
+    meta = {"command": "meddinov3 bench " + shlex.join(sys.argv[2:]), "device": device,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "environment": environment(device), "method": METHOD_NOTES, "complete": False}
+
+    def save(results: list[dict]) -> None:
+        if args.output:
+            write_report(args.output, results, {**meta, "wall_s": time.time() - started,
+                                                "complete": len(results) == len(configs)})
+
+    results = run_benchmark(configs, timeout_s=args.worker_timeout, on_result=save,
+                            progress=lambda message: print(message, file=sys.stderr, flush=True))
+    print(format_table(results))
+    if args.output:
+        print(f"\nWrote {args.output}")
+    failed = [r["label"] for r in results if "error" in r]
+    return 1 if failed and len(failed) == len(results) else 0

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# GPU check of `meddinov3 bench` (issue 5): about 3-4 minutes on one H100 (5 at most: both runs
+# are bounded by timeouts; give the device call timeout_s >= 360).
+#
+#   1. ViT-B/16 at 896x896, batch 2, bf16: MedDINOv3Net multiscale and bottleneck decoders, each also
+#      with the reference's elementwise-chain channel LayerNorm (--reference-layernorm), next to the
+#      nnU-Net PlainConvUNet planned for the same patch.           -> bench_vitb16_896.{json,txt}
+#   2. The multiscale network with torch.compile of the ViT blocks (no baseline; its compile is the
+#      cost of this step, so it is bounded by a timeout and may be skipped). -> bench_vitb16_896_compile.{json,txt}
+#
+# Results go to $OUT when set (the device tool's folder), else ./bench_out.
+#
+# Needs python3 with CUDA torch, timm>=1.0.20, nnunetv2 and dynamic-network-architectures (pure Python).
+# A bare machine gets them as a carried .whl/ folder of wheels (the device README's recipe), installed
+# to /tmp/site, or as a carried folder of the installed packages:
+#   here, once:   mkdir -p .pydeps && for p in nnunetv2 dynamic_network_architectures timm; do
+#                   cp -r "$(python -c "import $p, os; print(os.path.dirname($p.__file__))")" .pydeps/; done
+#                 find .pydeps -name __pycache__ -prune -exec rm -rf {} +; echo /.pydeps/ >> .git/info/exclude
+#   device run:   carry [".whl"] or [".pydeps"], command "bash scripts/gpu_check_bench.sh"
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT_DIR="${OUT:-$ROOT/bench_out}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+# Carried packages go ahead of site-packages (the image's timm may predate DINOv3).
+EXTRA=""
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && EXTRA=":/tmp/site"
+fi
+[ -d .pydeps ] && EXTRA=":$ROOT/.pydeps$EXTRA"
+export PYTHONPATH="$ROOT$EXTRA${PYTHONPATH:+:$PYTHONPATH}"
+
+# Fail early, and say what is missing, rather than inside every benchmark worker.
+"$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/environment.txt" || exit 3
+import importlib, sys
+missing = []
+for name in ("torch", "timm", "nnunetv2", "dynamic_network_architectures"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name} {getattr(module, '__version__', '?')} ({module.__file__})")
+    except ImportError as e:
+        missing.append(f"{name} ({e})")
+if missing:
+    sys.exit("missing: " + ", ".join(missing) + " -- carry them (see the header of scripts/gpu_check_bench.sh)")
+import torch
+from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3  # noqa: F401  (timm >= 1.0.20)
+if not torch.cuda.is_available():
+    sys.exit("torch sees no CUDA device")
+print("gpu:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+EOF
+
+BENCH=("$PY" -m nnunet_meddinov3.cli.main bench --device cuda --dtype bf16 --encoders vitb16
+       --patch-sizes 896 --batch-size 2)
+
+echo "== 1/2: baseline vs multiscale/bottleneck, fused vs reference LayerNorm"
+timeout 180 "${BENCH[@]}" --decoders multiscale bottleneck --reference-layernorm --warmup 5 --repeats 20 \
+    --worker-timeout 100 -o "$OUT_DIR/bench_vitb16_896.json" 2>&1 | tee "$OUT_DIR/bench_vitb16_896.txt"
+status=${PIPESTATUS[0]}
+
+echo "== 2/2: multiscale with the ViT blocks compiled"
+timeout 120 "${BENCH[@]}" --decoders multiscale --no-baseline --compile encoder --warmup 5 --repeats 20 \
+    --worker-timeout 110 -o "$OUT_DIR/bench_vitb16_896_compile.json" 2>&1 | tee "$OUT_DIR/bench_vitb16_896_compile.txt"
+
+exit "$status"

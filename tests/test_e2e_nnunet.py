@@ -136,3 +136,52 @@ def test_pretrain_chain_export_then_finetune_by_name(workspace):
     out = run(["nnUNetv2_train", str(DATASET), "2d", "3", "-tr", TINY, "-device", "cpu"],
               dict(env, MEDDINOV3_WEIGHTS="tiny_ct_chain"), ws["root"]).stdout
     assert "tiny_ct_chain.safetensors (layout meddinov3)" in out
+
+
+LOAD_WITH_TRAINER = """
+import os, sys, torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunet_meddinov3.training.trainer import nnUNetTrainerMedDINOv3_Tiny
+pre = os.path.join(os.environ['nnUNet_preprocessed'], 'Dataset501_SyntheticCT')
+for path in sys.argv[1:]:
+    os.environ['MEDDINOV3_WEIGHTS'] = path
+    plans = dict(load_json(os.path.join(pre, 'nnUNetPlans.json')), continue_training=False)
+    trainer = nnUNetTrainerMedDINOv3_Tiny(plans, '2d', 0, load_json(os.path.join(pre, 'dataset.json')),
+                                          device=torch.device('cpu'))
+    trainer.initialize()
+    trainer.load_pretrained_encoder()
+    torch.save(trainer.network.encoder.state_dict(), path + '.loaded.pt')
+"""
+
+
+def test_trainer_fine_tunes_from_every_converter(workspace, fixtures, tmp_path):
+    """Each foreign layout -> `meddinov3 weights convert` -> the trainer's own loading step."""
+    from safetensors.torch import save_file
+    from test_converters import dinov3_training_dcp, reference_to_hf, save_dcp
+
+    from nnunet_meddinov3.network import build_encoder
+    teacher = torch.load(fixtures / "meddino_tiny_teacher.pth", weights_only=True)["teacher"]
+    backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    sources = {"pth": fixtures / "meddino_tiny_teacher.pth", "dcp": tmp_path / "dcp" / "99"}
+    save_dcp(dinov3_training_dcp(teacher), sources["dcp"])
+    sources["hf"] = tmp_path / "hf" / "model.safetensors"
+    sources["hf"].parent.mkdir()
+    save_file(reference_to_hf(backbone), sources["hf"])
+    timm_state = {k[len("vit."):]: v.contiguous() for k, v in build_encoder(
+        "meddinov3_tiny", in_channels=3, checkpoint=fixtures / "meddino_tiny_teacher.pth").state_dict().items()
+        if k != "vit.rope.periods"}
+    sources["timm"] = tmp_path / "timm.safetensors"
+    save_file(timm_state, sources["timm"])
+
+    converted = []
+    for name, src in sources.items():
+        dst = tmp_path / f"converted_{name}.safetensors"
+        run(["meddinov3", "weights", "convert", str(src), str(dst), "--encoder", "meddinov3_tiny"],
+            workspace["env"], tmp_path)
+        converted.append(str(dst))
+    run(["python", "-c", LOAD_WITH_TRAINER, *converted], workspace["env"], tmp_path)
+    reference = build_encoder("meddinov3_tiny", in_channels=1, checkpoint=fixtures / "meddino_tiny_teacher.pth")
+    for path in converted:
+        loaded = torch.load(path + ".loaded.pt", weights_only=True)
+        for key, value in reference.state_dict().items():
+            assert torch.allclose(loaded[key].float(), value.float(), atol=1e-6), (path, key)

@@ -140,7 +140,7 @@ def test_fetch_checks_the_sha256_and_converts_into_the_cache(fixtures, cache, tm
     entry = {"name": "tiny-ct", "hf_repo": "someone/tiny-ct", "hf_filename": "model.pth", "file": "tiny-ct.pth",
              "sha256": "0" * 64, "encoder": "meddinov3_tiny", "licence": "DINOv3 License (derived)",
              "intensity": {"kind": "ct", "window": [-1000, 1000], "mean": 65.1084, "std": 178.0166}}
-    monkeypatch.setattr(registry_module, "registry", lambda: {"tiny-ct": entry})
+    monkeypatch.setattr(registry_module, "registry_entries", lambda: {"tiny-ct": entry})
     monkeypatch.setattr(weights_module, "download_from_hub", lambda repo, filename, revision=None: downloaded)
 
     code, _, err = run_main("fetch", "tiny-ct")

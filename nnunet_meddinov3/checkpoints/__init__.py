@@ -1,6 +1,6 @@
 """Weights flow: public file or pretrain export -> converter -> one format -> encoder.
 
-Names are imported lazily (PEP 562), so ``registry`` (used by ``meddinov3 weights list``) does not
+Names are imported lazily (PEP 562), so ``registry_entries`` (used by ``meddinov3 weights list``) does not
 pull in torch.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ _EXPORTS = {
                 "read_source", "read_state_dict"),
     "format": ("CheckpointFormatError", "CheckpointMetadata", "LoadedCheckpoint", "build_encoder_from_checkpoint",
                "read_checkpoint", "tensor_sha256", "write_checkpoint"),
-    "registry": ("cache_dir", "registry", "resolve_weights"),
+    "registry": ("cache_dir", "registry_entries", "resolve_weights"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -22,7 +22,7 @@ def _registry_entries(path: str) -> tuple[dict, ...]:
         return tuple(yaml.safe_load(f)["checkpoints"])
 
 
-def registry() -> dict[str, dict]:
+def registry_entries() -> dict[str, dict]:
     """Known checkpoints by name, plus the project's own exports found in the cache."""
     entries = {e["name"]: dict(e) for e in _registry_entries(str(REGISTRY_FILE))}
     exports = cache_dir() / "exports"
@@ -61,7 +61,7 @@ def resolve_weights(name_or_path: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return path
-    entries = registry()
+    entries = registry_entries()
     if text in entries:
         cached = find_cached(text, entries[text])
         if cached is not None:

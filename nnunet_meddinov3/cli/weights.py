@@ -71,9 +71,9 @@ def _short(text, width: int) -> str:
 
 
 def cmd_list(args) -> int:
-    from nnunet_meddinov3.checkpoints.registry import cache_dir, find_cached, registry
+    from nnunet_meddinov3.checkpoints.registry import cache_dir, find_cached, registry_entries
 
-    entries = registry()
+    entries = registry_entries()
     print(f"weights cache: {cache_dir()}")
     header = f"{'NAME':30} {'ENCODER':16} {'LAYOUT':18} {'LICENCE':28} {'ACCESS':34} CACHED"
     print(header)
@@ -267,9 +267,9 @@ def download_from_hub(repo_id: str, filename: str, revision: str | None = None) 
 
 
 def cmd_fetch(args) -> int:
-    from nnunet_meddinov3.checkpoints.registry import cache_dir, converted_path, registry
+    from nnunet_meddinov3.checkpoints.registry import cache_dir, converted_path, registry_entries
 
-    entries = registry()
+    entries = registry_entries()
     if args.name not in entries:
         raise FetchError(f"'{args.name}' is not registered; known: {', '.join(sorted(entries))}")
     entry = entries[args.name]

@@ -146,7 +146,7 @@ def recorded_metadata(checkpoint: str) -> tuple[dict, str]:
     """What a checkpoint records (``architecture`` or ``encoder``, ``intensity``) and where from:
     the header of a file in this project's safetensors format, else the registry entry of a name.
     ({}, "") when neither records anything."""
-    from nnunet_meddinov3.checkpoints.registry import registry, resolve_weights
+    from nnunet_meddinov3.checkpoints.registry import registry_entries, resolve_weights
 
     path = resolve_weights(checkpoint)
     if path.suffix == ".safetensors":
@@ -156,7 +156,7 @@ def recorded_metadata(checkpoint: str) -> tuple[dict, str]:
         if METADATA_KEY in header:
             metadata = CheckpointMetadata.from_dict(json.loads(header[METADATA_KEY]))
             return {"architecture": metadata.architecture, "intensity": metadata.intensity}, f"metadata of {path.name}"
-    entry = registry().get(str(checkpoint))
+    entry = registry_entries().get(str(checkpoint))
     if entry and not Path(str(checkpoint)).exists():
         return {k: entry[k] for k in ("encoder", "intensity") if entry.get(k)}, f"registry entry '{checkpoint}'"
     return {}, ""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from pretrain_synthetic import ct_volume, write_dicom_series, write_nifti
 
 
@@ -29,3 +30,12 @@ def ct_sources(tmp_path_factory) -> dict[str, Path]:
     dicom = root / "dicom"
     write_dicom_series(dicom / "patient1", ct_volume(5), "1.2.826.0.1.3680043.2.1125.1.42")
     return {"nnunet": nnunet, "nifti": nifti, "dicom": dicom}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two contended cores: one intra-op thread is several times faster for these tiny matrices
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,15 +13,6 @@ from pretrain.engine.checkpoint import list_checkpoints, read_training_checkpoin
 from pretrain.engine.progress import read_metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two contended cores: one intra-op thread is several times faster for these tiny matrices
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Four synthetic CT volumes (24 body slices) and a slice cache shared by the module's runs."""

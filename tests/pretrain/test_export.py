@@ -5,7 +5,7 @@ import pytest
 import torch
 from pretrain_synthetic import ct_volume, write_nifti
 
-from nnunet_meddinov3.checkpoints import read_checkpoint, registry
+from nnunet_meddinov3.checkpoints import read_checkpoint, registry_entries
 from nnunet_meddinov3.network.encoder import build_encoder
 from pretrain.cli import main
 from pretrain.data import SliceDataset
@@ -15,14 +15,6 @@ from pretrain.export import PROJECT_LICENCE, export_run
 from pretrain.model import encoder_state_from_training_checkpoint
 
 STAGES = ["tiny_stage1", "tiny_stage2_gram", "tiny_stage3_highres"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +56,7 @@ def test_chain_runs_every_stage_from_the_previous_one(chain):
 def test_export_is_in_the_registry_and_loads_strictly(chain, monkeypatch):
     monkeypatch.setenv("MEDDINOV3_CACHE", str(chain["cache"]))
     path = chain["cache"] / "exports" / "tiny_ct_chain.safetensors"
-    assert path.is_file() and "tiny_ct_chain" in registry()
+    assert path.is_file() and "tiny_ct_chain" in registry_entries()
 
     encoder = build_encoder("meddinov3_tiny", checkpoint="tiny_ct_chain").eval()  # strict, by registry name
     teacher = build_encoder("meddinov3_tiny").eval()

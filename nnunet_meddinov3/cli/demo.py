@@ -1,4 +1,4 @@
-"""``meddinov3 demo``: the whole workflow on a synthetic CT dataset, on a CPU, in ~15 minutes.
+"""``meddinov3 demo``: the whole workflow on a synthetic CT dataset, on a CPU, in ~10 minutes.
 
 Writes a small CT-like dataset in nnU-Net raw format, plans and preprocesses it with the stock
 command, trains the stock nnU-Net 2D baseline and the tiny MedDINOv3 variant on the same fold for

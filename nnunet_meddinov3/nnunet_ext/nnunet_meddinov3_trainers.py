@@ -7,5 +7,6 @@ from nnunet_meddinov3.training.trainer import (  # noqa: F401
     nnUNetTrainerMedDINOv3_LLRD,
     nnUNetTrainerMedDINOv3_Scratch,
     nnUNetTrainerMedDINOv3_Tiny,
+    nnUNetTrainerMedDINOv3_TinyBottleneck,
     nnUNetTrainerShortSchedule,
 )

@@ -222,3 +222,9 @@ class nnUNetTrainerShortSchedule(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_from_env(self, epochs=20, iterations=25, val_iterations=5)
+
+
+class nnUNetTrainerMedDINOv3_TinyBottleneck(nnUNetTrainerMedDINOv3_Tiny):
+    """The tiny CPU model with the bottleneck decoder, to compare decoders on the demo dataset."""
+
+    decoder = "bottleneck"

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 ENCODER_PREFIX = "vit."
+PATCH_EMBED_KEY = f"{ENCODER_PREFIX}patch_embed.proj.weight"
+PERIODS_KEY = f"{ENCODER_PREFIX}rope.periods"
 
 # Keys of the reference model that have no counterpart when fine-tuning.
 _REFERENCE_ONLY = ("mask_token", "local_cls_norm.")

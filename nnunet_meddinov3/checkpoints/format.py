@@ -24,12 +24,16 @@ from pathlib import Path
 
 import torch
 
-from nnunet_meddinov3.checkpoints.converters import ENCODER_PREFIX, LayoutError, detect_layout
+from nnunet_meddinov3.checkpoints.converters import (
+    ENCODER_PREFIX,
+    PATCH_EMBED_KEY,
+    PERIODS_KEY,
+    LayoutError,
+    detect_layout,
+)
 
 FORMAT_VERSION = 1
 METADATA_KEY = "meddinov3"  # safetensors metadata is str -> str: the whole header is one JSON string here
-PERIODS_KEY = f"{ENCODER_PREFIX}rope.periods"
-PATCH_EMBED_KEY = f"{ENCODER_PREFIX}patch_embed.proj.weight"
 
 # safetensors' own dtype names, used in the tensor hash so it does not depend on torch's spelling.
 SAFETENSORS_DTYPES = {

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from nnunet_meddinov3.checkpoints.converters import (
+    PATCH_EMBED_KEY,
+    PERIODS_KEY,
     ENCODER_PREFIX,
     LayoutError,
     is_dcp_checkpoint,
@@ -17,8 +19,6 @@ from nnunet_meddinov3.checkpoints.converters import (
     to_encoder_layout,
 )
 
-PATCH_EMBED_KEY = f"{ENCODER_PREFIX}patch_embed.proj.weight"
-PERIODS_KEY = f"{ENCODER_PREFIX}rope.periods"
 
 
 class CheckpointMismatchError(RuntimeError):

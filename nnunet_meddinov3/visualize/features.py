@@ -35,19 +35,19 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_meddinov3.checkpoints.format import INTENSITY_PRESETS as CHECKPOINT_INTENSITIES
+
 DEFAULT_ENCODER = "meddinov3_vitb16"
 DEFAULT_INTENSITY = "ct-meddinov3"
 DEFAULT_FOREGROUND_THRESHOLD = 0.1
-# ImageNet mean/std, the input statistics of Meta's natural-image weights (a gray image uses their means).
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 # Named conventions for checkpoints that record none; a recorded ``intensity`` dict has the same form
 # (nnunet_meddinov3.checkpoints.format.INTENSITY_FIELDS).
 INTENSITY_PRESETS: dict[str, dict] = {
     # MedDINOv3's: HU window [-1000, 1000], then a global z-score with the authors' statistics.
-    "ct-meddinov3": {"kind": "ct", "window": [-1000.0, 1000.0], "mean": 65.1084, "std": 178.0166},
+    "ct-meddinov3": CHECKPOINT_INTENSITIES["ct-meddinov3"],
     # Volume min-max to [0, 1], then ImageNet standardisation: for Meta's natural-image weights.
-    "minmax": {"kind": "imagenet", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "minmax": CHECKPOINT_INTENSITIES["imagenet"],
     # Volume z-score (nnU-Net's ZScoreNormalization for non-CT images).
     "zscore": {"kind": "zscore"},
 }

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from pretrain.data.intensity import MEDDINOV3_CT
+
 PATCH_SIZE = 16
 LR_SCHEDULES = ("warmup_cosine", "cosine_rise_constant", "warmup_constant")
 SCALING_RULES = ("sqrt_wrt_1024", "none")
@@ -55,7 +57,7 @@ class DataConfig:
     roots: list[str] = field(default_factory=list)  # nnU-Net raw datasets, NIfTI or DICOM folders
     cache_dir: str | None = None  # slice cache; default: slice_cache/ next to the run (shared by a chain)
     intensity: dict = field(
-        default_factory=lambda: {"kind": "ct", "window": [-1000.0, 1000.0], "mean": 65.1084, "std": 178.0166}
+        default_factory=lambda: MEDDINOV3_CT.to_dict()
     )
     target_spacing: list[float] | None = None  # in-plane (row, column) mm; None keeps each volume's own
     body_threshold: float | None = -500.0

@@ -3,6 +3,11 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_meddinov3.network import ChannelLayerNorm2d, MedDINOv3Net
+from nnunet_meddinov3.network.decoders import (
+    BottleneckDecoder,
+    MultiScaleAggregationDecoder,
+    SingleScaleDecoder,
+)
 
 
 @pytest.mark.parametrize("decoder", ["multiscale", "single", "bottleneck"])
@@ -67,3 +72,51 @@ def test_invalid_hyperparameters_are_explained():
 def test_network_is_built_from_hyperparameters_only():
     a, b = MedDINOv3Net(1, 2, encoder="tiny"), MedDINOv3Net(1, 2, encoder="tiny")
     b.load_state_dict(a.state_dict(), strict=True)  # same parameter set whatever the seed
+
+
+def _modulewise(decoder, maps):
+    """The decoder computed the plain way: its conv/norm/GELU modules on NCHW maps, in order."""
+    x = torch.cat(list(maps), dim=1) if not isinstance(decoder, SingleScaleDecoder) else maps[-1]
+    if isinstance(decoder, BottleneckDecoder):
+        x = decoder.project(x)  # nn.Sequential.forward: Conv2d -> ChannelLayerNorm2d -> GELU on NCHW
+    for stage in decoder.upsample.stages:
+        x = stage(x)  # ConvTranspose2d -> ChannelLayerNorm2d -> GELU on NCHW
+    return decoder.upsample.seg_head(x)
+
+
+@pytest.mark.parametrize("decoder_cls", [MultiScaleAggregationDecoder, SingleScaleDecoder, BottleneckDecoder])
+def test_token_gemm_decoder_equals_transposed_convs(decoder_cls):
+    """The decoder runs as GEMMs on tokens with one final pixel shuffle; values and gradients
+    (of the inputs and every parameter) must equal the transposed-conv computation."""
+    torch.manual_seed(0)
+    decoder = decoder_cls(embed_dim=32, num_layers=3, num_classes=5).double()
+    for p in decoder.parameters():  # non-trivial LayerNorm affine and biases
+        torch.nn.init.normal_(p, std=0.5)
+    maps = [torch.randn(2, 32, 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    tokens = [m.flatten(2).transpose(1, 2) for m in maps]
+    fast = decoder.forward_tokens(tokens, (3, 5))
+    plain = _modulewise(decoder, maps)
+    assert fast.shape == plain.shape == (2, 5, 48, 80)
+    torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(decoder(maps), plain, rtol=1e-10, atol=1e-10)  # NCHW entry point
+
+    upstream = torch.randn_like(plain)
+    grads_fast = torch.autograd.grad(fast, [*maps, *decoder.parameters()], upstream, allow_unused=True)
+    grads_plain = torch.autograd.grad(plain, [*maps, *decoder.parameters()], upstream, allow_unused=True)
+    for g_fast, g_plain in zip(grads_fast, grads_plain):
+        if g_plain is None:  # SingleScaleDecoder ignores all but the last map
+            assert g_fast is None
+            continue
+        torch.testing.assert_close(g_fast, g_plain, rtol=1e-9, atol=1e-9)
+
+
+def test_decoder_state_dict_keys_are_the_plain_module_layout():
+    """Fine-tuned checkpoints name the decoder's conv modules; the GEMM formulation must not rename them."""
+    decoder = BottleneckDecoder(embed_dim=32, num_layers=4, num_classes=3)
+    shapes = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
+    assert shapes["project.0.weight"] == (32, 128, 1, 1)
+    assert shapes["project.1.weight"] == (32,)
+    assert shapes["upsample.stages.0.0.weight"] == (32, 16, 2, 2)  # ConvTranspose2d (C_in, C_out, 2, 2)
+    assert shapes["upsample.stages.3.1.bias"] == (2,)
+    assert shapes["upsample.seg_head.weight"] == (3, 2, 1, 1)
+    assert len(shapes) == 4 + 4 * 4 + 2  # projection, 4 stages (conv + norm, weight + bias each), head

@@ -200,6 +200,13 @@ class DINOv3Encoder(nn.Module):
         Equals the reference ``get_intermediate_layers(x, n=layers, reshape=True, norm=True)``.
         H and W must be multiples of the patch size.
         """
+        return self._intermediates(x, layers, "NCHW")
+
+    def intermediate_tokens(self, x: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """The same as :meth:`intermediate_features` as (B, H/16 * W/16, C) tokens, row-major."""
+        return self._intermediates(x, layers, "NLC")
+
+    def _intermediates(self, x: torch.Tensor, layers: Sequence[int], output_fmt: str) -> list[torch.Tensor]:
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(f"input {tuple(x.shape[-2:])} is not a multiple of the patch size "
                              f"{self.patch_size}; pad it first (MedDINOv3Net does this for you)")
@@ -209,7 +216,7 @@ class DINOv3Encoder(nn.Module):
         if bad:
             raise ValueError(f"layers {bad} out of range for a {self.depth}-block encoder")
         return self.vit.forward_intermediates(
-            x, indices=list(layers), norm=True, output_fmt="NCHW", intermediates_only=True,
+            x, indices=list(layers), norm=True, output_fmt=output_fmt, intermediates_only=True,
             stop_early=True)
 
     def forward_tokens(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -63,8 +63,9 @@ class MedDINOv3Net(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         with self._precision(x):
-            features = self.encoder.intermediate_features(x, self.feature_layers)
-            logits = self.decoder(features)
+            tokens = self.encoder.intermediate_tokens(x, self.feature_layers)
+            grid = (x.shape[-2] // p, x.shape[-1] // p)
+            logits = self.decoder.forward_tokens(tokens, grid)
         return logits[..., :h, :w].float()
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nnunet_meddinov3.network import MedDINOv3Net
-from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, encoder_layer_id, parameter_groups
+from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, build_adamw, encoder_layer_id, parameter_groups
 
 
 @pytest.fixture()
@@ -56,3 +56,21 @@ def test_schedule_warmup_then_linear_to_zero(net):
     assert sched.get_last_lr() == [0.0, 0.0]
     no_warmup = WarmupLinearDecayLR(opt, total_epochs=4)
     assert [no_warmup.factor(e) for e in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_fused_adamw_makes_the_same_update_as_the_plain_one():
+    torch.manual_seed(0)
+    nets = [MedDINOv3Net(1, 3, encoder="tiny") for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    kwargs = dict(encoder_lr=1e-3, decoder_lr=1e-2, weight_decay=0.05, layer_decay=0.8)
+    fused = build_adamw(parameter_groups(nets[0], **kwargs))
+    plain = torch.optim.AdamW(parameter_groups(nets[1], **kwargs), betas=(0.9, 0.98), foreach=False)
+    assert fused.defaults["fused"] is True
+    x = torch.randn(2, 1, 32, 32)
+    for _ in range(3):
+        for net, opt in ((nets[0], fused), (nets[1], plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -24,7 +24,7 @@ from nnunet_meddinov3.checkpoints import load_encoder_weights, resolve_weights
 from nnunet_meddinov3.network import MedDINOv3Net
 from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
 from nnunet_meddinov3.network.encoder import MEDDINOV3_LAYOUT
-from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, parameter_groups
+from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, build_adamw, parameter_groups
 
 WEIGHTS_ENV = "MEDDINOV3_WEIGHTS"
 
@@ -130,7 +130,7 @@ class nnUNetTrainerMedDINOv3(nnUNetTrainer):
         groups = parameter_groups(unwrap(self.network), encoder_lr=self.encoder_lr, decoder_lr=self.decoder_lr,
                                   weight_decay=self.weight_decay, layer_decay=self.layer_decay,
                                   freeze_encoder=self.freeze_encoder)
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98))
+        optimizer = build_adamw(groups)
         return optimizer, WarmupLinearDecayLR(optimizer, self.num_epochs, self.warmup_epochs)
 
     def on_train_start(self):

@@ -82,7 +82,7 @@ def test_overrides_and_options():
     assert enc.vit.blocks[0].attn.q_bias is None
     assert enc.vit.reg_token.shape == (1, 2, 64)
     assert torch.allclose(enc.vit.blocks[0].gamma_1, torch.full((64,), 1e-4))
-    assert enc.vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert [blk.sample_drop_ratio for blk in enc.vit.blocks] == [0.1] * 4
     with pytest.raises(TypeError, match="unknown encoder option"):
         build_encoder("tiny", not_an_option=1)
     with pytest.raises(KeyError, match="unknown encoder 'vitz16'"):
@@ -115,3 +115,68 @@ def test_gradient_checkpointing_gives_same_gradients(reference_inputs):
     enc.set_grad_checkpointing(True)
     enc.intermediate_features(x, [1, 3])[1].sum().backward()
     assert torch.allclose(g0, enc.vit.blocks[0].mlp.fc1.weight.grad, atol=1e-6)
+
+
+def _reference_block_step(block, x, rope, ratio):
+    """The reference DINOv3 block's training forward, written out: one subset per branch of
+    max(int(B * (1 - r)), 1) samples, added back scaled by B / subset."""
+    b = x.shape[0]
+    subset = max(int(b * (1 - ratio)), 1)
+    keep = torch.randperm(b)[:subset]
+    attn = block.gamma_1 * block.attn(block.norm1(x[keep]), rope=rope)
+    x = x.index_add(0, keep, attn, alpha=b / subset)
+    keep = torch.randperm(b)[:subset]
+    mlp = block.gamma_2 * block.mlp(block.norm2(x[keep]))
+    return x.index_add(0, keep, mlp, alpha=b / subset)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_stochastic_depth_is_the_reference_batch_subset(batch):
+    enc = build_encoder("meddinov3_tiny", drop_path_rate=0.2).train()
+    assert [blk.sample_drop_ratio for blk in enc.vit.blocks] == [0.2] * enc.depth  # uniform, as the reference
+    block = enc.vit.blocks[1]
+    x = torch.randn(batch, 2 + 5, 64)
+    rope = enc.vit.rope.get_embed(shape=(1, 2))
+    torch.manual_seed(3)
+    ours = block(x, rope=rope)
+    torch.manual_seed(3)
+    expected = _reference_block_step(block, x, rope, 0.2)
+    torch.testing.assert_close(ours, expected)
+    # which samples keep a branch is random; a dropped branch leaves the sample unchanged
+    subset = max(int(batch * 0.8), 1)
+    unchanged = [(ours[i] == x[i]).all().item() for i in range(batch)]
+    assert sum(unchanged) <= batch - subset
+    block.eval()
+    torch.testing.assert_close(block(x, rope=rope), super(type(block), block).forward(x, rope=rope))
+
+
+def test_stochastic_depth_skips_the_dropped_samples_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 1, 64, 64)
+
+    def flops(enc):
+        with FlopCounterMode(display=False) as counter:
+            enc.intermediate_features(x, [enc.depth - 1])
+        return counter.get_total_flops()
+
+    torch.manual_seed(0)
+    plain = build_encoder("meddinov3_tiny").train()
+    dropped = build_encoder("meddinov3_tiny", drop_path_rate=0.2).train()
+    # batch 2, r = 0.2: every branch runs on one image, so the blocks cost half
+    patch_embed = 2 * 2 * 16 * 16 * 64 * 16
+    assert flops(dropped) - patch_embed / 2 == pytest.approx((flops(plain) - patch_embed) / 2 + patch_embed / 2)
+
+
+def test_stochastic_depth_with_gradient_checkpointing_recomputes_the_same_subsets():
+    x = torch.randn(4, 1, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        enc = build_encoder("meddinov3_tiny", drop_path_rate=0.4).train()
+        enc.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(1)
+        enc.intermediate_features(x, [3])[0].square().sum().backward()
+        grads.append([p.grad.clone() for p in enc.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

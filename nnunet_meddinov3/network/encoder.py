@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm
 from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
-from timm.models.eva import Eva
+from timm.models.eva import Eva, EvaBlock
 
 PATCH_SIZE = 16
 
@@ -146,6 +146,41 @@ class RoundToDtype(nn.Module):
         return x.to(self.dtype)
 
 
+class BatchSubsetStochasticDepthBlock(EvaBlock):
+    """timm's EvaBlock with the reference DINOv3 block's stochastic depth.
+
+    The reference (and so the MedDINOv3 recipe) gives every block the same drop rate r and, in
+    training, computes each residual branch only for a random subset of ``max(int(B * (1 - r)), 1)``
+    samples, adding it back scaled by B / subset (``torch.index_add``). timm instead draws a
+    per-sample mask, decays r linearly over depth and still computes every sample. Besides matching
+    the recipe, the subset form skips the dropped samples' FLOPs: at batch 2 and r = 0.2 each branch
+    runs on one image.
+    """
+
+    sample_drop_ratio: float = 0.0
+
+    def _attention_branch(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        y = self.attn(self.norm1(x), rope=rope)
+        return y if self.gamma_1 is None else self.gamma_1 * y
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(self.norm2(x))
+        return y if self.gamma_2 is None else self.gamma_2 * y
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None):
+        if not self.training or self.sample_drop_ratio <= 0.0:
+            return super().forward(x, rope=rope, attn_mask=attn_mask)
+        if attn_mask is not None or (rope is not None and rope.dim() > 2):
+            raise NotImplementedError("batch-subset stochastic depth takes no attention mask and one RoPE table "
+                                      "for the whole batch")
+        b = x.shape[0]
+        subset = max(int(b * (1 - self.sample_drop_ratio)), 1)
+        keep = torch.randperm(b, device=x.device)[:subset]
+        x = torch.index_add(x, 0, keep, self._attention_branch(x[keep], rope), alpha=b / subset)
+        keep = torch.randperm(b, device=x.device)[:subset]
+        return torch.index_add(x, 0, keep, self._mlp_branch(x[keep]), alpha=b / subset)
+
+
 class DINOv3Encoder(nn.Module):
     """A DINOv3 ViT/16 (timm ``Eva``) returning dense patch features of chosen blocks."""
 
@@ -167,7 +202,7 @@ class DINOv3Encoder(nn.Module):
             mlp_ratio=config.mlp_ratio,
             qkv_bias=config.qkv_bias,
             init_values=config.layer_scale_init,
-            drop_path_rate=config.drop_path_rate,
+            drop_path_rate=0.0,  # stochastic depth is the reference's, set on the blocks below
             norm_layer=partial(LayerNorm, eps=config.norm_eps),
             num_reg_tokens=config.n_storage_tokens,
             use_abs_pos_emb=False,
@@ -178,6 +213,10 @@ class DINOv3Encoder(nn.Module):
             use_fc_norm=False,
             dynamic_img_size=True,
         )
+        for block in self.vit.blocks:
+            # Same parameters and keys; only forward differs (timm builds its blocks itself).
+            block.__class__ = BatchSubsetStochasticDepthBlock
+            block.sample_drop_ratio = config.drop_path_rate
         rope_dtype = _DTYPES[config.rope_dtype]
         self.vit.rope = ReferenceRotaryEmbedding(
             dim=config.head_dim, periods=reference_rope_periods(config), dtype=rope_dtype,

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GPU check of `meddinov3 bench` (issue 5): about 3-4 minutes on one H100 (5 at most: both runs
-# are bounded by timeouts; give the device call timeout_s >= 360).
+# GPU check of `meddinov3 bench` (issue 5): about 5 minutes on one H100 (7 at most: both runs
+# are bounded by timeouts; give the device call timeout_s >= 460).
 #
-#   1. ViT-B/16 at 896x896, batch 2, bf16: MedDINOv3Net multiscale and bottleneck decoders, each also
-#      with the reference's elementwise-chain channel LayerNorm (--reference-layernorm), next to the
-#      nnU-Net PlainConvUNet planned for the same patch.           -> bench_vitb16_896.{json,txt}
-#   2. The multiscale network with torch.compile of the ViT blocks (no baseline; its compile is the
-#      cost of this step, so it is bounded by a timeout and may be skipped). -> bench_vitb16_896_compile.{json,txt}
+#   1. ViT-B/16 at 896x896, batch 2, bf16: MedDINOv3Net multiscale and bottleneck decoders next to the
+#      nnU-Net PlainConvUNet planned for the same patch and, when MEDDINOV3_REFERENCE_REPO is set, the
+#      MedDINOv3 reference's Primus_Multiscale (--reference-repo; fp16 autocast + GradScaler, as its
+#      trainer; there is no reference bottleneck). Unset, the reference is skipped.
+#                                                                  -> bench_vitb16_896.{json,txt}
+#   2. The multiscale network and the reference compiled whole (--compile network), as nnU-Net's
+#      trainers run on CUDA by default (nnUNet_compile); compiling is the cost of this step, so it is
+#      bounded by a timeout and may be cut short.       -> bench_vitb16_896_compile.{json,txt}
 #
 # Results go to $OUT when set (the device tool's folder), else ./bench_out.
 #
@@ -17,6 +20,13 @@
 #                   cp -r "$(python -c "import $p, os; print(os.path.dirname($p.__file__))")" .pydeps/; done
 #                 find .pydeps -name __pycache__ -prune -exec rm -rf {} +; echo /.pydeps/ >> .git/info/exclude
 #   device run:   carry [".whl"] or [".pydeps"], command "bash scripts/gpu_check_bench.sh"
+# The reference (optional) also needs einops on the machine (add it to .pydeps/.whl) and its code: its
+# dinov3 package alone is enough (the folder that directly contains 'dinov3' is a valid --reference-repo):
+#   here, once:   git clone https://github.com/ricklisz/MedDINOv3 /tmp/MedDINOv3 && mkdir -p .meddinov3_ref
+#                 cp -r /tmp/MedDINOv3/nnUNet/nnunetv2/training/nnUNetTrainer/dinov3/dinov3 .meddinov3_ref/
+#                 find .meddinov3_ref -name __pycache__ -prune -exec rm -rf {} +; echo /.meddinov3_ref/ >> .git/info/exclude
+#   device run:   carry [".pydeps", ".meddinov3_ref"],
+#                 command "MEDDINOV3_REFERENCE_REPO=.meddinov3_ref bash scripts/gpu_check_bench.sh"
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,11 +44,21 @@ fi
 [ -d .pydeps ] && EXTRA=":$ROOT/.pydeps$EXTRA"
 export PYTHONPATH="$ROOT$EXTRA${PYTHONPATH:+:$PYTHONPATH}"
 
+REFERENCE=()
+if [ -n "${MEDDINOV3_REFERENCE_REPO:-}" ]; then
+    REFERENCE=(--reference-repo "$MEDDINOV3_REFERENCE_REPO")
+    echo "MedDINOv3 reference: $MEDDINOV3_REFERENCE_REPO"
+else
+    echo "MEDDINOV3_REFERENCE_REPO is not set: skipping the MedDINOv3 reference configurations"
+fi
+
 # Fail early, and say what is missing, rather than inside every benchmark worker.
 "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/environment.txt" || exit 3
-import importlib, sys
+import importlib, os, sys
 missing = []
-for name in ("torch", "timm", "nnunetv2", "dynamic_network_architectures"):
+# einops: imported by the MedDINOv3 reference's primus.py
+for name in ("torch", "timm", "nnunetv2", "dynamic_network_architectures") + (
+        ("einops",) if os.environ.get("MEDDINOV3_REFERENCE_REPO") else ()):
     try:
         module = importlib.import_module(name)
         print(f"{name} {getattr(module, '__version__', '?')} ({module.__file__})")
@@ -53,16 +73,17 @@ if not torch.cuda.is_available():
 print("gpu:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| cuda", torch.version.cuda)
 EOF
 
-BENCH=("$PY" -m nnunet_meddinov3.cli.main bench --device cuda --dtype bf16 --encoders vitb16
+BENCH=("$PY" -m nnunet_meddinov3.cli.main bench --device cuda --dtype bf16 --encoders meddinov3_vitb16
        --patch-sizes 896 --batch-size 2)
 
-echo "== 1/2: baseline vs multiscale/bottleneck, fused vs reference LayerNorm"
-timeout 180 "${BENCH[@]}" --decoders multiscale bottleneck --reference-layernorm --warmup 5 --repeats 20 \
+echo "== 1/2: baseline vs multiscale/bottleneck${REFERENCE[0]:+ vs the MedDINOv3 reference}"
+timeout 180 "${BENCH[@]}" --decoders multiscale bottleneck ${REFERENCE[@]+"${REFERENCE[@]}"} --warmup 5 --repeats 20 \
     --worker-timeout 100 -o "$OUT_DIR/bench_vitb16_896.json" 2>&1 | tee "$OUT_DIR/bench_vitb16_896.txt"
 status=${PIPESTATUS[0]}
 
-echo "== 2/2: multiscale with the ViT blocks compiled"
-timeout 120 "${BENCH[@]}" --decoders multiscale --no-baseline --compile encoder --warmup 5 --repeats 20 \
-    --worker-timeout 110 -o "$OUT_DIR/bench_vitb16_896_compile.json" 2>&1 | tee "$OUT_DIR/bench_vitb16_896_compile.txt"
+echo "== 2/2: multiscale${REFERENCE[0]:+ and the reference}, whole network compiled"
+timeout 240 "${BENCH[@]}" --decoders multiscale --no-baseline --compile network ${REFERENCE[@]+"${REFERENCE[@]}"} \
+    --warmup 5 --repeats 20 --worker-timeout 115 -o "$OUT_DIR/bench_vitb16_896_compile.json" 2>&1 \
+    | tee "$OUT_DIR/bench_vitb16_896_compile.txt"
 
 exit "$status"

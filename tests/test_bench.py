@@ -1,5 +1,11 @@
-"""``meddinov3 bench``: the tiny configuration end to end through the console script, plus its parts."""
+"""``meddinov3 bench``: the tiny configuration end to end through the console script, plus its parts.
+
+The MedDINOv3 reference comparison (``--reference-repo``) runs against tests/fixtures/reference_standin,
+a tiny stand-in written for these tests in the reference repository's layout (CI has no checkout of
+the reference, and this repository may not carry its code).
+"""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,17 +16,29 @@ import torch
 from nnunet_meddinov3.benchmark.bench import (
     BASELINE,
     OURS,
+    REFERENCE,
+    REFERENCE_PACKAGE_PARENT,
     BenchConfig,
+    ReferenceRepoError,
+    add_reference_ratios,
     build_configs,
-    build_meddinov3_network,
     build_nnunet_network,
     deep_supervision_targets,
+    format_table,
+    grad_scaler_report,
     nnunet_2d_arch_kwargs,
-    use_reference_layernorm,
+    reference_parameter_groups,
+    resolve_reference_repo,
 )
 from nnunet_meddinov3.cli.main import main
 
 TINY = ["--encoders", "tiny", "--patch-sizes", "64", "--batch-size", "1", "--repeats", "2", "--warmup", "1"]
+
+
+@pytest.fixture(scope="session")
+def standin(fixtures):
+    """The stand-in reference checkout, repository-root layout."""
+    return fixtures / "reference_standin"
 
 
 def _console_script() -> list[str]:
@@ -28,44 +46,143 @@ def _console_script() -> list[str]:
     return [script] if script else [sys.executable, "-m", "nnunet_meddinov3.cli.main"]
 
 
-def test_tiny_bench_via_console_script(tmp_path):
+def test_tiny_bench_via_console_script(tmp_path, standin):
     out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "MEDDINOV3_REFERENCE_REPO"}
     proc = subprocess.run([*_console_script(), "bench", *TINY, "--device", "cpu", "--decoders", "multiscale",
-                           "--reference-layernorm", "-o", str(out)], capture_output=True, text=True, timeout=600)
+                           "bottleneck", "--reference-repo", str(standin), "-o", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "nnU-Net PlainConvUNet" in proc.stdout and "tiny+multiscale refLN" in proc.stdout
+    assert "no reference configuration for the bottleneck decoder" in proc.stderr
+    assert "nnU-Net PlainConvUNet" in proc.stdout and "reference tiny+multiscale" in proc.stdout
+    assert "x ref" in proc.stdout
 
     report = json.loads(out.read_text())
     results = report["results"]
-    # one entry per configuration: the baseline, ours, ours with the reference LayerNorm
-    assert [r["label"] for r in results] == ["nnU-Net PlainConvUNet", "tiny+multiscale", "tiny+multiscale refLN"]
-    assert [r["config"]["network"] for r in results] == [BASELINE, OURS, OURS]
+    # per patch: the baseline, then per encoder x decoder ours followed by the reference of that decoder
+    # (the reference has no bottleneck decoder)
+    assert [r["label"] for r in results] == ["nnU-Net PlainConvUNet", "tiny+multiscale", "reference tiny+multiscale",
+                                             "tiny+bottleneck"]
+    assert [r["config"]["network"] for r in results] == [BASELINE, OURS, REFERENCE, OURS]
     for r in results:
         assert "error" not in r, r.get("error")
         assert r["parameters"] > 0
+        assert r["effective_dtype"] == "fp32"  # CPU
         for phase in ("training", "inference"):
             assert r[phase]["images_per_s"] > 0
             assert len(r[phase]["step_times_s"]) == 2
             assert r[phase]["peak_memory_bytes"] >= 0
             assert r[phase]["flops_per_step"] > 0
+            assert "grad_scaler" not in r[phase]  # the reference's GradScaler is CUDA only
         # a training step (forward + backward) costs more FLOPs than a forward
         assert r["training"]["flops_per_step"] > r["inference"]["flops_per_step"]
-    assert "ratios_to_baseline" not in results[0]
+    baseline, ours, reference, bottleneck = results
+    assert reference["config"]["reference_repo"] == str(standin / REFERENCE_PACKAGE_PARENT)
+    assert "ratios_to_baseline" not in baseline
     for r in results[1:]:
         ratios = r["ratios_to_baseline"]
         assert set(ratios) == {"training_throughput", "training_memory", "inference_throughput", "inference_memory"}
         assert ratios["training_throughput"] > 0 and ratios["inference_throughput"] > 0
+    ratios = ours["ratios_to_reference"]
+    assert set(ratios) == {"training_throughput", "training_step_time", "training_memory", "inference_throughput",
+                           "inference_memory"}
+    assert ratios["training_throughput"] == pytest.approx(
+        ours["training"]["images_per_s"] / reference["training"]["images_per_s"])
+    assert ratios["training_step_time"] == pytest.approx(1 / ratios["training_throughput"])
+    assert ratios["inference_throughput"] > 0
+    for r in (baseline, reference, bottleneck):
+        assert "ratios_to_reference" not in r
     assert report["meta"]["device"] == "cpu" and report["meta"]["complete"] is True
-    assert "loss" in report["meta"]["method"]
+    assert "loss" in report["meta"]["method"] and "reference" in report["meta"]["method"]
+    assert report["meta"]["reference"]["import_root"] == str(standin / REFERENCE_PACKAGE_PARENT)
 
 
-def test_configs_one_per_variant_with_baseline_first():
-    configs = build_configs(["tiny", "vits16"], ["multiscale", "bottleneck"], [64, 128], reference_layernorm=True,
-                            batch_size=1)
-    assert len(configs) == 2 * (1 + 2 * 2 * 2)
-    assert configs[0].is_baseline and configs[9].is_baseline and configs[9].patch_size == 128
+def test_wrong_reference_repo_exits_2_naming_both_layouts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["meddinov3"])
+    monkeypatch.delenv("MEDDINOV3_REFERENCE_REPO", raising=False)
+    assert main(["bench", *TINY, "--device", "cpu", "--reference-repo", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / REFERENCE_PACKAGE_PARENT / "dinov3" / "models") in err
+    assert str(tmp_path / "dinov3" / "models") in err and "vision_transformer" in err and "primus" in err
+    assert "git clone https://github.com/ricklisz/MedDINOv3" in err
+    # the environment variable is the default, and is checked the same way
+    monkeypatch.setenv("MEDDINOV3_REFERENCE_REPO", str(tmp_path / "missing"))
+    assert main(["bench", *TINY, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "MEDDINOV3_REFERENCE_REPO" in err and str(tmp_path / "missing") in err
+
+
+def test_reference_repo_accepts_both_layouts(standin, tmp_path):
+    package_parent = standin / REFERENCE_PACKAGE_PARENT
+    assert resolve_reference_repo(standin) == str(package_parent)
+    assert resolve_reference_repo(package_parent) == str(package_parent)
+    (tmp_path / "dinov3" / "models").mkdir(parents=True)
+    (tmp_path / "dinov3" / "models" / "vision_transformer.py").write_text("")
+    with pytest.raises(ReferenceRepoError, match="primus"):  # half a checkout is refused too
+        resolve_reference_repo(tmp_path)
+
+
+def test_configs_one_per_variant_with_baseline_first(standin):
+    configs = build_configs(["tiny", "vits16"], ["multiscale", "single", "bottleneck"], [64, 128],
+                            reference_repo=str(standin), batch_size=1, grad_checkpointing=True)
+    # per patch: baseline + per encoder (3 of ours + references for multiscale and single)
+    assert len(configs) == 2 * (1 + 2 * (3 + 2))
+    assert configs[0].is_baseline and configs[11].is_baseline and configs[11].patch_size == 128
+    assert [c.label for c in configs[:6]] == [
+        "nnU-Net PlainConvUNet", "tiny+multiscale ckpt", "reference tiny+multiscale", "tiny+single ckpt",
+        "reference tiny+single", "tiny+bottleneck ckpt"]
+    references = [c for c in configs if c.is_reference]
+    assert len(references) == 8 and {c.decoder for c in references} == {"multiscale", "single"}
+    # the reference has no activation checkpointing; it gets the resolved package folder
+    assert not any(c.grad_checkpointing for c in references)
+    assert {c.reference_repo for c in references} == {str(standin / REFERENCE_PACKAGE_PARENT)}
+    assert all(c.reference_repo is None for c in configs if not c.is_reference)
     assert len({(c.label, c.patch_size) for c in configs}) == len(configs)
-    assert BenchConfig.from_json(configs[3].to_json()) == configs[3]
+    assert BenchConfig.from_json(configs[2].to_json()) == configs[2]
+    assert not any(c.is_reference for c in build_configs(["tiny"], ["multiscale"], [64]))
+
+
+def test_reference_refuses_other_channel_counts(standin):
+    with pytest.raises(ValueError, match="1 input channel"):
+        build_configs(["tiny"], ["multiscale"], [64], reference_repo=str(standin), input_channels=3)
+
+
+def test_reference_optimizer_groups_split_on_dino_encoder():
+    model = torch.nn.Module()
+    model.dino_encoder = torch.nn.Linear(4, 4)
+    model.up_projection = torch.nn.Conv2d(4, 2, 1)
+    encoder, decoder = reference_parameter_groups(model)
+    assert [p.shape for p in encoder["params"]] == [p.shape for p in model.dino_encoder.parameters()]
+    assert [p.shape for p in decoder["params"]] == [p.shape for p in model.up_projection.parameters()]
+    assert (encoder["lr"], decoder["lr"]) == (3e-5, 3e-4)
+    assert encoder["weight_decay"] == decoder["weight_decay"] == 0.05
+
+
+def _entry(network, decoder, images_per_s, memory, encoder="tiny"):
+    config = {"network": network, "encoder": encoder, "decoder": decoder, "patch_size": 64, "batch_size": 2,
+              "device": "cuda", "dtype": "bf16"}
+    phase = {"images_per_s": images_per_s, "median_step_s": 2 / images_per_s, "peak_memory_bytes": memory}
+    return {"label": f"{network} {decoder}", "config": config, "training": dict(phase), "inference": dict(phase)}
+
+
+def test_reference_ratios_pair_ours_with_the_same_encoder_and_decoder():
+    results = [_entry(OURS, "multiscale", 30.0, 2 ** 30), _entry(REFERENCE, "multiscale", 20.0, 2 ** 31),
+               _entry(OURS, "bottleneck", 40.0, 2 ** 29), _entry(OURS, "multiscale", 10.0, 2 ** 30, encoder="vits16")]
+    add_reference_ratios(results)
+    ratios = results[0]["ratios_to_reference"]
+    assert ratios["training_throughput"] == pytest.approx(1.5)
+    assert ratios["training_step_time"] == pytest.approx(2 / 3)
+    assert ratios["training_memory"] == pytest.approx(0.5) and ratios["inference_memory"] == pytest.approx(0.5)
+    assert ratios["inference_throughput"] == pytest.approx(1.5)
+    assert all("ratios_to_reference" not in r for r in results[1:])
+    table = format_table(results)
+    assert "x ref" in table.splitlines()[0] and "x ref:" in table
+    assert " 1.50 " in table.splitlines()[2]
+
+
+def test_grad_scaler_report_counts_halvings():
+    assert grad_scaler_report(65536.0, 16384.0)["skipped_timed_steps"] == 2
+    assert grad_scaler_report(65536.0, 65536.0)["skipped_timed_steps"] == 0
 
 
 def test_baseline_is_nnunets_2d_plan():
@@ -102,18 +219,6 @@ def test_deep_supervision_targets_match_the_outputs():
     targets = deep_supervision_targets(labels, nnunet_2d_arch_kwargs(64)["arch_kwargs"]["strides"])
     assert [t.shape[-2:] for t in targets] == [o.shape[-2:] for o in outputs]
     assert targets[0] is labels
-
-
-@pytest.mark.parametrize("decoder,expected", [("multiscale", 4), ("bottleneck", 5)])
-def test_reference_layernorm_is_the_same_function(decoder, expected):
-    config = BenchConfig(network=OURS, patch_size=64, encoder="tiny", decoder=decoder, num_classes=3, dtype="fp32")
-    model = build_meddinov3_network(config).eval()
-    x = torch.randn(1, 1, 64, 64)
-    with torch.no_grad():
-        fused = model(x)
-        assert use_reference_layernorm(model) == expected
-        reference = model(x)
-    torch.testing.assert_close(reference, fused, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_patch_size_is_refused(monkeypatch, capsys):

@@ -1,4 +1,5 @@
-"""Training and inference throughput and peak memory: MedDINOv3Net variants vs the nnU-Net 2D network.
+"""Training and inference throughput and peak memory: MedDINOv3Net variants vs the nnU-Net 2D network,
+and optionally vs the MedDINOv3 reference implementation.
 
 Every configuration runs in its own fresh process (``python -m nnunet_meddinov3.benchmark.bench
 --worker JSON``), so its peak memory is its own: on CUDA ``torch.cuda.max_memory_allocated``
@@ -6,21 +7,41 @@ Every configuration runs in its own fresh process (``python -m nnunet_meddinov3.
 the process's size before the network was built. The CPU peak is monotonic within a process, so
 inference is measured first and training second.
 
-What one step is, for both networks as their nnU-Net trainers run it:
+Three kinds of network (``BenchConfig.network``):
+
+- ``BASELINE``: nnU-Net's PlainConvUNet as its ExperimentPlanner plans it for the patch.
+- ``OURS``: MedDINOv3Net (encoder x decoder).
+- ``REFERENCE``: the MedDINOv3 reference implementation (github ricklisz/MedDINOv3), imported from a
+  checkout the user points at (``--reference-repo``; its code is never copied here) and built exactly
+  as its trainer ``meddinov3_base_primus_multiscale_Trainer`` builds it:
+  ``DinoVisionTransformer(patch_size=16, embed_dim=E, depth=D, num_heads=H, ffn_ratio=4,
+  drop_path_rate=0.2, layerscale_init=1e-5, n_storage_tokens=4, qkv_bias=False, mask_k_bias=True)``,
+  ``.init_weights()``, wrapped in ``Primus_Multiscale(embed_dim=E, patch_embed_size=16, num_classes=K,
+  dino_encoder=vit, interaction_indices=default_feature_layers(D))`` for our ``multiscale`` decoder or
+  ``Primus(...)`` for ``single``; E/D/H come from our encoder registry. There is no reference for the
+  ``bottleneck`` decoder. The reference takes one input channel only (it repeats it to three).
+
+What one step is, for each network as its trainer runs it:
 
 - training: ``zero_grad``, forward, nnU-Net's ``DC_and_CE_loss`` (soft Dice without background +
   cross-entropy, ``MemoryEfficientSoftDiceLoss``, batch Dice), backward, ``clip_grad_norm_(12)``,
   optimiser step, ``loss.item()`` (the sync nnU-Net's ``train_step`` does). The nnU-Net network
   trains with deep supervision: the loss is taken on all its outputs with nnU-Net's weights
   (1/2^i, the lowest resolution 0, normalised) against nearest-downsampled targets made once
-  outside the timing, as nnU-Net's data loader makes them. Optimisers: SGD (Nesterov, momentum
-  0.99) for nnU-Net, AdamW with our trainer's encoder/decoder parameter groups for MedDINOv3Net.
+  outside the timing, as nnU-Net's data loader makes them; the other two have one output.
+  Optimisers: SGD (Nesterov, momentum 0.99) for nnU-Net; AdamW with our trainer's encoder/decoder
+  parameter groups for MedDINOv3Net; for the reference, its trainer's AdamW: parameters whose name
+  contains ``dino_encoder`` lr 3e-5, the others lr 3e-4, weight decay 0.05, betas (0.9, 0.98).
 - inference: ``eval()``, ``torch.no_grad()`` forward; the nnU-Net network without deep
   supervision, as nnU-Net's predictor builds it.
 
 Precision: on CUDA with ``dtype="bf16"`` MedDINOv3Net runs its own bf16 autocast and the nnU-Net
 network runs under ``torch.autocast(bfloat16)`` (nnU-Net itself uses fp16 + GradScaler, the same
-tensor-core rate; bf16 needs no scaler). On CPU both run fp32, as nnU-Net does.
+tensor-core rate; bf16 needs no scaler). The reference on CUDA always runs as its (nnU-Net) trainer
+does, whatever ``dtype`` says: training under ``torch.autocast("cuda")`` (fp16) with
+``torch.amp.GradScaler`` (scale, backward, unscale_, clip, step, update), inference under fp16
+autocast as nnU-Net's predictor; its ``effective_dtype`` is ``"fp16+GradScaler"``. On CPU all run
+fp32, as nnU-Net does.
 """
 from __future__ import annotations
 
@@ -41,29 +62,62 @@ from typing import Callable, Sequence
 RESULT_MARKER = "MEDDINOV3_BENCH_RESULT "
 BASELINE = "nnunet"
 OURS = "meddinov3"
+REFERENCE = "reference"
 COMPILE_MODES = ("encoder", "network")
 
 # nnUNetTrainer: clip_grad_norm_(..., 12), SGD lr 1e-2, momentum 0.99, Nesterov, weight decay 3e-5.
 GRAD_CLIP_NORM = 12.0
 NNUNET_SGD = dict(lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-# nnUNetTrainerMedDINOv3: AdamW betas (0.9, 0.98), weight decay 0.05, encoder/decoder LRs 3e-5/3e-4,
-# drop path 0.2 while training. (Mirrored, not imported: the trainer module pulls in all of nnU-Net's
-# training stack, seconds per worker, and the values do not change the cost of a step.)
-MEDDINOV3_ADAMW_BETAS = (0.9, 0.98)
+# nnUNetTrainerMedDINOv3: AdamW as training.optim.build_adamw makes it (fused), weight decay 0.05,
+# encoder/decoder LRs 3e-5/3e-4, drop path 0.2 while training. (Mirrored, not imported: the trainer
+# module pulls in all of nnU-Net's training stack, seconds per worker, and the values do not change
+# the cost of a step.)
 MEDDINOV3_LRS = dict(encoder_lr=3e-5, decoder_lr=3e-4)
 MEDDINOV3_WEIGHT_DECAY = 0.05
 MEDDINOV3_DROP_PATH = 0.2
 
+# The MedDINOv3 reference (github ricklisz/MedDINOv3). Its ``dinov3`` package lives at
+# REFERENCE_PACKAGE_PARENT inside the repository; our decoder name -> its network class.
+REFERENCE_URL = "https://github.com/ricklisz/MedDINOv3"
+REFERENCE_PACKAGE_PARENT = os.path.join("nnUNet", "nnunetv2", "training", "nnUNetTrainer", "dinov3")
+REFERENCE_MODULES = (os.path.join("dinov3", "models", "vision_transformer.py"),
+                     os.path.join("dinov3", "models", "primus.py"))
+REFERENCE_DECODERS = {"multiscale": "Primus_Multiscale", "single": "Primus"}
+# meddinov3_base_primus_multiscale_Trainer: the ViT's constructor arguments besides E/D/H, the Primus
+# patch size, and its AdamW (two groups split on 'dino_encoder' in the parameter name).
+REFERENCE_PATCH_SIZE = 16
+REFERENCE_VIT_KWARGS = dict(patch_size=REFERENCE_PATCH_SIZE, ffn_ratio=4, drop_path_rate=0.2, layerscale_init=1e-5,
+                            n_storage_tokens=4, qkv_bias=False, mask_k_bias=True)
+REFERENCE_ENCODER_PARAM = "dino_encoder"
+REFERENCE_LRS = dict(encoder_lr=3e-5, decoder_lr=3e-4)
+REFERENCE_WEIGHT_DECAY = 0.05
+REFERENCE_ADAMW_BETAS = (0.9, 0.98)
+REFERENCE_EFFECTIVE_DTYPE_CUDA = "fp16+GradScaler"
+
 METHOD_NOTES = {
     "loss": "nnU-Net DC_and_CE_loss (soft Dice w/o background + CE, batch dice); nnU-Net network: deep "
-            "supervision on, loss on all outputs with nnU-Net's weights (lowest resolution weight 0)",
+            "supervision on, loss on all outputs with nnU-Net's weights (lowest resolution weight 0); "
+            "MedDINOv3Net and the reference: one output",
     "optimizer": "nnU-Net: SGD Nesterov momentum 0.99; MedDINOv3Net: AdamW with encoder/decoder groups; "
-                 "both clip_grad_norm_(12)",
-    "inference": "eval() + no_grad forward; nnU-Net network without deep supervision",
+                 "reference: its trainer's AdamW (params named *dino_encoder* lr 3e-5, others 3e-4, wd 0.05, "
+                 "betas 0.9/0.98); all clip_grad_norm_(12)",
+    "reference": "MedDINOv3 reference (github ricklisz/MedDINOv3) imported from --reference-repo, built as "
+                 "meddinov3_base_primus_multiscale_Trainer builds it: DinoVisionTransformer(patch_size=16, "
+                 "E/D/H of the encoder, ffn_ratio=4, drop_path_rate=0.2, layerscale_init=1e-5, n_storage_tokens=4, "
+                 "qkv_bias=False, mask_k_bias=True).init_weights() in Primus_Multiscale (interaction_indices = "
+                 "our default feature layers, [2,5,8,11] for 12 blocks) or Primus (decoder 'single'); random "
+                 "weights; on CUDA fp16 autocast + GradScaler whatever --dtype says, as its trainer; no grad "
+                 "checkpointing; eager unless --compile, which applies to it as to ours ('encoder': its ViT "
+                 "blocks; 'network': the whole network, as nnU-Net trainers compile on CUDA by default)",
+    "inference": "eval() + no_grad forward; nnU-Net network without deep supervision; on CUDA the reference "
+                 "under fp16 autocast, as nnU-Net's predictor",
     "memory": "CUDA: torch.cuda.max_memory_allocated per phase (weights + optimiser state + activations); "
               "CPU: peak RSS growth over the process before the network was built (ru_maxrss)",
     "flops": "torch.utils.flop_counter.FlopCounterMode on one eager step (matmul/conv/attention only)",
     "throughput": "batch_size / median step time over the repeats, after the warm-up steps",
+    "ratios": "ratios_to_baseline: vs the nnU-Net network of the same patch/batch/device/dtype; "
+              "ratios_to_reference (our entries): ours / the reference of the same encoder, decoder, patch, "
+              "batch, device (throughput >1 and step time <1: ours faster; memory >1: ours uses more)",
 }
 
 
@@ -75,7 +129,8 @@ METHOD_NOTES = {
 class BenchConfig:
     """One measured network; serialised to JSON for the worker process."""
 
-    network: str  # BASELINE (PlainConvUNet as nnU-Net plans it) or OURS (MedDINOv3Net)
+    # BASELINE (PlainConvUNet as nnU-Net plans it), OURS (MedDINOv3Net) or REFERENCE (the MedDINOv3 reference)
+    network: str
     patch_size: int
     batch_size: int = 2
     num_classes: int = 16
@@ -86,23 +141,28 @@ class BenchConfig:
     repeats: int = 10
     encoder: str | None = None
     decoder: str | None = None
-    reference_layernorm: bool = False
     grad_checkpointing: bool = False
     compile: str | None = None  # None or one of COMPILE_MODES
     peak_tflops: float | None = None
+    # REFERENCE only: the folder holding the reference's ``dinov3`` package (resolve_reference_repo's answer).
+    reference_repo: str | None = None
 
     @property
     def is_baseline(self) -> bool:
         return self.network == BASELINE
 
     @property
+    def is_reference(self) -> bool:
+        return self.network == REFERENCE
+
+    @property
     def label(self) -> str:
         if self.is_baseline:
             name = "nnU-Net PlainConvUNet"
+        elif self.is_reference:
+            name = f"reference {self.encoder}+{self.decoder}"
         else:
             name = f"{self.encoder}+{self.decoder}"
-            if self.reference_layernorm:
-                name += " refLN"
             if self.grad_checkpointing:
                 name += " ckpt"
         if self.compile == "network" or (self.compile == "encoder" and not self.is_baseline):
@@ -118,18 +178,67 @@ class BenchConfig:
 
 
 def build_configs(encoders: Sequence[str], decoders: Sequence[str], patch_sizes: Sequence[int], *,
-                  baseline: bool = True, reference_layernorm: bool = False, **common) -> list[BenchConfig]:
-    """Per patch size: the nnU-Net baseline, then every encoder x decoder (and its reference-LN twin)."""
+                  baseline: bool = True, reference_repo: str | None = None, **common) -> list[BenchConfig]:
+    """Per patch size: the nnU-Net baseline, then every encoder x decoder, each followed by the
+    MedDINOv3 reference of the same encoder and decoder when ``reference_repo`` is given and the
+    reference has that decoder (REFERENCE_DECODERS: not ``bottleneck``).
+
+    ``reference_repo`` is the folder holding the reference's ``dinov3`` package, or the repository
+    root (resolve_reference_repo). The reference is built without gradient checkpointing (it has
+    none) and takes one input channel only.
+    """
+    if reference_repo is not None:
+        if common.get("input_channels", 1) != 1:
+            raise ValueError(f"the MedDINOv3 reference takes 1 input channel (its Primus networks assert it), "
+                             f"not {common['input_channels']}")
+        reference_repo = resolve_reference_repo(reference_repo)
     configs = []
     for patch in patch_sizes:
         if baseline:
             configs.append(BenchConfig(network=BASELINE, patch_size=patch, **common))
         for encoder in encoders:
             for decoder in decoders:
-                for ref_ln in ((False, True) if reference_layernorm else (False,)):
-                    configs.append(BenchConfig(network=OURS, patch_size=patch, encoder=encoder, decoder=decoder,
-                                               reference_layernorm=ref_ln, **common))
+                configs.append(BenchConfig(network=OURS, patch_size=patch, encoder=encoder, decoder=decoder, **common))
+                if reference_repo is not None and decoder in REFERENCE_DECODERS:
+                    configs.append(BenchConfig(network=REFERENCE, patch_size=patch, encoder=encoder, decoder=decoder,
+                                               reference_repo=reference_repo,
+                                               **{**common, "grad_checkpointing": False}))
     return configs
+
+
+class ReferenceRepoError(ValueError):
+    """The path given for the MedDINOv3 reference holds neither of its layouts."""
+
+
+def resolve_reference_repo(path: str | os.PathLike) -> str:
+    """The absolute folder that directly contains the reference's ``dinov3`` package.
+
+    ``path`` is either the MedDINOv3 repository root (the package is under REFERENCE_PACKAGE_PARENT)
+    or that folder itself; raises ReferenceRepoError naming both expected places otherwise.
+    """
+    root = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    candidates = (os.path.join(root, REFERENCE_PACKAGE_PARENT), root)
+    for candidate in candidates:
+        if all(os.path.isfile(os.path.join(candidate, module)) for module in REFERENCE_MODULES):
+            return candidate
+    expected = " or ".join(os.path.join(c, REFERENCE_MODULES[0].rsplit(os.sep, 1)[0], "{vision_transformer,primus}.py")
+                           for c in candidates)
+    raise ReferenceRepoError(
+        f"no MedDINOv3 reference at {root}: expected {expected} (the path may be the MedDINOv3 repository root "
+        f"or the folder that directly contains its 'dinov3' package); get the code with "
+        f"'git clone {REFERENCE_URL}'")
+
+
+def reference_commit(path: str | os.PathLike) -> str | None:
+    """The git commit of a reference checkout, when it is one (for the report)."""
+    try:
+        proc = subprocess.run(["git", "-C", os.fspath(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,38 +307,69 @@ def build_nnunet_network(config: BenchConfig):
     return network
 
 
-def use_reference_layernorm(model) -> int:
-    """Swap every fused ChannelLayerNorm2d for the elementwise-chain LayerNormNd the MedDINOv3
-    reference uses (dynamic_network_architectures: mean, sub, pow, mean, add, sqrt, div, mul, add),
-    copying the affine parameters; returns how many were swapped."""
-    import torch
-    from dynamic_network_architectures.building_blocks.patch_encode_decode import LayerNormNd
-
-    from nnunet_meddinov3.network.decoders import ChannelLayerNorm2d
-
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, ChannelLayerNorm2d):
-                reference = LayerNormNd(child.normalized_shape[0], eps=child.eps)
-                with torch.no_grad():
-                    reference.weight.copy_(child.weight)
-                    reference.bias.copy_(child.bias)
-                setattr(parent, name, reference)
-                swapped += 1
-    return swapped
-
-
 def build_meddinov3_network(config: BenchConfig):
     from nnunet_meddinov3.network import MedDINOv3Net
 
-    model = MedDINOv3Net(config.input_channels, config.num_classes, encoder=config.encoder, decoder=config.decoder,
-                         drop_path_rate=MEDDINOV3_DROP_PATH,
-                         autocast_dtype="bf16" if config.dtype == "bf16" else None,
-                         grad_checkpointing=config.grad_checkpointing)
-    if config.reference_layernorm:
-        use_reference_layernorm(model)
-    return model
+    return MedDINOv3Net(config.input_channels, config.num_classes, encoder=config.encoder, decoder=config.decoder,
+                        drop_path_rate=MEDDINOV3_DROP_PATH,
+                        autocast_dtype="bf16" if config.dtype == "bf16" else None,
+                        grad_checkpointing=config.grad_checkpointing)
+
+
+def import_reference(reference_repo: str) -> dict:
+    """Import the reference's ViT and Primus classes from its checkout (worker side: this puts the
+    checkout's ``dinov3`` package first on ``sys.path`` for the rest of the process)."""
+    import importlib
+
+    root = resolve_reference_repo(reference_repo)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    vision_transformer = importlib.import_module("dinov3.models.vision_transformer")
+    primus = importlib.import_module("dinov3.models.primus")
+    origin = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(vision_transformer.__file__))))
+    if os.path.realpath(origin) != os.path.realpath(root):
+        raise ImportError(f"'dinov3' was imported from {origin}, not from the reference checkout {root} "
+                          f"(another 'dinov3' package is installed or already imported)")
+    classes = {"DinoVisionTransformer": vision_transformer.DinoVisionTransformer}
+    classes.update({name: getattr(primus, name) for name in REFERENCE_DECODERS.values()})
+    return classes
+
+
+def build_reference_network(config: BenchConfig):
+    """The network meddinov3_base_primus_multiscale_Trainer builds (random weights: the checkpoint it
+    loads does not change the cost), with E/D/H from our encoder registry."""
+    from nnunet_meddinov3.network.encoder import default_feature_layers, resolve_encoder_config
+
+    if config.decoder not in REFERENCE_DECODERS:
+        raise ValueError(f"the MedDINOv3 reference has no '{config.decoder}' decoder; it has "
+                         f"{', '.join(sorted(REFERENCE_DECODERS))}")
+    if config.input_channels != 1:
+        raise ValueError(f"the MedDINOv3 reference takes 1 input channel (its Primus networks assert it), "
+                         f"not {config.input_channels}")
+    if not config.reference_repo:
+        raise ValueError("a reference configuration needs reference_repo")
+    classes = import_reference(config.reference_repo)
+    encoder = resolve_encoder_config(config.encoder)
+    if encoder.patch_size != REFERENCE_PATCH_SIZE:
+        raise ValueError(f"the MedDINOv3 reference uses {REFERENCE_PATCH_SIZE}-pixel patches, encoder "
+                         f"'{config.encoder}' has {encoder.patch_size}")
+    vit = classes["DinoVisionTransformer"](embed_dim=encoder.embed_dim, depth=encoder.depth,
+                                           num_heads=encoder.num_heads, **REFERENCE_VIT_KWARGS)
+    vit.init_weights()
+    common = dict(embed_dim=encoder.embed_dim, patch_embed_size=REFERENCE_PATCH_SIZE,
+                  num_classes=config.num_classes, dino_encoder=vit)
+    if config.decoder == "multiscale":
+        return classes["Primus_Multiscale"](**common,
+                                            interaction_indices=list(default_feature_layers(encoder.depth)))
+    return classes["Primus"](**common)
+
+
+def build_network(config: BenchConfig):
+    if config.is_baseline:
+        return build_nnunet_network(config)
+    if config.is_reference:
+        return build_reference_network(config)
+    return build_meddinov3_network(config)
 
 
 def build_loss(config: BenchConfig, n_outputs: int):
@@ -248,15 +388,25 @@ def build_loss(config: BenchConfig, n_outputs: int):
     return DeepSupervisionWrapper(loss, [w / total for w in weights])
 
 
+def reference_parameter_groups(model) -> list[dict]:
+    """The reference trainer's AdamW groups: parameters named *dino_encoder* at the encoder LR, the
+    rest at the decoder LR, both with its weight decay."""
+    encoder = [p for n, p in model.named_parameters() if REFERENCE_ENCODER_PARAM in n]
+    decoder = [p for n, p in model.named_parameters() if REFERENCE_ENCODER_PARAM not in n]
+    return [{"params": encoder, "lr": REFERENCE_LRS["encoder_lr"], "weight_decay": REFERENCE_WEIGHT_DECAY},
+            {"params": decoder, "lr": REFERENCE_LRS["decoder_lr"], "weight_decay": REFERENCE_WEIGHT_DECAY}]
+
+
 def build_optimizer(model, config: BenchConfig):
     import torch
 
     if config.is_baseline:
         return torch.optim.SGD(model.parameters(), **NNUNET_SGD)
-    from nnunet_meddinov3.training.optim import parameter_groups
+    if config.is_reference:
+        return torch.optim.AdamW(reference_parameter_groups(model), betas=REFERENCE_ADAMW_BETAS)
+    from nnunet_meddinov3.training.optim import build_adamw, parameter_groups
 
-    groups = parameter_groups(model, weight_decay=MEDDINOV3_WEIGHT_DECAY, **MEDDINOV3_LRS)
-    return torch.optim.AdamW(groups, betas=MEDDINOV3_ADAMW_BETAS)
+    return build_adamw(parameter_groups(model, weight_decay=MEDDINOV3_WEIGHT_DECAY, **MEDDINOV3_LRS))
 
 
 def deep_supervision_targets(labels, strides):
@@ -352,10 +502,13 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], object], device, warmup: int, repeats: int) -> list[float]:
+def time_steps(step: Callable[[], object], device, warmup: int, repeats: int,
+               after_warmup: Callable[[], object] | None = None) -> list[float]:
     for _ in range(warmup):
         step()
     _synchronize(device)
+    if after_warmup is not None:
+        after_warmup()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -384,6 +537,16 @@ def count_flops(step: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def grad_scaler_report(scale_before: float, scale_after: float) -> dict:
+    """GradScaler scale around the timed steps. Each step with inf/NaN gradients halves the scale and
+    skips the optimiser step (a cheaper step); the scale grows only after 2000 clean steps, so over
+    fewer timed steps the halvings count the skipped ones."""
+    import math
+
+    skipped = round(math.log2(scale_before / scale_after)) if 0 < scale_after < scale_before else 0
+    return {"scale_before_timing": scale_before, "scale_after_timing": scale_after, "skipped_timed_steps": skipped}
+
+
 def _phase_result(times: list[float], batch_size: int, peak: int) -> dict:
     median = statistics.median(times)
     return {"median_step_s": median, "step_times_s": times, "images_per_s": batch_size / median,
@@ -410,6 +573,8 @@ def measure(config: BenchConfig) -> dict:
     import torch
 
     _import_network_modules()  # so that their memory is not counted as the network's
+    if config.is_reference:
+        import_reference(config.reference_repo)
     torch.manual_seed(0)
     device = torch.device(config.device)
     if device.type == "cuda":
@@ -417,7 +582,7 @@ def measure(config: BenchConfig) -> dict:
     memory = PeakMemory(device)
     memory.start()
 
-    model = (build_nnunet_network(config) if config.is_baseline else build_meddinov3_network(config)).to(device)
+    model = build_network(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     images = torch.randn(config.batch_size, config.input_channels, config.patch_size, config.patch_size,
                          device=device)
@@ -430,16 +595,28 @@ def measure(config: BenchConfig) -> dict:
     else:
         targets, loss_fn = labels, build_loss(config, 1)
 
-    use_bf16 = device.type == "cuda" and config.dtype == "bf16"
-    # MedDINOv3Net autocasts itself; the nnU-Net network needs the caller's autocast, as in train_step.
-    def precision():
+    # MedDINOv3Net autocasts itself; the other two need the caller's autocast, as in nnU-Net's train_step.
+    # The reference on CUDA: fp16 autocast + GradScaler, as its nnU-Net trainer, whatever config.dtype says.
+    on_cuda = device.type == "cuda"
+    autocast_dtype, scaler = None, None
+    if config.is_reference:
+        effective_dtype = REFERENCE_EFFECTIVE_DTYPE_CUDA if on_cuda else "fp32"
+        if on_cuda:
+            autocast_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
+    else:
+        use_bf16 = on_cuda and config.dtype == "bf16"
+        effective_dtype = "bf16" if use_bf16 else "fp32"
         if use_bf16 and config.is_baseline:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            autocast_dtype = torch.bfloat16
+
+    def precision():
+        return torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
 
     eager_model, run_model, compiled_blocks = model, model, None
     if config.compile == "network":
         run_model = torch.compile(model)
+    elif config.compile == "encoder" and config.is_reference:
+        compiled_blocks = CompiledBlocks(model.dino_encoder)
     elif config.compile == "encoder" and not config.is_baseline:
         compiled_blocks = CompiledBlocks(model.encoder.vit)
 
@@ -457,13 +634,20 @@ def measure(config: BenchConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with precision():
             loss = loss_fn((run_model if net is None else net)(images), targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+            optimizer.step()
+        else:  # nnUNetTrainer.train_step with its GradScaler
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+            scaler.step(optimizer)
+            scaler.update()
         return loss.item()
 
     result = {"label": config.label, "config": dataclasses.asdict(config), "parameters": n_params,
-              "effective_dtype": "bf16" if use_bf16 else "fp32"}
+              "effective_dtype": effective_dtype}
 
     # Inference first: on CPU the peak RSS only grows, and training's peak is the larger one.
     model.eval()
@@ -481,8 +665,12 @@ def measure(config: BenchConfig) -> dict:
     memory.new_phase()
     try:
         optimizer = build_optimizer(model, config)
-        times = time_steps(train_step, device, config.warmup, config.repeats)
+        scale_before = []
+        times = time_steps(train_step, device, config.warmup, config.repeats,
+                           after_warmup=(lambda: scale_before.append(scaler.get_scale())) if scaler else None)
         result["training"] = _phase_result(times, config.batch_size, memory.peak_bytes())
+        if scaler is not None:
+            result["training"]["grad_scaler"] = grad_scaler_report(scale_before[0], scaler.get_scale())
     except torch.OutOfMemoryError as e:
         result["training"] = _out_of_memory(e)
 
@@ -529,7 +717,8 @@ def _ratio(numerator, denominator):
 
 
 def add_baseline_ratios(results: list[dict]) -> None:
-    """Each MedDINOv3 entry gets throughput and memory ratios to the baseline of its patch/batch."""
+    """Each MedDINOv3Net or reference entry gets throughput and memory ratios to the baseline of its
+    patch/batch/device/dtype."""
     def key(r):
         c = r["config"]
         return c["patch_size"], c["batch_size"], c["device"], c["dtype"]
@@ -545,6 +734,35 @@ def add_baseline_ratios(results: list[dict]) -> None:
             ratios[f"{phase}_throughput"] = _ratio(ours.get("images_per_s"), theirs.get("images_per_s"))
             ratios[f"{phase}_memory"] = _ratio(ours.get("peak_memory_bytes"), theirs.get("peak_memory_bytes"))
         r["ratios_to_baseline"] = ratios
+
+
+def add_reference_ratios(results: list[dict]) -> None:
+    """Each of our entries with a reference entry of the same encoder, decoder, patch, batch and device
+    gets ``ratios_to_reference``, ours / the reference's: throughput (>1: ours faster), training step
+    time (<1: ours faster) and peak memory (>1: ours uses more)."""
+    def key(r):
+        c = r["config"]
+        return c["encoder"], c["decoder"], c["patch_size"], c["batch_size"], c["device"]
+
+    references = {key(r): r for r in results if r["config"]["network"] == REFERENCE}
+    for r in results:
+        reference = references.get(key(r))
+        if r["config"]["network"] != OURS or reference is None:
+            continue
+        ours, theirs = {p: r.get(p, {}) for p in ("training", "inference")}, \
+            {p: reference.get(p, {}) for p in ("training", "inference")}
+        r["ratios_to_reference"] = {
+            "training_throughput": _ratio(ours["training"].get("images_per_s"),
+                                          theirs["training"].get("images_per_s")),
+            "training_step_time": _ratio(ours["training"].get("median_step_s"),
+                                         theirs["training"].get("median_step_s")),
+            "training_memory": _ratio(ours["training"].get("peak_memory_bytes"),
+                                      theirs["training"].get("peak_memory_bytes")),
+            "inference_throughput": _ratio(ours["inference"].get("images_per_s"),
+                                           theirs["inference"].get("images_per_s")),
+            "inference_memory": _ratio(ours["inference"].get("peak_memory_bytes"),
+                                       theirs["inference"].get("peak_memory_bytes")),
+        }
 
 
 def run_benchmark(configs: Sequence[BenchConfig], timeout_s: float | None = None,
@@ -563,6 +781,7 @@ def run_benchmark(configs: Sequence[BenchConfig], timeout_s: float | None = None
             progress(f"    failed: {result['error']}")
         results.append(result)
         add_baseline_ratios(results)
+        add_reference_ratios(results)
         if on_result:
             on_result(results)
     return results
@@ -605,8 +824,8 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    header = ("network", "patch", "bs", "train img/s", "x nnU", "train MiB", "x nnU", "infer img/s", "x nnU",
-              "infer MiB", "x nnU", "GFLOP/img", "MFU train")
+    header = ("network", "patch", "bs", "train img/s", "x nnU", "x ref", "train MiB", "x nnU", "infer img/s",
+              "x nnU", "infer MiB", "x nnU", "GFLOP/img", "MFU train")
     rows = []
     for r in results:
         c = r["config"]
@@ -618,6 +837,7 @@ def format_table(results: list[dict]) -> str:
             r["label"], str(c["patch_size"]), str(c["batch_size"]),
             _fmt(train.get("images_per_s"), ".2f", "ERR" if "error" in train else "-"),
             _fmt(ratios.get("training_throughput"), ".2f"),
+            _fmt(r.get("ratios_to_reference", {}).get("training_throughput"), ".2f"),
             _fmt(None if train.get("peak_memory_bytes") is None else train["peak_memory_bytes"] / mib, ".0f"),
             _fmt(ratios.get("training_memory"), ".2f"),
             _fmt(infer.get("images_per_s"), ".2f", "ERR" if "error" in infer else "-"),
@@ -637,6 +857,9 @@ def format_table(results: list[dict]) -> str:
         lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
     lines.append("x nnU: ratio to the nnU-Net PlainConvUNet of the same patch and batch (throughput: >1 is "
                  "faster; memory: >1 is more). GFLOP/img: training step (fwd+bwd) per image. MFU: CUDA only.")
+    lines.append("x ref: our training throughput over the MedDINOv3 reference's (--reference-repo) of the same "
+                 "encoder, decoder, patch and batch (>1: ours faster); on CUDA the reference runs fp16 autocast + "
+                 "GradScaler, as its trainer.")
     return "\n".join(lines)
 
 

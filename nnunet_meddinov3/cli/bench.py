@@ -1,18 +1,24 @@
 """``meddinov3 bench``: training/inference throughput and peak memory of MedDINOv3Net variants next to
-the nnU-Net 2D network (PlainConvUNet as nnU-Net plans it) at the same patch size and batch.
+the nnU-Net 2D network (PlainConvUNet as nnU-Net plans it) at the same patch size and batch, and
+optionally next to the MedDINOv3 reference implementation (``--reference-repo``, a checkout of
+https://github.com/ricklisz/MedDINOv3: its Primus_Multiscale / Primus for our multiscale / single
+decoders, built as its trainer builds them; there is no reference for the bottleneck decoder).
 
 Each configuration runs in a fresh process, so peak memory is per configuration. See
 :mod:`nnunet_meddinov3.benchmark.bench` for exactly what a step is (loss, optimiser, precision).
 
     meddinov3 bench --device cuda --encoders vitb16 --decoders multiscale bottleneck --patch-sizes 896
+    meddinov3 bench --device cuda --decoders multiscale --patch-sizes 448 --reference-repo ~/MedDINOv3
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
 
-DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16
+DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 (and fp16)
+REFERENCE_REPO_ENV = "MEDDINOV3_REFERENCE_REPO"
 
 
 def add_arguments(parser) -> None:
@@ -39,9 +45,13 @@ def add_arguments(parser) -> None:
                              "trainers do on CUDA")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="activation checkpointing of the ViT blocks (our networks)")
-    parser.add_argument("--reference-layernorm", action="store_true",
-                        help="also run every MedDINOv3 configuration with the decoder's fused ChannelLayerNorm2d "
-                             "swapped for the reference's elementwise-chain LayerNormNd")
+    parser.add_argument("--reference-repo", default=os.environ.get(REFERENCE_REPO_ENV) or None, metavar="PATH",
+                        help="also measure the MedDINOv3 reference implementation from this checkout (the "
+                             "repository root of git clone https://github.com/ricklisz/MedDINOv3, or the folder "
+                             "that directly contains its 'dinov3' package): its Primus_Multiscale next to our "
+                             "multiscale decoder and Primus next to single, per encoder and patch size (none for "
+                             f"bottleneck); on CUDA it runs fp16 autocast + GradScaler as its trainer, whatever "
+                             f"--dtype says (default: ${REFERENCE_REPO_ENV})")
     parser.add_argument("--no-baseline", action="store_true", help="skip the nnU-Net PlainConvUNet baseline")
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                         help=f"accelerator peak for MFU, in TFLOP/s (default {DEFAULT_PEAK_TFLOPS:g}: H100 dense bf16)")
@@ -59,7 +69,8 @@ def run(args) -> int:
     import torch
 
     from nnunet_meddinov3.benchmark.bench import (
-        METHOD_NOTES, build_configs, environment, format_table, nnunet_2d_arch_kwargs, run_benchmark, write_report)
+        METHOD_NOTES, REFERENCE_DECODERS, ReferenceRepoError, build_configs, environment, format_table,
+        nnunet_2d_arch_kwargs, reference_commit, resolve_reference_repo, run_benchmark, write_report)
 
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,18 +92,39 @@ def run(args) -> int:
             return _error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         return _error("--warmup must be >= 0")
+    reference = None
+    if args.reference_repo:
+        # Resolved here, before any worker starts, so that a wrong path fails at once.
+        try:
+            reference_root = resolve_reference_repo(args.reference_repo)
+        except ReferenceRepoError as e:
+            return _error(f"--reference-repo (default ${REFERENCE_REPO_ENV}): {e}")
+        reference = {"path": os.path.abspath(os.path.expanduser(args.reference_repo)), "import_root": reference_root,
+                     "commit": reference_commit(args.reference_repo)}
+        without = [d for d in args.decoders if d not in REFERENCE_DECODERS]
+        if without:
+            print(f"meddinov3 bench: note: no reference configuration for the {'/'.join(without)} decoder (the "
+                  f"reference has {' and '.join(sorted(REFERENCE_DECODERS))} only)", file=sys.stderr)
+        if device == "cuda":
+            print("meddinov3 bench: note: the reference runs fp16 autocast + GradScaler on CUDA, as its trainer, "
+                  f"while ours runs --dtype {args.dtype}", file=sys.stderr)
+        if args.grad_checkpointing:
+            print("meddinov3 bench: note: the reference has no activation checkpointing; it runs without",
+                  file=sys.stderr)
     if device == "cpu" and args.dtype == "bf16":
         print("meddinov3 bench: note: CPU runs fp32 (no autocast), as nnU-Net does", file=sys.stderr)
 
     configs = build_configs(
         args.encoders, args.decoders, args.patch_sizes, baseline=not args.no_baseline,
-        reference_layernorm=args.reference_layernorm, batch_size=args.batch_size, num_classes=args.classes,
-        device=device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats, compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing, peak_tflops=args.peak_tflops)
+        reference_repo=reference["import_root"] if reference else None, batch_size=args.batch_size,
+        num_classes=args.classes, device=device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
+        compile=args.compile, grad_checkpointing=args.grad_checkpointing, peak_tflops=args.peak_tflops)
     started = time.time()
     meta = {"command": "meddinov3 bench " + shlex.join(sys.argv[2:]), "device": device,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "environment": environment(device), "method": METHOD_NOTES, "complete": False}
+    if reference:
+        meta["reference"] = reference
 
     def save(results: list[dict]) -> None:
         if args.output:

@@ -120,3 +120,23 @@ def test_decoder_state_dict_keys_are_the_plain_module_layout():
     assert shapes["upsample.stages.3.1.bias"] == (2,)
     assert shapes["upsample.seg_head.weight"] == (3, 2, 1, 1)
     assert len(shapes) == 4 + 4 * 4 + 2  # projection, 4 stages (conv + norm, weight + bias each), head
+
+
+def test_decoder_layernorm_stays_in_the_autocast_dtype():
+    """Under bf16 autocast the GEMMs give bf16; the channel LayerNorm must keep it (CUDA autocast
+    would run layer_norm in fp32 and double the traffic of the decoder's largest tensors) and stay
+    accurate."""
+    torch.manual_seed(0)
+    norm = ChannelLayerNorm2d(48, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 100, 48) * 3 + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = norm.forward_tokens(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), norm.forward_tokens(x), rtol=0.02, atol=0.05)
+
+    net = MedDINOv3Net(1, 3, encoder="tiny")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net.decoder.forward_tokens([torch.randn(1, 4, 64) for _ in range(4)], (2, 2))
+    assert logits.dtype == torch.bfloat16 and logits.shape == (1, 3, 32, 32)

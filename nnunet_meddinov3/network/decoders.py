@@ -41,6 +41,13 @@ class ChannelLayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dtype in (torch.float16, torch.bfloat16):
+            # Autocast would run layer_norm in fp32 and hand fp32 to the GELU and the next GEMM: twice
+            # the memory traffic on the decoder's largest tensors. torch's kernels accumulate in fp32
+            # whatever the input dtype, so stay in the GEMM's dtype.
+            with torch.autocast(tokens.device.type, enabled=False):
+                return F.layer_norm(tokens, self.normalized_shape, self.weight.to(tokens.dtype),
+                                    self.bias.to(tokens.dtype), self.eps)
         return F.layer_norm(tokens, self.normalized_shape, self.weight, self.bias, self.eps)
 
 

@@ -180,3 +180,16 @@ def test_stochastic_depth_with_gradient_checkpointing_recomputes_the_same_subset
         grads.append([p.grad.clone() for p in enc.parameters() if p.grad is not None])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_stochastic_depth_refuses_what_it_cannot_subset():
+    enc = build_encoder("meddinov3_tiny", drop_path_rate=0.2).train()
+    block = enc.vit.blocks[0]
+    x = torch.randn(2, 7, 64)
+    with pytest.raises(NotImplementedError, match="no attention mask"):
+        block(x, attn_mask=torch.ones(2, 1, 7, 7, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="one RoPE table"):
+        block(x, rope=torch.randn(2, 1, 2, 32))
+    block.eval()  # inference has no stochastic depth, so nothing to refuse
+    rope = enc.vit.rope.get_embed(shape=(1, 2))
+    assert block(x, rope=rope, attn_mask=torch.ones(2, 1, 7, 7, dtype=torch.bool)).shape == x.shape

@@ -31,6 +31,17 @@ def test_plan_options_are_checked_before_anything_runs(tmp_path):
     assert proc.returncode != 0 and "nnUNet_raw, nnUNet_preprocessed not set" in proc.stderr
 
 
+def test_unknown_dataset_and_configuration_are_explained(tmp_path):
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "res"))
+    (tmp_path / "raw").mkdir()
+    proc = meddinov3(["plan_and_preprocess", "-d", "999"], env, tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "999" in proc.stderr and f"nnUNet_raw={tmp_path / 'raw'}" in proc.stderr
+    proc = meddinov3(["plan_and_preprocess", "-d", "999", "-c", "2D"], env, tmp_path)
+    assert proc.returncode == 2 and "invalid choice: '2D'" in proc.stderr
+
+
 def test_images_too_small_for_a_vit_get_a_clear_message(tmp_path):
     from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
     write_nnunet_raw_dataset(tmp_path / "raw", 503, name="Small", num_train=4, num_test=0, shape=(1, 24, 24))

@@ -14,7 +14,7 @@ from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, PATCH_SIZE
 def add_arguments(parser) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (as for nnUNetv2_* commands)")
     parser.add_argument("-c", "--configurations", nargs="+", default=["2d", "2d_highres"],
-                        help="configurations to preprocess (default: 2d 2d_highres)")
+                        choices=("2d", "2d_highres"), help="configurations to preprocess (default: 2d 2d_highres)")
     parser.add_argument("--vit", default="vitb16", choices=sorted(k for k in ENCODER_CONFIGS if "_" not in k),
                         help="ViT size written into the plans (default vitb16)")
     parser.add_argument("--decoder", default="multiscale", choices=sorted(DECODERS))
@@ -41,12 +41,19 @@ def run(args) -> int:
         preprocess_dataset,
     )
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.dataset_name_id_conversion import (
+        convert_dataset_name_to_id,
+        maybe_convert_to_dataset_name,
+    )
 
     from nnunet_meddinov3.training.planner import nnUNetPlannerMedDINOv3
 
-    dataset_name = maybe_convert_to_dataset_name(args.dataset)
-    dataset_id = int(dataset_name[7:10])
+    try:
+        dataset_name = maybe_convert_to_dataset_name(args.dataset)
+    except RuntimeError as e:  # nnU-Net's "could not find a dataset": say where it looked, no traceback
+        raise SystemExit(f"{str(e).splitlines()[0]} (nnUNet_raw={os.environ['nnUNet_raw']}, "
+                         f"nnUNet_preprocessed={os.environ['nnUNet_preprocessed']})") from None
+    dataset_id = convert_dataset_name_to_id(dataset_name)
     fingerprint = os.path.join(nnUNet_preprocessed, dataset_name, "dataset_fingerprint.json")
     if args.verify_dataset_integrity or not os.path.isfile(fingerprint):
         extract_fingerprint_dataset(dataset_id, num_processes=args.num_processes,
@@ -65,6 +72,8 @@ def run(args) -> int:
 
     if not args.no_preprocess:
         configurations = [c for c in args.configurations if c in plans["configurations"]]
+        for name in sorted(set(args.configurations) - set(configurations)):
+            print(f"{name}: not planned (--target-patch 0), so not preprocessed")
         preprocess_dataset(dataset_id, args.plans_name, configurations, [args.num_processes] * len(configurations))
     print(f"Train with: nnUNetv2_train {dataset_id} 2d FOLD -tr nnUNetTrainerMedDINOv3 -p {args.plans_name}")
     return 0

@@ -411,16 +411,18 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> LoadedCh
     return LoadedCheckpoint(state_dict=state, metadata=metadata, path=path)
 
 
-def build_encoder_from_checkpoint(path: str | os.PathLike, in_channels: int = 1, **overrides):
+def build_encoder_from_checkpoint(path: str | os.PathLike | LoadedCheckpoint, in_channels: int = 1,
+                                  **overrides):
     """Rebuild the encoder from the file's metadata, then load its weights strictly.
 
+    ``path`` may also be a checkpoint already read (and hash-checked) by :func:`read_checkpoint`.
     ``overrides`` change training-only settings (e.g. ``drop_path_rate``); anything that would
     change the numerics is refused by the strict load's architecture check.
     """
     from nnunet_meddinov3.checkpoints.loading import load_encoder_weights
     from nnunet_meddinov3.network.encoder import DINOv3Encoder
 
-    checkpoint = read_checkpoint(path)
+    checkpoint = path if isinstance(path, LoadedCheckpoint) else read_checkpoint(path)
     config = checkpoint.metadata.encoder_config()
     if overrides:
         config = config.replace(**overrides)

@@ -183,7 +183,7 @@ def cmd_verify(args) -> int:
     from nnunet_meddinov3.network.encoder import default_feature_layers
 
     checkpoint = read_checkpoint(args.file)  # checks both hashes
-    encoder = build_encoder_from_checkpoint(args.file, in_channels=args.in_channels).eval()
+    encoder = build_encoder_from_checkpoint(checkpoint, in_channels=args.in_channels).eval()
     layers = default_feature_layers(encoder.depth)
     x = torch.randn(1, args.in_channels, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -55,3 +55,19 @@ def test_images_too_small_for_a_vit_get_a_clear_message(tmp_path):
 def test_unknown_subcommand_and_help(tmp_path):
     proc = meddinov3([], dict(os.environ), tmp_path)
     assert proc.returncode == 2 and "plan_and_preprocess" in proc.stdout
+
+
+def test_env_reports_and_exports_the_trainer_folder(tmp_path):
+    from nnunet_meddinov3.cli.env import ext_trainer_folder
+
+    ours = ext_trainer_folder()
+    base = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    proc = meddinov3(["env"], base, tmp_path)
+    assert proc.returncode == 1 and "nnUNet_extTrainer: NOT SET" in proc.stdout and "eval" in proc.stdout
+    # the same folder written with a trailing slash is ours too, and export keeps other folders
+    other = str(tmp_path / "their_trainers")
+    env = dict(base, nnUNet_extTrainer=os.pathsep.join([other, ours + os.sep]))
+    proc = meddinov3(["env"], env, tmp_path)
+    assert proc.returncode == 0 and "nnUNet_extTrainer: set" in proc.stdout
+    proc = meddinov3(["env", "--export"], env, tmp_path)
+    assert proc.stdout.strip() == f"export nnUNet_extTrainer='{os.pathsep.join([ours, other])}'"

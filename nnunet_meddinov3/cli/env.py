@@ -18,11 +18,14 @@ def ext_trainer_folder() -> str:
     return str(Path(ext.__file__).resolve().parent)
 
 
+def _is_ours(entry: str) -> bool:
+    return bool(entry) and os.path.realpath(entry) == ext_trainer_folder()
+
+
 def ext_trainer_value(current: str | None = None) -> str:
     """``nnUNet_extTrainer`` with our folder added (kept first, others preserved)."""
-    ours = ext_trainer_folder()
-    others = [p for p in (current or "").split(os.pathsep) if p and os.path.abspath(p) != ours]
-    return os.pathsep.join([ours, *others])
+    others = [p for p in (current or "").split(os.pathsep) if p and not _is_ours(p)]
+    return os.pathsep.join([ext_trainer_folder(), *others])
 
 
 def add_arguments(parser) -> None:
@@ -35,7 +38,7 @@ def run(args) -> int:
     if args.export:
         print(f"export nnUNet_extTrainer='{value}'")
         return 0
-    ok = os.environ.get("nnUNet_extTrainer", "").split(os.pathsep).count(ext_trainer_folder()) > 0
+    ok = any(_is_ours(p) for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep))
     print(f"nnUNet_extTrainer: {'set' if ok else 'NOT SET'}")
     if not ok:
         print(f"  add to your shell profile:  export nnUNet_extTrainer='{value}'")

@@ -179,7 +179,7 @@ def test_trainer_fine_tunes_from_every_converter(workspace, fixtures, tmp_path):
         run(["meddinov3", "weights", "convert", str(src), str(dst), "--encoder", "meddinov3_tiny"],
             workspace["env"], tmp_path)
         converted.append(str(dst))
-    run(["python", "-c", LOAD_WITH_TRAINER, *converted], workspace["env"], tmp_path)
+    run([sys.executable, "-c", LOAD_WITH_TRAINER, *converted], workspace["env"], tmp_path)
     reference = build_encoder("meddinov3_tiny", in_channels=1, checkpoint=fixtures / "meddino_tiny_teacher.pth")
     for path in converted:
         loaded = torch.load(path + ".loaded.pt", weights_only=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -127,6 +126,3 @@ def run(args) -> int:
     print(f"\nTotal time {(time.time() - start) / 60:.1f} min. Results: {workdir / 'demo_results.json'}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(0)

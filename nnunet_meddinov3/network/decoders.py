@@ -51,11 +51,6 @@ class ChannelLayerNorm2d(nn.LayerNorm):
         return F.layer_norm(tokens, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-def _tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    b, _, c = tokens.shape
-    return tokens.transpose(1, 2).reshape(b, c, *grid)
-
-
 def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 

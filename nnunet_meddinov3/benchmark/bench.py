@@ -68,13 +68,6 @@ COMPILE_MODES = ("encoder", "network")
 # nnUNetTrainer: clip_grad_norm_(..., 12), SGD lr 1e-2, momentum 0.99, Nesterov, weight decay 3e-5.
 GRAD_CLIP_NORM = 12.0
 NNUNET_SGD = dict(lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-# nnUNetTrainerMedDINOv3: AdamW as training.optim.build_adamw makes it (fused), weight decay 0.05,
-# encoder/decoder LRs 3e-5/3e-4, drop path 0.2 while training. (Mirrored, not imported: the trainer
-# module pulls in all of nnU-Net's training stack, seconds per worker, and the values do not change
-# the cost of a step.)
-MEDDINOV3_LRS = dict(encoder_lr=3e-5, decoder_lr=3e-4)
-MEDDINOV3_WEIGHT_DECAY = 0.05
-MEDDINOV3_DROP_PATH = 0.2
 
 # The MedDINOv3 reference (github ricklisz/MedDINOv3). Its ``dinov3`` package lives at
 # REFERENCE_PACKAGE_PARENT inside the repository; our decoder name -> its network class.
@@ -309,9 +302,10 @@ def build_nnunet_network(config: BenchConfig):
 
 def build_meddinov3_network(config: BenchConfig):
     from nnunet_meddinov3.network import MedDINOv3Net
+    from nnunet_meddinov3.training import recipe
 
     return MedDINOv3Net(config.input_channels, config.num_classes, encoder=config.encoder, decoder=config.decoder,
-                        drop_path_rate=MEDDINOV3_DROP_PATH,
+                        drop_path_rate=recipe.DROP_PATH_RATE,
                         autocast_dtype="bf16" if config.dtype == "bf16" else None,
                         grad_checkpointing=config.grad_checkpointing)
 
@@ -404,9 +398,12 @@ def build_optimizer(model, config: BenchConfig):
         return torch.optim.SGD(model.parameters(), **NNUNET_SGD)
     if config.is_reference:
         return torch.optim.AdamW(reference_parameter_groups(model), betas=REFERENCE_ADAMW_BETAS)
+    from nnunet_meddinov3.training import recipe
     from nnunet_meddinov3.training.optim import build_adamw, parameter_groups
 
-    return build_adamw(parameter_groups(model, weight_decay=MEDDINOV3_WEIGHT_DECAY, **MEDDINOV3_LRS))
+    # nnUNetTrainerMedDINOv3's optimiser: its recipe's LRs and weight decay, fused AdamW
+    return build_adamw(parameter_groups(model, weight_decay=recipe.WEIGHT_DECAY, encoder_lr=recipe.ENCODER_LR,
+                                        decoder_lr=recipe.DECODER_LR))
 
 
 def deep_supervision_targets(labels, strides):

@@ -22,6 +22,7 @@ REFERENCE_REPO_ENV = "MEDDINOV3_REFERENCE_REPO"
 
 
 def add_arguments(parser) -> None:
+    from nnunet_meddinov3.benchmark.bench import COMPILE_MODES
     from nnunet_meddinov3.network import DECODERS, ENCODER_CONFIGS
 
     parser.add_argument("--encoders", nargs="+", default=["vitb16"], choices=sorted(ENCODER_CONFIGS),
@@ -39,7 +40,7 @@ def add_arguments(parser) -> None:
                         help="CUDA autocast dtype (default bf16); CPU always runs fp32, as nnU-Net does")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per phase (default 3)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per phase; the median counts (default 10)")
-    parser.add_argument("--compile", nargs="?", const="encoder", default=None, choices=("encoder", "network"),
+    parser.add_argument("--compile", nargs="?", const="encoder", default=None, choices=COMPILE_MODES,
                         help="torch.compile: 'encoder' (bare --compile) compiles each ViT block of our networks; "
                              "'network' compiles every whole network, the baseline included, as nnU-Net's "
                              "trainers do on CUDA")
@@ -99,8 +100,8 @@ def run(args) -> int:
             reference_root = resolve_reference_repo(args.reference_repo)
         except ReferenceRepoError as e:
             return _error(f"--reference-repo (default ${REFERENCE_REPO_ENV}): {e}")
-        reference = {"path": os.path.abspath(os.path.expanduser(args.reference_repo)), "import_root": reference_root,
-                     "commit": reference_commit(args.reference_repo)}
+        path = os.path.abspath(os.path.expanduser(args.reference_repo))
+        reference = {"path": path, "import_root": reference_root, "commit": reference_commit(path)}
         without = [d for d in args.decoders if d not in REFERENCE_DECODERS]
         if without:
             print(f"meddinov3 bench: note: no reference configuration for the {'/'.join(without)} decoder (the "

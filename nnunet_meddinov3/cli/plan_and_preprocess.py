@@ -9,19 +9,21 @@ import os
 
 from nnunet_meddinov3.network.decoders import DECODERS
 from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, PATCH_SIZE
+from nnunet_meddinov3.training import recipe
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (as for nnUNetv2_* commands)")
     parser.add_argument("-c", "--configurations", nargs="+", default=["2d", "2d_highres"],
                         choices=("2d", "2d_highres"), help="configurations to preprocess (default: 2d 2d_highres)")
-    parser.add_argument("--vit", default="vitb16", choices=sorted(k for k in ENCODER_CONFIGS if "_" not in k),
-                        help="ViT size written into the plans (default vitb16)")
-    parser.add_argument("--decoder", default="multiscale", choices=sorted(DECODERS))
-    parser.add_argument("--target-patch", type=int, default=896,
-                        help="longest side of the 2d_highres patch, a multiple of 16 (default 896; 0 disables it)")
+    parser.add_argument("--vit", default=recipe.ENCODER, choices=sorted(k for k in ENCODER_CONFIGS if "_" not in k),
+                        help=f"ViT size written into the plans (default {recipe.ENCODER})")
+    parser.add_argument("--decoder", default=recipe.DECODER, choices=sorted(DECODERS))
+    parser.add_argument("--target-patch", type=int, default=recipe.HIGHRES_PATCH,
+                        help=f"longest side of the 2d_highres patch, a multiple of 16 (default {recipe.HIGHRES_PATCH}; "
+                             f"0 disables it)")
     parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="memory target for the batch size")
-    parser.add_argument("--plans-name", default="nnUNetPlansMedDINOv3")
+    parser.add_argument("--plans-name", default=recipe.PLANS_NAME)
     parser.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 4)))
     parser.add_argument("--verify_dataset_integrity", action="store_true")
     parser.add_argument("--no-preprocess", action="store_true", help="only plan")

@@ -19,8 +19,9 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
 from nnunet_meddinov3.network.encoder import PATCH_SIZE, default_feature_layers, resolve_encoder_config
 from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
+from nnunet_meddinov3.training import recipe
 
-PLANS_NAME = "nnUNetPlansMedDINOv3"
+PLANS_NAME = recipe.PLANS_NAME
 
 
 def round_up(value: float, multiple: int = PATCH_SIZE) -> int:
@@ -60,10 +61,10 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
     """Options are class attributes (the constructor keeps ``ExperimentPlanner``'s signature,
     which ``plan_experiment_dataset`` relies on); ``meddinov3 plan_and_preprocess`` sets them."""
 
-    encoder = "vitb16"
-    decoder = "multiscale"
-    drop_path_rate = 0.2
-    highres_patch = 896
+    encoder = recipe.ENCODER
+    decoder = recipe.DECODER
+    drop_path_rate = recipe.DROP_PATH_RATE
+    highres_patch = recipe.HIGHRES_PATCH
     min_batch_size = 2
     max_batch_size = 64
 

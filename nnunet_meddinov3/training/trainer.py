@@ -25,6 +25,7 @@ from nnunet_meddinov3.network import MedDINOv3Net
 from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
 from nnunet_meddinov3.network.encoder import MEDDINOV3_LAYOUT
 from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, build_adamw, parameter_groups
+from nnunet_meddinov3.training import recipe
 
 WEIGHTS_ENV = "MEDDINOV3_WEIGHTS"
 
@@ -67,16 +68,16 @@ class nnUNetTrainerMedDINOv3(nnUNetTrainer):
     """MedDINOv3 ViT-B/16 CT weights, multi-scale aggregation decoder (the paper's recipe)."""
 
     # Architecture used when the plans are stock nnU-Net plans (their 2d network is a CNN).
-    encoder_size = "vitb16"
-    decoder = "multiscale"
-    drop_path_rate = 0.2
+    encoder_size = recipe.ENCODER
+    decoder = recipe.DECODER
+    drop_path_rate = recipe.DROP_PATH_RATE
     # Fixed by the weights this trainer fine-tunes: overrides whatever the plans say.
     encoder_layout = MEDDINOV3_LAYOUT
     encoder_size_override: str | None = None
     # Registry name or path; None trains from random initialisation.
     default_weights: str | None = "meddinov3-vitb16-ct3m"
-    encoder_lr = 3e-5
-    decoder_lr = 3e-4
+    encoder_lr = recipe.ENCODER_LR
+    decoder_lr = recipe.DECODER_LR
     layer_decay = 1.0
     freeze_encoder = False
     warmup_epochs = 0
@@ -88,7 +89,7 @@ class nnUNetTrainerMedDINOv3(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
-        self.weight_decay = 0.05
+        self.weight_decay = recipe.WEIGHT_DECAY
         apply_schedule_from_env(self, self.num_epochs_default, self.iterations_default, self.val_iterations_default)
         self.decoder_lr = _env("MEDDINOV3_DECODER_LR", float, self.decoder_lr)
         self.encoder_lr = _env("MEDDINOV3_ENCODER_LR", float, self.encoder_lr)

@@ -31,6 +31,7 @@ from nnunet_meddinov3.checkpoints.converters import (
     LayoutError,
     detect_layout,
 )
+from nnunet_meddinov3.data.intensity import MEDDINOV3_CT
 
 FORMAT_VERSION = 1
 METADATA_KEY = "meddinov3"  # safetensors metadata is str -> str: the whole header is one JSON string here
@@ -51,8 +52,7 @@ INTENSITY_FIELDS = {
     "unknown": (),
 }
 INTENSITY_PRESETS = {
-    # MedDINOv3's CT release: window [-1000, 1000] HU, mean 65.1084, std 178.0166 (authors' demo)
-    "ct-meddinov3": {"kind": "ct", "window": [-1000.0, 1000.0], "mean": 65.1084, "std": 178.0166},
+    "ct-meddinov3": MEDDINOV3_CT.to_dict(),  # MedDINOv3's CT release (window, mean, std: see MEDDINOV3_CT)
     "nnunet": {"kind": "nnunet"},
     "imagenet": {"kind": "imagenet", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     "unknown": {"kind": "unknown"},

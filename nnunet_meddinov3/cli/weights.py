@@ -18,10 +18,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-INTENSITY_CHOICES = ("ct-meddinov3", "nnunet", "imagenet", "unknown")
-
 
 def add_arguments(parser) -> None:
+    from nnunet_meddinov3.checkpoints.format import INTENSITY_PRESETS
+
     sub = parser.add_subparsers(dest="weights_command", metavar="ACTION")
     sub.add_parser("list", help="registered checkpoints, their licence and whether they are cached")
 
@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
     p.add_argument("src", help="source checkpoint: .pth/.pt/.bin, .safetensors, or a DCP directory")
     p.add_argument("dst", help="output .safetensors file")
     p.add_argument("--encoder", help="named encoder config (default: inferred from layout and shapes)")
-    p.add_argument("--intensity", choices=INTENSITY_CHOICES,
+    p.add_argument("--intensity", choices=list(INTENSITY_PRESETS),
                    help="intensity convention of the pretraining (default: imagenet for Meta's releases, else unknown)")
     p.add_argument("--licence", help="licence text to record (default: the DINOv3 License)")
     p.add_argument("--citation", help="citation to record")

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_meddinov3.checkpoints.format import INTENSITY_PRESETS as CHECKPOINT_INTENSITIES
+from nnunet_meddinov3.data.intensity import preset_from_dict
 
 DEFAULT_ENCODER = "meddinov3_vitb16"
 DEFAULT_INTENSITY = "ct-meddinov3"
@@ -112,14 +113,9 @@ def normalize(slice_: np.ndarray, volume: np.ndarray, intensity: dict) -> np.nda
     """Apply an intensity convention to a slice, with statistics from its volume where needed."""
     kind = intensity.get("kind")
     x = slice_.astype(np.float32)
-    if kind == "ct":
-        low, high = (float(v) for v in intensity["window"])
-        return (np.clip(x, low, high) - float(intensity["mean"])) / float(intensity["std"])
-    if kind == "mri":  # pretraining's MRIntensity: percentile clip, then z-score of the clipped volume
-        p_low, p_high = intensity.get("percentiles", (0.5, 99.5))
-        low, high = np.percentile(volume, [p_low, p_high])
-        clipped = np.clip(volume, low, high)
-        return (np.clip(x, low, high) - clipped.mean()) / max(float(clipped.std()), 1e-8)
+    if kind in ("ct", "mri"):  # pretraining's own presets
+        preset = preset_from_dict(intensity)
+        return preset.apply(x, preset.volume_stats(volume))
     if kind == "zscore":
         return (x - volume.mean()) / max(float(volume.std()), 1e-8)
     if kind == "imagenet":  # natural-image weights: [0, 1] like an 8-bit photo, then their mean/std
@@ -132,9 +128,7 @@ def normalize(slice_: np.ndarray, volume: np.ndarray, intensity: dict) -> np.nda
 def display_range(normalized: np.ndarray, intensity: dict) -> tuple[float, float]:
     """The normalised values shown as black and white (and used by the foreground rule)."""
     if intensity.get("kind") == "ct":
-        low, high = (float(v) for v in intensity["window"])
-        mean, std = float(intensity["mean"]), float(intensity["std"])
-        return (low - mean) / std, (high - mean) / std
+        return preset_from_dict(intensity).output_range()
     return float(normalized.min()), float(normalized.max())
 
 

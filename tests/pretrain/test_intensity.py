@@ -42,3 +42,10 @@ def test_mri_percentile_clip_and_zscore_per_volume():
     # a slice normalised with its volume's statistics equals the slice of the normalised volume
     stats = preset.volume_stats(volume)
     np.testing.assert_allclose(preset.apply(volume[3], stats), out[3], rtol=1e-5, atol=1e-6)
+
+
+def test_a_preset_with_a_missing_or_bad_field_is_named_as_such():
+    with pytest.raises(ValueError, match=r"needs \['mean', 'std', 'window'\], missing \['window'\]"):
+        preset_from_dict({"kind": "ct", "mean": 0.0, "std": 1.0})
+    with pytest.raises(ValueError, match="std must be a positive number"):
+        preset_from_dict({"kind": "ct", "window": [-1000, 1000], "mean": 0.0, "std": 0.0})

@@ -1,0 +1,99 @@
+"""Intensity normalisation presets, recorded as plain dicts in exported checkpoints.
+
+Pretraining normalises with them and ``meddinov3 features`` applies a checkpoint's recorded one,
+so both run this one implementation; :data:`MEDDINOV3_CT` is the only place its numbers live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CTIntensity:
+    """Fixed HU window then a global z-score: ``(clip(x, *window) - mean) / std``.
+
+    Defaults are MedDINOv3's: window [-1000, 1000] HU, mean 65.1084, std 178.0166 (the authors'
+    demo for the released encoder).
+    """
+
+    window: tuple[float, float] = (-1000.0, 1000.0)
+    mean: float = 65.1084
+    std: float = 178.0166
+    kind: ClassVar[str] = "ct"
+
+    def volume_stats(self, volume: np.ndarray) -> dict[str, float]:
+        """No per-volume statistics: CT intensities are absolute."""
+        return {}
+
+    def apply(self, array: np.ndarray, stats: dict[str, float] | None = None) -> np.ndarray:
+        clipped = np.clip(np.asarray(array, dtype=np.float32), *self.window)
+        return (clipped - np.float32(self.mean)) / np.float32(self.std)
+
+    def output_range(self) -> tuple[float, float] | None:
+        """The normalised values the window maps to."""
+        low, high = self.window
+        return (low - self.mean) / self.std, (high - self.mean) / self.std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "window": list(self.window), "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CTIntensity:
+        return cls(window=tuple(float(v) for v in d["window"]), mean=float(d["mean"]), std=float(d["std"]))
+
+
+@dataclass(frozen=True)
+class MRIntensity:
+    """Per-volume percentile clip then z-score of the clipped volume.
+
+    ``clip(x, p_low, p_high)`` with the volume's ``percentiles`` (0.5 / 99.5 by default), then
+    ``(x - mean) / std`` with mean and std of the clipped volume. The statistics must come from
+    the whole volume (:meth:`volume_stats`), not from a slice.
+    """
+
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    kind: ClassVar[str] = "mri"
+
+    def volume_stats(self, volume: np.ndarray) -> dict[str, float]:
+        volume = np.asarray(volume, dtype=np.float32)
+        low, high = np.percentile(volume, self.percentiles)
+        clipped = np.clip(volume, low, high)
+        return {"low": float(low), "high": float(high), "mean": float(clipped.mean()), "std": float(clipped.std())}
+
+    def apply(self, array: np.ndarray, stats: dict[str, float] | None = None) -> np.ndarray:
+        """Normalise ``array`` with ``stats`` of its volume (computed from ``array`` itself when omitted)."""
+        array = np.asarray(array, dtype=np.float32)
+        stats = stats or self.volume_stats(array)
+        clipped = np.clip(array, stats["low"], stats["high"])
+        return (clipped - np.float32(stats["mean"])) / np.float32(max(stats["std"], 1e-8))
+
+    def output_range(self) -> tuple[float, float] | None:
+        """Data dependent: no fixed range."""
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "percentiles": list(self.percentiles)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MRIntensity:
+        return cls(percentiles=tuple(float(v) for v in d["percentiles"]))
+
+
+IntensityPreset = CTIntensity | MRIntensity
+_PRESETS = {CTIntensity.kind: CTIntensity, MRIntensity.kind: MRIntensity}
+
+MEDDINOV3_CT = CTIntensity()
+
+
+def preset_from_dict(d: dict[str, Any]) -> IntensityPreset:
+    """Rebuild a preset from its :meth:`to_dict` form (dispatching on ``kind``)."""
+    from nnunet_meddinov3.checkpoints.format import validate_intensity
+
+    cls = _PRESETS.get(d.get("kind")) if isinstance(d, dict) else None
+    if cls is None:
+        raise ValueError(f"unknown intensity preset {d!r}")
+    return cls.from_dict(validate_intensity(d))  # a missing or bad field is named, not "unknown preset"

@@ -461,8 +461,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, encode
     written, and the written file is read back with its hashes checked.
     """
     from nnunet_meddinov3.checkpoints.converters import infer_encoder_config
-    from nnunet_meddinov3.checkpoints.loading import read_source
-    from nnunet_meddinov3.network.encoder import _DTYPES, reference_rope_periods, resolve_encoder_config
+    from nnunet_meddinov3.checkpoints.loading import read_source, with_reference_periods, without_zero_qkv_biases
+    from nnunet_meddinov3.network.encoder import resolve_encoder_config
 
     src = Path(src)
     source = read_source(src)
@@ -475,11 +475,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, encode
     else:
         config = infer_encoder_config(state, source.layout, **_hf_config_hints(src))
 
-    if PERIODS_KEY not in state:  # timm / HF: the reference periods the weights were trained with
-        state[PERIODS_KEY] = reference_rope_periods(config).to(_DTYPES[config.rope_dtype])
-    biases = [k for k in state if k.endswith(("attn.q_bias", "attn.v_bias"))]
-    if not config.qkv_bias and biases and all(not bool(state[k].abs().max() > 0) for k in biases):
-        state = {k: v for k, v in state.items() if k not in biases}  # all-zero biases: dropping them is exact
+    state = without_zero_qkv_biases(with_reference_periods(state, config), config)
 
     if isinstance(intensity, str):
         if intensity not in INTENSITY_PRESETS:

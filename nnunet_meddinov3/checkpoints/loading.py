@@ -13,8 +13,6 @@ from nnunet_meddinov3.checkpoints.converters import (
     PATCH_EMBED_KEY,
     PERIODS_KEY,
     ENCODER_PREFIX,
-    LayoutError,
-    is_dcp_checkpoint,
     read_dcp_backbone,
     to_encoder_layout,
 )
@@ -40,9 +38,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         from nnunet_meddinov3.checkpoints.format import read_checkpoint
         return read_checkpoint(path).state_dict
     if path.is_dir():
-        if not is_dcp_checkpoint(path):
-            raise ValueError(f"'{path}' is a folder but not a torch.distributed.checkpoint directory (no .metadata)")
-        return read_dcp_backbone(path)[0]
+        return read_dcp_backbone(path)[0]  # refuses a folder that is not a DCP checkpoint
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -73,6 +69,32 @@ def adapt_patch_embed(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return (summed / in_channels).repeat(1, in_channels, 1, 1)
 
 
+QKV_BIAS_SUFFIXES = ("attn.q_bias", "attn.v_bias")
+
+
+def has_nonzero_qkv_bias(state: dict) -> bool:
+    return any(bool(v.abs().max() > 0) for k, v in state.items() if k.endswith(QKV_BIAS_SUFFIXES))
+
+
+def without_zero_qkv_biases(state: dict, config) -> dict:
+    """``state`` without its q/v biases when ``config`` has none and they are all zero (Meta's
+    distilled B/L/H files carry such biases): dropping them is exact."""
+    if config.qkv_bias or has_nonzero_qkv_bias(state):
+        return state
+    return {k: v for k, v in state.items() if not k.endswith(QKV_BIAS_SUFFIXES)}
+
+
+def with_reference_periods(state: dict, config) -> dict:
+    """``state`` with the RoPE periods the reference computes for ``config`` (bf16-rounded, in its
+    RoPE dtype) when it stores none: timm and Hugging Face files never do, and the weights were
+    trained with those."""
+    from nnunet_meddinov3.network.encoder import _DTYPES, reference_rope_periods
+
+    if PERIODS_KEY in state:
+        return state
+    return {**state, PERIODS_KEY: reference_rope_periods(config).to(_DTYPES[config.rope_dtype])}
+
+
 def describe_checkpoint(state: dict) -> dict:
     """Architecture facts readable from encoder-layout tensor shapes alone."""
     facts = {}
@@ -83,8 +105,7 @@ def describe_checkpoint(state: dict) -> dict:
         facts["depth"] = max(blocks) + 1
     reg = state.get(f"{ENCODER_PREFIX}reg_token")
     facts["n_storage_tokens"] = 0 if reg is None else reg.shape[1]
-    q_biases = [v for k, v in state.items() if k.endswith("attn.q_bias") or k.endswith("attn.v_bias")]
-    facts["qkv_bias"] = bool(q_biases) and any(bool(v.abs().max() > 0) for v in q_biases)
+    facts["qkv_bias"] = has_nonzero_qkv_bias(state)
     if PERIODS_KEY in state and "embed_dim" in facts:
         head_dim = 4 * state[PERIODS_KEY].numel()
         facts["num_heads"] = facts["embed_dim"] // head_dim
@@ -141,10 +162,8 @@ def architecture_differences(recorded: dict, config, state: dict | None = None) 
     """
     ours = config.to_dict()
     diffs = {k: (recorded.get(k), ours[k]) for k in ARCHITECTURE_FIELDS if recorded.get(k) != ours[k]}
-    if diffs.get("qkv_bias") == (True, False) and state is not None:
-        biases = [v for k, v in state.items() if k.endswith(("attn.q_bias", "attn.v_bias"))]
-        if all(not bool(v.abs().max() > 0) for v in biases):
-            del diffs["qkv_bias"]
+    if diffs.get("qkv_bias") == (True, False) and state is not None and not has_nonzero_qkv_bias(state):
+        del diffs["qkv_bias"]
     return diffs
 
 
@@ -187,8 +206,6 @@ def load_encoder_weights(encoder, source, *, verbose: bool = False) -> str:
     in this project's format, every architecture field (LayerNorm eps, RoPE settings, ...) in
     which the file's metadata and the encoder's config differ; nothing is loaded in that case.
     """
-    from nnunet_meddinov3.network.encoder import reference_rope_periods
-
     raw, recorded, name, own_layout = _read_source(source)
     state, layout = to_encoder_layout(raw)
     layout = own_layout or layout
@@ -196,13 +213,10 @@ def load_encoder_weights(encoder, source, *, verbose: bool = False) -> str:
 
     if PATCH_EMBED_KEY in state and PATCH_EMBED_KEY in target:
         state[PATCH_EMBED_KEY] = adapt_patch_embed(state[PATCH_EMBED_KEY], target[PATCH_EMBED_KEY].shape[1])
-    if PERIODS_KEY not in state and layout in ("timm", "hf_transformers"):
-        # timm and HF never store periods; the weights were trained with the reference's (bf16-rounded) ones
-        state[PERIODS_KEY] = reference_rope_periods(encoder.config)
+    if layout in ("timm", "hf_transformers"):
+        state = with_reference_periods(state, encoder.config)
     facts = describe_checkpoint(state)
-    if not encoder.config.qkv_bias and not facts["qkv_bias"]:
-        # Official distilled B/L/H files carry all-zero qkv biases: dropping them is exact.
-        state = {k: v for k, v in state.items() if not k.endswith(("attn.q_bias", "attn.v_bias"))}
+    state = without_zero_qkv_biases(state, encoder.config)
 
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
@@ -244,9 +258,7 @@ def read_source(path: str | os.PathLike) -> SourceCheckpoint:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if path.is_dir():
-        if not is_dcp_checkpoint(path):
-            raise LayoutError(f"'{path}' is a folder but not a torch.distributed.checkpoint directory (no .metadata)")
-        raw, prefix = read_dcp_backbone(path)
+        raw, prefix = read_dcp_backbone(path)  # refuses a folder that is not a DCP checkpoint
         state, _ = to_encoder_layout(raw)
         return SourceCheckpoint(path, "dinov3_dcp", raw, state, details={"dcp_prefix": prefix})
     if path.suffix == ".safetensors":

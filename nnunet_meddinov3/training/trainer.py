@@ -73,7 +73,8 @@ class nnUNetTrainerMedDINOv3(nnUNetTrainer):
     drop_path_rate = recipe.DROP_PATH_RATE
     # Fixed by the weights this trainer fine-tunes: overrides whatever the plans say.
     encoder_layout = MEDDINOV3_LAYOUT
-    encoder_size_override: str | None = None
+    # Network arguments a variant fixes whatever the plans say (e.g. the tiny encoder).
+    network_overrides: dict = {}
     # Registry name or path; None trains from random initialisation.
     default_weights: str | None = "meddinov3-vitb16-ct3m"
     encoder_lr = recipe.ENCODER_LR
@@ -113,8 +114,7 @@ class nnUNetTrainerMedDINOv3(nnUNetTrainer):
             kwargs = dict(configuration_manager.network_arch_init_kwargs)
         else:
             kwargs = dict(encoder=cls.encoder_size, decoder=cls.decoder, drop_path_rate=cls.drop_path_rate)
-        if cls.encoder_size_override is not None:
-            kwargs["encoder"] = cls.encoder_size_override
+        kwargs.update(cls.network_overrides)
         kwargs["encoder_overrides"] = {**kwargs.get("encoder_overrides", {}), **cls.encoder_layout}
         return kwargs
 
@@ -196,7 +196,7 @@ class nnUNetTrainerMedDINOv3_Tiny(nnUNetTrainerMedDINOv3):
     """A 4-block, 64-wide encoder for CPUs: the demo and the tests. Random init unless
     MEDDINOV3_WEIGHTS points at a tiny checkpoint."""
 
-    encoder_size_override = "meddinov3_tiny"
+    network_overrides = {"encoder": "meddinov3_tiny"}
     default_weights = None
     encoder_lr = 3e-4
     decoder_lr = 1e-3

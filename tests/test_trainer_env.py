@@ -22,3 +22,28 @@ def test_bad_values_name_the_variable(monkeypatch):
         _env("MEDDINOV3_FREEZE_ENCODER", _flag, False)
     monkeypatch.setenv("MEDDINOV3_FREEZE_ENCODER", "yes")
     assert _env("MEDDINOV3_FREEZE_ENCODER", _flag, False) is True
+
+
+def _configuration(architecture: dict):
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    return ConfigurationManager({"architecture": architecture, "patch_size": [64, 64], "batch_size": 2})
+
+
+@pytest.mark.parametrize("plans", ["ours", "stock"])
+def test_a_variant_trains_the_network_its_name_says_on_any_plans(plans):
+    from nnunet_meddinov3.network.decoders import BottleneckDecoder, MultiScaleAggregationDecoder
+    from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
+    from nnunet_meddinov3.training.planner import nnUNetPlannerMedDINOv3
+    from nnunet_meddinov3.training.trainer import nnUNetTrainerMedDINOv3_Tiny, nnUNetTrainerMedDINOv3_TinyBottleneck
+
+    if plans == "ours":  # what meddinov3 plan_and_preprocess writes (multi-scale decoder)
+        architecture = nnUNetPlannerMedDINOv3.architecture(nnUNetPlannerMedDINOv3.__new__(nnUNetPlannerMedDINOv3))
+        assert architecture["network_class_name"] == NETWORK_CLASS_NAME
+    else:  # stock nnUNetPlans: a CNN the MedDINOv3 trainers replace with their class defaults
+        architecture = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                        "arch_kwargs": {}, "_kw_requires_import": []}
+    for trainer, decoder in ((nnUNetTrainerMedDINOv3_Tiny, MultiScaleAggregationDecoder),
+                             (nnUNetTrainerMedDINOv3_TinyBottleneck, BottleneckDecoder)):
+        net = trainer.build_network_architecture(None, _configuration(architecture), 1, 3)
+        assert type(net.decoder) is decoder and net.encoder.embed_dim == 64

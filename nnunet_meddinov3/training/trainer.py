@@ -187,9 +187,10 @@ class nnUNetTrainerMedDINOv3_LLRD(nnUNetTrainerMedDINOv3):
 
 
 class nnUNetTrainerMedDINOv3_Bottleneck(nnUNetTrainerMedDINOv3):
-    """Cheaper decoder: 1x1 projection of the concatenated features to the embedding width."""
+    """Cheaper decoder: 1x1 projection of the concatenated features to the embedding width
+    (whatever decoder the plans name: the trainer's name says which network it trains)."""
 
-    decoder = "bottleneck"
+    network_overrides = {"decoder": "bottleneck"}
 
 
 class nnUNetTrainerMedDINOv3_Tiny(nnUNetTrainerMedDINOv3):
@@ -228,4 +229,4 @@ class nnUNetTrainerShortSchedule(nnUNetTrainer):
 class nnUNetTrainerMedDINOv3_TinyBottleneck(nnUNetTrainerMedDINOv3_Tiny):
     """The tiny CPU model with the bottleneck decoder, to compare decoders on the demo dataset."""
 
-    decoder = "bottleneck"
+    network_overrides = {**nnUNetTrainerMedDINOv3_Tiny.network_overrides, "decoder": "bottleneck"}

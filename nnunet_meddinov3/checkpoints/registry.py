@@ -9,6 +9,7 @@ import yaml
 
 REGISTRY_FILE = Path(__file__).with_name("registry.yaml")  # a link to weights/registry.yaml
 CACHE_ENV = "MEDDINOV3_CACHE"
+WEIGHTS_ENV = "MEDDINOV3_WEIGHTS"  # the encoder weights a MedDINOv3 trainer starts from
 
 
 def cache_dir() -> Path:

@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from nnunet_meddinov3.checkpoints.registry import WEIGHTS_ENV
+
 DATASET_ID = 501
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_SyntheticCT"
 PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Preprocessing dataset",
@@ -44,9 +46,9 @@ def _environment(workdir: Path, args) -> dict:
         MEDDINOV3_EPOCHS=str(args.epochs), MEDDINOV3_ITERATIONS=str(args.iterations),
         MEDDINOV3_VAL_ITERATIONS=str(max(1, args.iterations // 5)),
     )
-    env.pop("MEDDINOV3_WEIGHTS", None)
+    env.pop(WEIGHTS_ENV, None)
     if args.weights:
-        env["MEDDINOV3_WEIGHTS"] = args.weights
+        env[WEIGHTS_ENV] = args.weights
     return env
 
 

@@ -46,7 +46,7 @@ def run(args) -> int:
     for name in NNUNET_FOLDERS:
         val = os.environ.get(name)
         print(f"{name}: {val if val else 'NOT SET (nnU-Net needs it; see the nnU-Net docs on paths)'}")
-    from nnunet_meddinov3.checkpoints.registry import CACHE_ENV, cache_dir
+    from nnunet_meddinov3.checkpoints.registry import CACHE_ENV, WEIGHTS_ENV, cache_dir
     print(f"{CACHE_ENV} (weights cache): {cache_dir()}")
-    print(f"MEDDINOV3_WEIGHTS: {os.environ.get('MEDDINOV3_WEIGHTS') or 'not set (trainer defaults apply)'}")
+    print(f"{WEIGHTS_ENV}: {os.environ.get(WEIGHTS_ENV) or 'not set (trainer defaults apply)'}")
     return 0 if ok else 1

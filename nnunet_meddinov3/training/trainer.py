@@ -21,13 +21,13 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_meddinov3.checkpoints import load_encoder_weights, resolve_weights
+from nnunet_meddinov3.checkpoints.registry import WEIGHTS_ENV
 from nnunet_meddinov3.network import MedDINOv3Net
 from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
 from nnunet_meddinov3.network.encoder import MEDDINOV3_LAYOUT
 from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, build_adamw, parameter_groups
 from nnunet_meddinov3.training import recipe
 
-WEIGHTS_ENV = "MEDDINOV3_WEIGHTS"
 
 
 def _env(name: str, cast, default):

@@ -98,7 +98,6 @@ def test_tiny_bench_via_console_script(tmp_path, standin):
 
 
 def test_wrong_reference_repo_exits_2_naming_both_layouts(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["meddinov3"])
     monkeypatch.delenv("MEDDINOV3_REFERENCE_REPO", raising=False)
     assert main(["bench", *TINY, "--device", "cpu", "--reference-repo", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -221,8 +220,7 @@ def test_deep_supervision_targets_match_the_outputs():
     assert targets[0] is labels
 
 
-def test_bad_patch_size_is_refused(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["meddinov3"])
+def test_bad_patch_size_is_refused(capsys):
     assert main(["bench", *TINY[:2], "--patch-sizes", "72", "--device", "cpu"]) == 2
     assert "multiples of 16" in capsys.readouterr().err
     assert main(["bench", *TINY[:2], "--patch-sizes", "144", "--device", "cpu"]) == 2

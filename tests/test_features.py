@@ -1,5 +1,4 @@
 """``meddinov3 features``: PNG size for both fixture checkpoints, 2D and 3D inputs, and the errors."""
-import sys
 
 import numpy as np
 import pytest
@@ -33,7 +32,6 @@ def png_path(tmp_path_factory):
 
 
 def run_features(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["meddinov3"])  # main() rewrites sys.argv; restored after the test
     return main(["features", *map(str, args)])
 
 

@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -56,7 +55,6 @@ def nnunet_env(trained, monkeypatch):
     for key, value in trained["env"].items():
         if key.startswith(("nnUNet", "MEDDINOV3", "OMP")):
             monkeypatch.setenv(key, value)
-    monkeypatch.setattr(sys, "argv", ["meddinov3"])  # main() rewrites sys.argv
     threads = torch.get_num_threads()  # -device cpu sets one thread per core, as nnUNetv2_predict does
     yield trained
     torch.set_num_threads(threads)

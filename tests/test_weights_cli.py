@@ -5,7 +5,6 @@ so they stay quick); the other cases call the same entry point in-process to kee
 """
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -20,7 +19,6 @@ def weights_cli(*args, env=None, timeout=120):
 @pytest.fixture()
 def run_main(monkeypatch, capsys):
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["meddinov3"])
         code = main(["weights", *map(str, args)])
         out = capsys.readouterr()
         return code, out.out, out.err

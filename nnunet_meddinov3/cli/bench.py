@@ -121,7 +121,7 @@ def run(args) -> int:
         num_classes=args.classes, device=device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
         compile=args.compile, grad_checkpointing=args.grad_checkpointing, peak_tflops=args.peak_tflops)
     started = time.time()
-    meta = {"command": "meddinov3 bench " + shlex.join(sys.argv[2:]), "device": device,
+    meta = {"command": "meddinov3 " + shlex.join(args.argv), "device": device,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "environment": environment(device), "method": METHOD_NOTES, "complete": False}
     if reference:

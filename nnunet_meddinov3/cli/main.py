@@ -22,11 +22,11 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="meddinov3", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
-    wanted = sys.argv[1] if len(sys.argv) > 1 else None
+    wanted = argv[0] if argv else None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         # Only the chosen subcommand's module is imported; the others just show their help line.
@@ -43,10 +43,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser, modules = build_parser()
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, modules = build_parser(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given, for reports that record it
     if args.command is None:
         parser.print_help()
         return 2

@@ -59,8 +59,10 @@ class TrainerResults:
 
 
 def trainer_folder(results_dataset_dir: str, trainer: str, plans: str, configuration: str) -> str:
-    """nnU-Net's output folder of one trainer (``convert_trainer_plans_config_to_identifier``)."""
-    return os.path.join(results_dataset_dir, f"{trainer}__{plans}__{configuration}")
+    """nnU-Net's output folder of one trainer."""
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+    return os.path.join(results_dataset_dir, convert_trainer_plans_config_to_identifier(trainer, plans, configuration))
 
 
 def case_identifier(file_name: str, file_ending: str | None = None) -> str:
@@ -127,7 +129,9 @@ def _no_results_message(results_dataset_dir: str, trainer: str, plans: str, conf
                     and os.path.isdir(os.path.join(results_dataset_dir, d)))
     if others:
         lines.append(f"Result folders for configuration {configuration} that do exist: {', '.join(others)}")
-    dataset_id = int(os.path.basename(os.path.normpath(results_dataset_dir))[7:10])
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
+    dataset_id = convert_dataset_name_to_id(os.path.basename(os.path.normpath(results_dataset_dir)))
     lines.append(f"Create them with: nnUNetv2_train {dataset_id} {configuration} FOLD -tr {trainer} -p {plans}"
                  f"  (FOLD = {' '.join(map(str, folds))})")
     return "\n".join(lines)

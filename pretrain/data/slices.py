@@ -16,10 +16,11 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -221,7 +222,8 @@ class SliceDataset:
     exclude: the leakage guard; excluded volumes are never read.
     cache_dtype: "int16" (rounded HU; the CT default) or "float32" (the default otherwise).
 
-    With several processes (DDP), build the dataset on one rank first, then on the others.
+    With several processes (DDP), build the dataset on one rank only and hand its ``index`` to the
+    others (:meth:`from_index`): they then neither scan the data nor write the cache.
     """
 
     def __init__(
@@ -288,7 +290,34 @@ class SliceDataset:
             "volumes": self.volumes,
         }
         self._write_json(self.index_path, self.index)
+        self._set_slices()
 
+    @classmethod
+    def from_index(cls, index: dict[str, Any], cache_dir: str | os.PathLike,
+                   preset: IntensityPreset = MEDDINOV3_CT) -> SliceDataset:
+        """The dataset another construction built, from its ``index`` (e.g. sent by the rank that
+        built it), over the same ``cache_dir``: no volume is scanned or read and nothing is written.
+        ``preset`` must be the one the index was built with."""
+        if index.get("version") != INDEX_VERSION:
+            raise ValueError(f"slice index version {index.get('version')!r}, expected {INDEX_VERSION}")
+        if index["config"]["preset"] != preset.to_dict():
+            raise ValueError(f"the slice index was built with the intensity preset {index['config']['preset']}, "
+                             f"not {preset.to_dict()}")
+        dataset = cls.__new__(cls)
+        dataset.preset = preset
+        dataset.cache_dir = Path(cache_dir)
+        dataset.index_path = dataset.cache_dir / "index.json"
+        exclusion = index["exclusion"]
+        dataset.exclusion = Exclusion(frozenset(exclusion["case_ids"]), tuple(exclusion["origins"]))
+        dataset.cache_config = index["config"]
+        dataset.volumes = index["volumes"]
+        dataset.reused_cache = True
+        dataset.index = index
+        dataset._set_slices()
+        return dataset
+
+    def _set_slices(self) -> None:
+        """The flat item -> (volume, slice) tables of ``self.volumes``."""
         counts = [len(v["slices"]) for v in self.volumes]
         self._volume_of = np.repeat(np.arange(len(self.volumes), dtype=np.int32), counts)
         self._slice_of = np.zeros(0, dtype=np.int32)
@@ -345,10 +374,7 @@ class SliceDataset:
             stored = array.astype(np.float32)
         cache_file = f"volumes/{_cache_file_name(source.key)}"
         path = self.cache_dir / cache_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, stored)
-        os.replace(tmp, path)  # readers never see a half-written file
+        _replace_file(path, lambda f: np.save(f, stored))
         return {
             "key": source.key,
             "case_id": source.case_id,
@@ -366,7 +392,19 @@ class SliceDataset:
 
     @staticmethod
     def _write_json(path: Path, data: dict[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
+        _replace_file(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+
+
+def _replace_file(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """(Re)write ``path`` with ``write(binary file)`` through a temporary file in the same folder,
+    renamed into place: readers never see a half-written file, and the temporary name is this
+    writer's own, so two writers of the same file cannot write into each other's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
         os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -34,7 +34,7 @@ from ..model import (
 )
 from ..optim import Schedules, apply_schedules, build_optimizer, clip_gradients
 from . import checkpoint as ckpt
-from .data import build_loader, build_slice_dataset
+from .data import build_loader, build_slice_dataset, slice_dataset_from_index
 from .distributed import (
     DistributedContext,
     autocast,
@@ -196,13 +196,13 @@ class Trainer:
             (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     def _build_slices(self):
-        # one rank builds the cache, the others then re-use it
+        # the main rank alone scans the data and writes the cache and its index; the others take
+        # its index (the broadcast also waits for the cache to be complete)
         ctx = self.context
-        if ctx.is_main:
-            slices = build_slice_dataset(self.config, self.cache_dir)
-        ctx.barrier()
+        slices = build_slice_dataset(self.config, self.cache_dir) if ctx.is_main else None
+        index = ctx.broadcast_object(slices.index if ctx.is_main else None)
         if not ctx.is_main:
-            slices = build_slice_dataset(self.config, self.cache_dir)
+            slices = slice_dataset_from_index(self.config, self.cache_dir, index)
         return slices
 
     def _initialise_weights(self) -> None:

@@ -135,3 +135,55 @@ def test_changed_source_file_is_read_again(ct_sources, tmp_path):
 def test_duplicate_roots_are_rejected(ct_sources, tmp_path):
     with pytest.raises(ValueError, match="duplicate"):
         SliceDataset([ct_sources["nifti"], ct_sources["nifti"]], tmp_path / "cache")
+
+
+def test_from_index_reuses_the_built_dataset_without_scanning_or_writing(ct_sources, tmp_path, monkeypatch):
+    built = SliceDataset(roots(ct_sources), tmp_path / "cache", exclude=Exclusion.from_case_ids(["synth_900"]))
+    written = built.index_path.read_bytes()
+    mtime = built.index_path.stat().st_mtime_ns
+
+    import pretrain.data.slices as slices_module
+
+    def no_scan(root):
+        raise AssertionError("from_index must not scan the data")
+
+    monkeypatch.setattr(slices_module, "find_volumes", no_scan)
+    index = json.loads(json.dumps(built.index))  # as another process receives it
+    other = SliceDataset.from_index(index, tmp_path / "cache", MEDDINOV3_CT)
+    assert built.index_path.read_bytes() == written and built.index_path.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["index.json", "volumes"]
+    assert len(other) == len(built) and other.manifest_sha256 == built.manifest_sha256
+    assert other.excluded == built.excluded and other.exclusion == built.exclusion
+    assert [other.slice_location(i) for i in range(len(other))] == [built.slice_location(i) for i in range(len(built))]
+    np.testing.assert_array_equal(other[5], built[5])
+
+    with pytest.raises(ValueError, match="intensity preset"):
+        SliceDataset.from_index(index, tmp_path / "cache", type(MEDDINOV3_CT)(window=(-100.0, 100.0)))
+
+
+def test_each_write_has_its_own_temporary_file(ct_sources, tmp_path, monkeypatch):
+    import pretrain.data.slices as slices_module
+
+    renamed = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        renamed.append((os.path.basename(src), os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(slices_module.os, "replace", recording_replace)
+    for cache in ("a", "b"):  # two writers of the same index and volume file names
+        SliceDataset([ct_sources["nifti"]], tmp_path / cache)
+    temporaries = [src for src, _ in renamed]
+    assert len(renamed) == 2 * 3 and len(set(temporaries)) == len(temporaries)  # 2 volumes + index, twice
+    assert [dst for _, dst in renamed].count("index.json") == 2
+    assert all(src.startswith(dst + ".") and src.endswith(".tmp") for src, dst in renamed)
+    # nothing is left behind, also when a write fails
+    def failing_save(file, array):
+        file.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(slices_module.np, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        SliceDataset([ct_sources["nifti"]], tmp_path / "c")
+    assert list((tmp_path / "c" / "volumes").iterdir()) == []

@@ -176,11 +176,6 @@ def update_ema(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 # --- released weights (continued pretraining) --------------------------------------------------------
 
 
-def _training_dict(raw: dict) -> dict:
-    """The teacher/student dict of a dinov3 training checkpoint, else the dict itself."""
-    return raw["teacher"] if isinstance(raw.get("teacher"), dict) else raw
-
-
 def load_released_weights(network: SSLNetwork, source: str) -> dict:
     """Load released backbone weights (any DINOv3 layout, strict) into ``network``.
 
@@ -189,19 +184,26 @@ def load_released_weights(network: SSLNetwork, source: str) -> dict:
     ``mask_token`` but no heads). Returns what was loaded and the weights' licence.
     """
     from nnunet_meddinov3.checkpoints import load_encoder_weights, resolve_weights
+    from nnunet_meddinov3.checkpoints.converters import teacher_state
     from nnunet_meddinov3.checkpoints.format import DINOV3_LICENCE, read_checkpoint
-    from nnunet_meddinov3.checkpoints.loading import read_state_dict
+    from nnunet_meddinov3.checkpoints.loading import CheckpointMismatchError, read_state_dict
 
-    layout = load_encoder_weights(network.encoder, source)
-    path = resolve_weights(source)
-    info = {"source": str(source), "layout": layout, "heads_loaded": False, "mask_token_loaded": False}
+    path = resolve_weights(source)  # the file is read once, here
     if path.suffix == ".safetensors":  # this project's format: encoder keys only, licence recorded
-        metadata = read_checkpoint(path).metadata
-        info["licence"] = metadata.licence or DINOV3_LICENCE
-        info["stages"] = list(metadata.stages)
+        checkpoint = read_checkpoint(path)
+        layout = load_encoder_weights(network.encoder, checkpoint)  # its errors name checkpoint.path
+        info = {"source": str(source), "layout": layout, "heads_loaded": False, "mask_token_loaded": False}
+        info["licence"] = checkpoint.metadata.licence or DINOV3_LICENCE
+        info["stages"] = list(checkpoint.metadata.stages)
         return info
+    state = read_state_dict(path)
+    try:
+        layout = load_encoder_weights(network.encoder, state)
+    except CheckpointMismatchError as e:  # given a dict, the loader cannot name the file
+        raise CheckpointMismatchError(f"'{path}': {e}") from e
+    info = {"source": str(source), "layout": layout, "heads_loaded": False, "mask_token_loaded": False}
     info["licence"] = DINOV3_LICENCE  # Meta's and MedDINOv3's released weights
-    raw = _training_dict(read_state_dict(path))
+    raw = teacher_state(state)
     for key in ("backbone.mask_token", "mask_token"):
         token = raw.get(key)
         if isinstance(token, torch.Tensor) and token.numel() == network.backbone.mask_token.numel():

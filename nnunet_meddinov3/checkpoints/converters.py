@@ -52,9 +52,16 @@ def _what_it_looks_like(keys: list[str]) -> str:
     return ""
 
 
+def teacher_state(state: dict) -> dict:
+    """The ``'teacher'`` dict of a dinov3 training checkpoint (``{'teacher': {'backbone.*', heads}}``),
+    else ``state`` itself."""
+    teacher = state.get("teacher")
+    return teacher if isinstance(teacher, dict) else state
+
+
 def detect_layout(state: dict) -> str:
     """Name the layout of a (possibly nested) checkpoint dict (only key names are looked at)."""
-    if "teacher" in state and isinstance(state["teacher"], dict):
+    if teacher_state(state) is not state:
         return "dinov3_training"  # MedDINOv3 release / dinov3 trainer: {'teacher': {'backbone.*', heads}}
     keys = list(state)
     if any(k.startswith(ENCODER_PREFIX) for k in keys) and f"{ENCODER_PREFIX}cls_token" in state:
@@ -76,7 +83,7 @@ def detect_layout(state: dict) -> str:
 
 def from_dinov3_training(state: dict) -> dict:
     """``{'teacher': {'backbone.*': ..., 'dino_head.*': ..., 'ibot_head.*': ...}}`` (MedDINOv3 release)."""
-    return from_backbone_prefixed(state["teacher"])
+    return from_backbone_prefixed(teacher_state(state))
 
 
 def from_backbone_prefixed(state: dict) -> dict:

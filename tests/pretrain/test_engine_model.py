@@ -118,6 +118,43 @@ def test_released_training_checkpoint_loads_with_heads_and_mask_token(tiny, tmp_
     assert not info["heads_loaded"] and info["mask_token_loaded"] and info["layout"] == "dinov3_reference"
 
 
+
+def test_released_weights_are_read_once_and_mismatches_name_the_file(tiny, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from nnunet_meddinov3.checkpoints import CheckpointMetadata, CheckpointMismatchError, write_checkpoint
+
+    source, _ = build_student_and_teacher(tiny)
+    encoder_state = source.encoder.state_dict()
+    reads = []
+    torch_load, load_file = torch.load, safetensors.torch.load_file
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f) or torch_load(f, *a, **k))
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda f, *a, **k: reads.append(f) or load_file(f, *a, **k))
+
+    hub = tmp_path / "hub.pth"
+    torch.save(_to_reference_layout(encoder_state), hub)
+    reads.clear()
+    info = load_released_weights(build_student_and_teacher(tiny)[0], str(hub))
+    assert reads == [hub] and info["layout"] == "dinov3_reference"
+
+    ours = tmp_path / "ours.safetensors"
+    write_checkpoint(ours, encoder_state, CheckpointMetadata(
+        architecture=source.encoder.config.to_dict(), in_channels=1, licence="test licence",
+        stages=[{"name": "stage1", "iterations": 2}]))
+    reads.clear()
+    target = build_student_and_teacher(tiny)[0]
+    info = load_released_weights(target, str(ours))
+    assert reads == [str(ours)] and info["layout"] == "meddinov3" and info["licence"] == "test licence"
+    assert info["stages"] == [{"name": "stage1", "iterations": 2}] and not info["heads_loaded"]
+    for key, value in encoder_state.items():
+        assert torch.equal(target.encoder.state_dict()[key], value), key
+
+    broken = tmp_path / "broken.pth"
+    torch.save({k: v for k, v in _to_reference_layout(encoder_state).items() if k != "cls_token"}, broken)
+    with pytest.raises(CheckpointMismatchError, match="broken.pth") as error:
+        load_released_weights(build_student_and_teacher(tiny)[0], str(broken))
+    assert "cls_token" in str(error.value)
+
 def test_gram_teacher_reads_patch_tokens_from_the_dict_key(tiny):
     """The known upstream bug: the Gram target must be the Gram teacher's *patch* features
     (``forward_tokens(x)["x_norm_patchtokens"]``), resized to the student's grid."""

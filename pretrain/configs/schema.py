@@ -11,9 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretrain.data.intensity import MEDDINOV3_CT
+from pretrain.data.intensity import MEDDINOV3_CT, CTIntensity, MRIntensity
 
-PATCH_SIZE = 16
 LR_SCHEDULES = ("warmup_cosine", "cosine_rise_constant", "warmup_constant")
 SCALING_RULES = ("sqrt_wrt_1024", "none")
 STAGES = ("self_distillation", "gram_anchoring", "high_resolution")
@@ -218,6 +217,7 @@ class PretrainConfig:
         return self.crops.gram_teacher_sizes or [2 * s for s in self.crops.global_sizes]
 
     def validate(self) -> PretrainConfig:
+        from nnunet_meddinov3.checkpoints.format import validate_intensity
         from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
 
         def check(ok: bool, message: str) -> None:
@@ -238,12 +238,22 @@ class PretrainConfig:
               f"crops.probabilities must be non-negative and sum to 1, got {c.probabilities}")
         # Global and Gram-teacher crops carry patch grids (masks, Gram matrices); a local crop is
         # only cut into whole patches (Meta's 168 px local crops give 10 x 10 patches).
+        patch = ENCODER_CONFIGS[self.model.encoder].patch_size
         sizes = c.global_sizes + (self.gram_sizes or [])
-        check(all(s > 0 and s % PATCH_SIZE == 0 for s in sizes),
-              f"global and Gram-teacher crop sizes must be multiples of the patch size {PATCH_SIZE}, got {sizes}")
-        check(all(s >= PATCH_SIZE for s in c.local_sizes), f"local crops must be >= {PATCH_SIZE} px")
+        check(all(s > 0 and s % patch == 0 for s in sizes),
+              f"global and Gram-teacher crop sizes must be multiples of the patch size {patch}, got {sizes}")
+        check(all(s >= patch for s in c.local_sizes), f"local crops must be >= {patch} px")
         check(c.n_local >= 0, "crops.n_local must be >= 0")
         check(self.data.batch_size >= 2, "data.batch_size must be >= 2 (KoLeo needs a nearest neighbour)")
+        # the rule the exported checkpoint's metadata must pass, checked now rather than at export
+        try:
+            validate_intensity(self.data.intensity)
+        except ValueError as e:
+            reason = str(e).removeprefix("invalid checkpoint metadata: ")
+            raise ConfigError(f"config '{self.name}': data.intensity {self.data.intensity}: {reason}") from e
+        kinds = (CTIntensity.kind, MRIntensity.kind)
+        check(self.data.intensity["kind"] in kinds,
+              f"data.intensity kind must be one of {kinds} for pretraining, got {self.data.intensity['kind']!r}")
         check(0 <= self.masking.probability <= 1, "masking.probability must be in [0, 1]")
         check(0 <= self.masking.ratio[0] < self.masking.ratio[1] <= 1, "masking.ratio must be 0 <= low < high <= 1")
         check(self.optim.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {LR_SCHEDULES}")

@@ -88,3 +88,32 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
         load_config(path)
     path.write_text("base: tiny_stage1\ntrain:\n  iterations: 5\n")
     assert load_config(path).train.iterations == 5 and load_config(path).name == "bad"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.intensity={kind: ct, window: [-1000, 1000], mean: 0, std: 0}", ["data.intensity", "std must be a positive"]),
+    ("data.intensity={kind: ct, window: [1000, -1000], mean: 0, std: 1}", ["data.intensity", "low < high"]),
+    ("data.intensity={kind: ct, window: [-1000, 1000]}", ["data.intensity", "missing", "mean", "std"]),
+    ("data.intensity={kind: mri, percentiles: [99, 1]}", ["data.intensity", "percentiles"]),
+    ("data.intensity={kind: imagenet, mean: 0, std: 1}", ["data.intensity", "('ct', 'mri')", "imagenet"]),
+])
+def test_bad_intensity_is_refused_when_the_config_is_read(override, words):
+    """The rule of the exported checkpoint's metadata, checked before training rather than at export."""
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny_stage1", [override])
+    for word in words:
+        assert word in str(error.value)
+    mri = load_config("tiny_stage1", ["data.intensity={kind: mri, percentiles: [1, 99]}"])
+    assert mri.data.intensity == {"kind": "mri", "percentiles": [1, 99]}
+
+
+def test_crop_sizes_are_checked_against_the_encoders_patch_size(monkeypatch):
+    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
+
+    monkeypatch.setitem(ENCODER_CONFIGS, "tiny_patch8", ENCODER_CONFIGS["meddinov3_tiny"].replace(patch_size=8))
+    patch8 = load_config("tiny_stage1", ["model.encoder=tiny_patch8", "crops.global_sizes=[40]"])
+    assert patch8.crops.global_sizes == [40]
+    with pytest.raises(ConfigError, match="multiples of the patch size 16"):
+        load_config("tiny_stage1", ["crops.global_sizes=[40]"])
+    with pytest.raises(ConfigError, match="multiples of the patch size 8"):
+        load_config("tiny_stage1", ["model.encoder=tiny_patch8", "crops.global_sizes=[36]"])

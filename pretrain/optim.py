@@ -7,11 +7,12 @@ the uninterrupted run would have had: nothing here carries state between iterati
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from nnunet_meddinov3.training.optim import encoder_layer_id
 
 from .configs.schema import OptimConfig, PretrainConfig
 from .losses import teacher_temperature
@@ -110,18 +111,15 @@ class Schedules:
 
 # --- parameter groups ------------------------------------------------------------------------------
 
-_BLOCK = re.compile(r"\.blocks\.(\d+)\.")
-
-
 def layer_id(name: str, depth: int) -> int:
     """0 for the patch embedding and learned tokens, i + 1 for block i, depth + 1 for the final
-    norm and the heads (the reference's layer-wise LR decay numbering)."""
+    norm and the heads (the reference's layer-wise LR decay numbering; the encoder's numbering
+    is fine-tuning's :func:`~nnunet_meddinov3.training.optim.encoder_layer_id`)."""
     if not name.startswith("backbone."):
         return depth + 1
-    if "patch_embed" in name or name.endswith(("cls_token", "reg_token", "mask_token")):
+    if name.endswith("mask_token"):  # the iBOT token of MaskableBackbone, beside the encoder
         return 0
-    match = _BLOCK.search(name)
-    return int(match.group(1)) + 1 if match else depth + 1
+    return encoder_layer_id(name, depth)
 
 
 def parameter_groups(network: nn.Module, config: OptimConfig, depth: int) -> list[dict]:

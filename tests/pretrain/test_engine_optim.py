@@ -48,6 +48,21 @@ def test_schedules_of_gram_and_high_res_stages():
     assert cosine_rise_constant(10, 1.0, 0) == 1.0 and warmup_cosine(5, 1.0, 0.0, 0, 10) == pytest.approx(0.5)
 
 
+def test_layer_ids_of_every_parameter():
+    """Embeddings and learned tokens 0, block i i + 1, the final norm and the heads depth + 1."""
+    student, _ = build_student_and_teacher(load_config("tiny_stage1").model)
+    depth = student.encoder.depth
+    by_layer = {}
+    for name, _ in student.named_parameters():
+        by_layer.setdefault(layer_id(name, depth), set()).add(name)
+    assert sorted(by_layer) == list(range(depth + 2))
+    assert by_layer[0] == {"backbone.mask_token", "backbone.encoder.vit.cls_token", "backbone.encoder.vit.reg_token",
+                           "backbone.encoder.vit.patch_embed.proj.weight", "backbone.encoder.vit.patch_embed.proj.bias"}
+    for i in range(depth):
+        assert by_layer[i + 1] and all(n.startswith(f"backbone.encoder.vit.blocks.{i}.") for n in by_layer[i + 1])
+    assert all(n.startswith(("dino_head.", "ibot_head.", "backbone.encoder.vit.norm.")) for n in by_layer[depth + 1])
+    assert {n.split(".")[0] for n in by_layer[depth + 1]} == {"dino_head", "ibot_head", "backbone"}
+
 def test_parameter_groups_layer_decay_and_no_weight_decay():
     config = load_config("tiny_stage1")
     student, _ = build_student_and_teacher(config.model)

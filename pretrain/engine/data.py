@@ -150,10 +150,8 @@ class MaskingCollator:
     def __call__(self, samples: list[dict]) -> dict:
         triple = samples[0]["triple"]
         rng = np.random.default_rng(_seed(self.seed, _MASK_STREAM, samples[0]["position"]))
-        batch = collate(samples, self.generators[triple], self.config.masking.probability,
-                        tuple(self.config.masking.ratio), rng=rng)
-        batch["triple"] = triple
-        return batch
+        return collate(samples, self.generators[triple], self.config.masking.probability,
+                       tuple(self.config.masking.ratio), rng=rng)
 
 
 def build_loader(config: PretrainConfig, slices: SliceDataset, rank: int, world_size: int, accumulation: int,

@@ -240,9 +240,9 @@ class Trainer:
             self.gram_source = str(source)
 
     def _warn_config_changes(self, saved: dict) -> None:
-        now = self.config.to_dict()
         volatile = {"train.max_iterations", "train.progress_bar", "data.num_workers", "debug.inject_nan_at_iteration"}
-        changed = [k for k in _flatten(now) if k not in volatile and _flatten(saved).get(k) != _flatten(now)[k]]
+        now, saved = _flatten(self.config.to_dict()), _flatten(saved)
+        changed = [k for k, v in now.items() if k not in volatile and saved.get(k) != v]
         if changed and self.context.is_main:
             print(f"warning: resuming with a config that differs from the checkpoint's in {', '.join(changed)}; "
                   "the run will not reproduce an uninterrupted one", flush=True)
@@ -440,7 +440,8 @@ class Trainer:
                 # a checkpoint written during a non-finite streak would not be a "good" one
                 if (periodic or done == stop or metrics["stop_requested"]) and self.nonfinite_streak == 0:
                     last_saved = self.save(done)
-                    progress.plot()
+                    if done < stop and not metrics["stop_requested"]:
+                        progress.plot()  # at the end of the run _finish draws it
                 if metrics["stop_requested"]:
                     return self._finish(PAUSED, done, last_saved, "stopped by SIGTERM after a checkpoint; resume "
                                         "with --resume", progress)

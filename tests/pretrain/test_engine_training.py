@@ -168,3 +168,23 @@ def test_losses_are_computed_in_fp32_under_bf16_autocast():
     torch.testing.assert_close(total, reference_total, rtol=1e-6, atol=1e-6)
     for key, value in reference.items():
         torch.testing.assert_close(terms[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_plot_drawn_once_per_occasion_and_resume_names_changed_settings(data, tmp_path, monkeypatch, capsys):
+    from pretrain.engine.progress import ProgressReporter
+
+    drawn = []
+    plot = ProgressReporter.plot
+    monkeypatch.setattr(ProgressReporter, "plot", lambda self: drawn.append(1) or plot(self))
+    run = ["train.iterations=4", "train.checkpoint_every=1"]
+    assert train(tiny(data, *run, "train.max_iterations=3"), tmp_path / "run").status == PAUSED
+    assert len(drawn) == 3  # after the checkpoints of iterations 1 and 2, and once at the end (also a checkpoint)
+    assert (tmp_path / "run" / "loss_curves.png").is_file()
+
+    drawn.clear()
+    capsys.readouterr()
+    resumed = train(tiny(data, *run, "optim.lr=0.5", "data.num_workers=1"), tmp_path / "run", resume=True)
+    assert resumed.status == FINISHED
+    assert len(drawn) == 1
+    warning = next(line for line in capsys.readouterr().out.splitlines() if "differs from the checkpoint" in line)
+    assert "optim.lr" in warning and "train.max_iterations" not in warning and "data.num_workers" not in warning

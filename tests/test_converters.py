@@ -296,3 +296,13 @@ def test_own_format_round_trip(fixtures, tmp_path, x, meddino_features):
     assert md2.architecture == md1.architecture and md2.intensity == md1.intensity
     assert md2.source["layout"] == "meddinov3" and md2.source["converted_from"] == md1.source
     assert rel_err(features(build_encoder_from_checkpoint(second, in_channels=3), x), meddino_features) < 1e-5
+
+
+def test_an_unreadable_hf_config_next_to_the_weights_is_reported(tmp_path):
+    from nnunet_meddinov3.checkpoints.format import _hf_config_hints
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring unreadable .*config.json"):
+        assert _hf_config_hints(weights) == {}

@@ -440,7 +440,11 @@ def _hf_config_hints(path: Path) -> dict:
         return {}
     try:
         cfg = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError) as e:
+        import warnings
+
+        # the architecture is then inferred from the tensors alone: say so rather than guess silently
+        warnings.warn(f"ignoring unreadable {config_file} ({e}); inferring the architecture from the weights")
         return {}
     if cfg.get("model_type") != "dinov3_vit":
         return {}

@@ -77,6 +77,34 @@ def test_predict_keep_staged_not_empty(capsys, nnunet_env):
     assert (staged / "imagesTs" / "case_00000_0000.nii.gz").read_bytes() == b"old"
 
 
+def test_predict_keep_staged_must_be_a_new_or_empty_folder(capsys, nnunet_env):
+    afile = nnunet_env["tmp"] / "afile"
+    afile.write_text("x")
+    code, out = predict(capsys, nnunet_env, "--keep-staged", afile)
+    assert code == 2 and "is a file; give a new folder" in out
+    staged = nnunet_env["tmp"] / "staged"
+    staged.mkdir()
+    (staged / "cases.json").write_text("precious")
+    code, out = predict(capsys, nnunet_env, "--keep-staged", staged)
+    assert code == 2 and "is not empty; give a new folder" in out
+    assert (staged / "cases.json").read_text() == "precious"
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"channel_names": {"0": "CT"}})])
+def test_predict_broken_dataset_json(capsys, nnunet_env, content):
+    (nnunet_env["model"] / "dataset.json").write_text(content)
+    code, out = predict(capsys, nnunet_env, "-npp", "0", "-nps", "0")
+    assert code == 2 and "is not an nnU-Net dataset.json with a file_ending" in out
+
+
+@pytest.mark.parametrize("broken", ["no plans.json", "empty checkpoint"])
+def test_predict_unloadable_model(capsys, nnunet_env, broken):
+    if broken == "no plans.json":
+        (nnunet_env["model"] / "plans.json").unlink()
+    code, out = predict(capsys, nnunet_env, "-npp", "0", "-nps", "0")
+    assert code == 2 and "cannot load the model in" in out and "finished nnUNetv2_train output" in out
+
+
 def test_predict_unknown_dataset_id(capsys, nnunet_env):
     code, out = predict(capsys, nnunet_env, dataset="999")
     assert code == 2

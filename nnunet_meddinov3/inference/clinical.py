@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -346,10 +347,18 @@ def predict_cases(input_folder: str | Path, output_folder: str | Path, model_fol
         raise PredictError(f"input folder not found: {input_folder}")
     if not (model_folder / "dataset.json").is_file():
         raise PredictError(f"{model_folder} has no dataset.json: not a (finished) nnUNetv2_train output folder")
-    if keep_staged and any((Path(keep_staged) / "imagesTs").glob("*")):
-        raise PredictError(f"--keep-staged: {Path(keep_staged) / 'imagesTs'} is not empty; give a new folder")
-    dataset_json = json.loads((model_folder / "dataset.json").read_text())
-    file_ending = dataset_json["file_ending"]
+    if keep_staged:
+        staged_folder = Path(keep_staged)
+        if staged_folder.exists() and not staged_folder.is_dir():
+            raise PredictError(f"--keep-staged: {staged_folder} is a file; give a new folder")
+        if staged_folder.is_dir() and any(staged_folder.iterdir()):  # its cases.json and imagesTs/ would be replaced
+            raise PredictError(f"--keep-staged: {staged_folder} is not empty; give a new folder")
+    try:
+        dataset_json = json.loads((model_folder / "dataset.json").read_text())
+        file_ending = dataset_json["file_ending"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PredictError(f"{model_folder / 'dataset.json'} is not an nnU-Net dataset.json with a file_ending "
+                           f"({_reason(e)})") from None
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
     folds = resolve_folds(model_folder, folds, checkpoint)
 
@@ -370,7 +379,11 @@ def predict_cases(input_folder: str | Path, output_folder: str | Path, model_fol
                 {n: {"output": f"{c.name}.nii.gz", "source": c.source} for n, c in staged.items()}, indent=2))
         failures: dict[str, str] = {}  # staged name -> why nnU-Net could not predict it
         if staged:
-            predictor = make_predictor(model_folder, folds, checkpoint, device, step_size, use_mirroring)
+            try:
+                predictor = make_predictor(model_folder, folds, checkpoint, device, step_size, use_mirroring)
+            except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
+                raise PredictError(f"cannot load the model in {model_folder} ({_reason(e)}); it must be a finished "
+                                   f"nnUNetv2_train output: plans.json, dataset.json and fold_N/{checkpoint}") from None
             try:
                 run_nnunet(predictor, images_folder, list(staged), predictions_folder, file_ending, num_channels,
                            npp, nps)

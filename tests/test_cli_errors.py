@@ -271,3 +271,10 @@ def test_weights_convert_unknown_encoder(capsys, tmp_path, fixtures):
     assert code == 1
     assert "unknown encoder 'nope'; known:" in out and "meddinov3_vitb16" in out
     assert not dst.exists()
+
+
+def test_weights_info_on_a_file_that_is_no_checkpoint(capsys, tmp_path):
+    garbage = tmp_path / "notes.pth"
+    garbage.write_text("not weights at all")
+    code, out = run_cli(capsys, "weights", "info", garbage)
+    assert code == 1 and "is not a PyTorch checkpoint" in out and "accepted:" in out

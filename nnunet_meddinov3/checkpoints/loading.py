@@ -42,6 +42,12 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a raw pickle
+            raise ValueError(f"'{path}' is not a PyTorch checkpoint (neither a torch.save file nor a pickle); "
+                             f"accepted: .safetensors (this project's format, timm, Hugging Face), .pth/.pt/.bin "
+                             f"weight files (Meta, MedDINOv3, timm), dinov3 DCP folders") from e
         raise ValueError(
             f"refusing to load '{path}': it is a pickle holding more than tensors and plain "
             f"containers ({str(e).splitlines()[0]}). Only weight files are accepted.") from e

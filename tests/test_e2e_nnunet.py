@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,6 @@ def test_missing_pretrained_weights_stop_training_with_instructions(workspace):
 
 def test_pretrain_chain_export_then_finetune_by_name(workspace):
     """Unlabelled images -> three pretraining stages -> export -> nnUNetv2_train loads it by name."""
-    import sys
     ws = workspace
     env = dict(ws["env"], MEDDINOV3_EPOCHS="1")
     run([sys.executable, "-m", "pretrain", "chain", "--configs", "tiny_stage1", "tiny_stage2_gram",

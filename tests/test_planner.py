@@ -58,10 +58,11 @@ def test_unknown_subcommand_and_help(tmp_path):
 
 
 def test_env_reports_and_exports_the_trainer_folder(tmp_path):
-    from nnunet_meddinov3.cli.env import ext_trainer_folder
-
-    ours = ext_trainer_folder()
     base = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    # the folder of the installed plugin the console script runs (not necessarily this checkout's)
+    exported = meddinov3(["env", "--export"], base, tmp_path).stdout.strip()
+    ours = exported.removeprefix("export nnUNet_extTrainer='").removesuffix("'")
+    assert os.path.isdir(ours) and ours.endswith("nnunet_ext")
     proc = meddinov3(["env"], base, tmp_path)
     assert proc.returncode == 1 and "nnUNet_extTrainer: NOT SET" in proc.stdout and "eval" in proc.stdout
     # the same folder written with a trailing slash is ours too, and export keeps other folders

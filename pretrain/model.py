@@ -78,6 +78,7 @@ class SSLNetwork(nn.Module):
     def build(cls, config: ModelConfig, drop_path_rate: float) -> SSLNetwork:
         encoder = DINOv3Encoder(encoder_config(config, drop_path_rate), in_channels=1)
         encoder.set_grad_checkpointing(config.grad_checkpointing)
+        encoder.set_rope_coordinate_rescaling(config.rope_rescale_coords)
         dim = encoder.embed_dim
 
         def head(h):

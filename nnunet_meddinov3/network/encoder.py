@@ -115,6 +115,15 @@ class ReferenceRotaryEmbedding(RotaryEmbeddingDinoV3):
         super().__init__(dim=dim, **kwargs)
         self.register_buffer("periods", periods.to(dtype), persistent=True)
 
+    def set_coordinate_rescaling(self, factor: float | None) -> None:
+        """DINOv3's RoPE box augmentation: in training mode, scale all coordinates by one factor drawn
+        log-uniformly from [1/factor, factor] per forward pass (Meta's later-stage configs use 2;
+        None turns it off). Evaluation mode never augments, so a teacher in eval mode is unaffected."""
+        if factor is not None and not factor >= 1:
+            raise ValueError(f"RoPE coordinate rescaling factor must be >= 1 or None, got {factor}")
+        self.rescale_coords = factor
+        self.aug_active = any(a is not None for a in (self.shift_coords, self.jitter_coords, self.rescale_coords))
+
     def _create_embed(self, feat_shape, no_aug: bool = False) -> torch.Tensor:
         if self.normalize_coords != "separate":
             return super()._create_embed(feat_shape, no_aug=no_aug)
@@ -232,6 +241,11 @@ class DINOv3Encoder(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)
+
+    def set_rope_coordinate_rescaling(self, factor: float | None) -> None:
+        """See :meth:`ReferenceRotaryEmbedding.set_coordinate_rescaling`; a pretraining option, not part
+        of the encoder's identity (checkpoints do not record it, fine-tuning does not use it)."""
+        self.vit.rope.set_coordinate_rescaling(factor)
 
     def intermediate_features(self, x: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
         """Normalised patch tokens of the given blocks (0-based) as (B, C, H/16, W/16) maps.

@@ -49,6 +49,10 @@ class ModelConfig:
     dino_head: HeadConfig = field(default_factory=HeadConfig)
     ibot_head: HeadConfig = field(default_factory=HeadConfig)
     grad_checkpointing: bool = False
+    # Student RoPE coordinates scaled by a log-uniform factor in [1/R, R] each pass (DINOv3's
+    # pos_embed_rope_rescale_coords): null in Meta's ViT-L recipe MedDINOv3 started from, 2 in its
+    # later Gram and high-resolution stages. Teachers run in eval mode and never rescale.
+    rope_rescale_coords: float | None = None
 
 
 @dataclass
@@ -244,6 +248,8 @@ class PretrainConfig:
               f"global and Gram-teacher crop sizes must be multiples of the patch size {patch}, got {sizes}")
         check(all(s >= patch for s in c.local_sizes), f"local crops must be >= {patch} px")
         check(c.n_local >= 0, "crops.n_local must be >= 0")
+        check(self.model.rope_rescale_coords is None or self.model.rope_rescale_coords >= 1,
+              f"model.rope_rescale_coords must be >= 1 or null, got {self.model.rope_rescale_coords}")
         check(self.data.batch_size >= 2, "data.batch_size must be >= 2 (KoLeo needs a nearest neighbour)")
         # the rule the exported checkpoint's metadata must pass, checked now rather than at export
         try:

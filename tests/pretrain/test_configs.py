@@ -57,6 +57,15 @@ def test_stage2_gram_and_base_inheritance():
     assert s.model.encoder == "meddinov3_vits16" and s.gram.weight == 2.0
 
 
+def test_rope_rescaling_follows_metas_stage_configs():
+    """Off in the ViT-L recipe MedDINOv3's stage 1 used (vitl_im1k_lin834), 2 in the Gram and
+    high-resolution stages (Meta's dinov3_vit7b16_gram_anchor / _high_res_adapt)."""
+    rescale = {name: load_config(name).model.rope_rescale_coords for name in
+               ("vitb16_stage1", "vitb16_stage2_gram", "vitb16_stage3_highres", "vits16_stage3_highres")}
+    assert rescale == {"vitb16_stage1": None, "vitb16_stage2_gram": 2.0, "vitb16_stage3_highres": 2.0,
+                       "vits16_stage3_highres": 2.0}
+
+
 def test_overrides_apply_and_parse_yaml_values():
     c = load_config("tiny_stage1", ["optim.lr=1e-4", "data.batch_size=8", "data.roots=[/a, /b]",
                                     "crops.global_scale=[0.4, 1.0]", "monitor.max_koleo=null"])
@@ -73,6 +82,7 @@ def test_overrides_apply_and_parse_yaml_values():
     ("crops.local_sizes=[32, 32]", ["crops.local_sizes", "2 entries"]),
     ("crops.global_sizes=[60]", ["multiples of the patch size"]),
     ("model.encoder=vit_huge", ["vit_huge", "meddinov3_vitb16"]),
+    ("model.rope_rescale_coords=0.5", ["model.rope_rescale_coords", ">= 1", "0.5"]),
 ])
 def test_bad_overrides_are_errors_that_say_what_is_valid(override, words):
     with pytest.raises(ConfigError) as error:

@@ -69,6 +69,58 @@ def test_student_outputs_and_teacher_copy(tiny):
     assert out["cls"].shape == (2 * b, 64) and out["patch"].shape == (2 * b, 16, 64)
 
 
+def _rope_scale(rope, grid: int) -> torch.Tensor:
+    """The coordinate scale behind a RoPE table, read from its largest period, whose angles stay
+    small enough to invert: (2, H*W) per-axis scale of every position."""
+    table = rope.get_embed([grid, grid]).float()
+    quarter = rope.dim // 4  # sin: [h periods, w periods] tiled twice, then cos likewise
+    sin_h, sin_w = table[:, quarter - 1], table[:, 2 * quarter - 1]
+    coords = (torch.arange(grid) + 0.5) / grid * 2 - 1
+    coords_h, coords_w = torch.meshgrid(coords, coords, indexing="ij")
+    period = rope.periods[-1].float()
+    return torch.stack([torch.asin(sin_h) * period / (2 * torch.pi) / coords_h.flatten(),
+                        torch.asin(sin_w) * period / (2 * torch.pi) / coords_w.flatten()])
+
+
+def test_rope_rescaling_scales_both_axes_by_one_log_uniform_factor_in_training_only():
+    torch.manual_seed(0)
+    rope = build_encoder("tiny").vit.rope  # fp32 RoPE, so the scale can be read back
+    rope.set_coordinate_rescaling(2.0)
+    rope.eval()
+    torch.testing.assert_close(_rope_scale(rope, 4), torch.ones(2, 16), rtol=0, atol=1e-4)
+    rope.train()
+    scales = []
+    for _ in range(200):
+        scale = _rope_scale(rope, 4)
+        torch.testing.assert_close(scale, scale[0, 0].expand(2, 16), rtol=1e-3, atol=1e-4)  # one factor
+        scales.append(scale[0, 0].item())
+    scales = torch.tensor(scales)
+    assert 0.5 - 1e-3 <= scales.min() and scales.max() <= 2 + 1e-3
+    # log-uniform on [-log 2, log 2]: as many draws shrink as stretch, and both ends are reached
+    assert 70 < (scales < 1).sum() < 130 and scales.min() < 0.6 and scales.max() > 1.7
+    rope.set_coordinate_rescaling(None)
+    torch.testing.assert_close(_rope_scale(rope, 4), torch.ones(2, 16), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=">= 1"):
+        rope.set_coordinate_rescaling(0.5)
+
+
+def test_rescaled_rope_changes_the_student_not_the_teacher():
+    # layer scale 1: with the recipe's 1e-5 the random blocks barely touch the tokens
+    config = load_config("tiny_stage3_highres", ["model.drop_path_rate=0", "model.layer_scale_init=1.0"]).model
+    assert config.rope_rescale_coords == 2.0
+    torch.manual_seed(0)
+    student, teacher = build_student_and_teacher(config)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        a, b = student.backbone(x), student.backbone(x)
+        assert not torch.allclose(a["x_norm_patchtokens"], b["x_norm_patchtokens"])
+        t1, t2 = teacher.backbone(x), teacher.backbone(x)
+        torch.testing.assert_close(t1["x_norm_patchtokens"], t2["x_norm_patchtokens"], rtol=0, atol=0)
+        student.eval()  # same weights, no augmentation: the teacher's output
+        torch.testing.assert_close(student.backbone(x)["x_norm_patchtokens"], t1["x_norm_patchtokens"],
+                                   rtol=0, atol=0)
+
+
 def test_ema_update(tiny):
     student, teacher = build_student_and_teacher(tiny)
     with torch.no_grad():

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 pytestmark = pytest.mark.e2e
@@ -96,6 +98,45 @@ def test_train_on_stock_plans_resume_and_predict_without_weights(workspace):
          str(ws["raw"] / "dataset.json"), "-pfile", str(pred / "plans.json")], env, ws["root"])
     summary = json.loads((pred / "summary.json").read_text())
     assert set(summary["mean"]) == {"1", "2", "3"}
+
+
+def test_nnunet_model_selection_ensembling_and_zip_export_take_our_trainer(workspace, fixtures, tmp_path):
+    """The tools users pick and ship models with, next to a stock baseline on the same fold:
+    --val --npz, find_best_configuration (with an ensemble of both), export to zip, install into an
+    empty results folder and predict from there with no weights file anywhere."""
+    ws, env = workspace, dict(workspace["env"])
+    fold = results_folder(ws, "nnUNetPlans") / "fold_0"
+    if not (fold / "checkpoint_final.pth").exists():  # when run on its own
+        shutil.copy(fixtures / "meddino_tiny_teacher.pth", ws["weights"])
+        run(["nnUNetv2_train", str(DATASET), "2d", "0", "-tr", TINY, "-device", "cpu"],
+            dict(env, MEDDINOV3_WEIGHTS=str(ws["weights"])), ws["root"])
+        ws["weights"].unlink()
+    run(["nnUNetv2_train", str(DATASET), "2d", "0", "-tr", TINY, "--val", "--npz", "-device", "cpu"], env, ws["root"])
+    assert list((fold / "validation").glob("*.npz"))
+    baseline = "nnUNetTrainerShortSchedule"
+    run(["nnUNetv2_train", str(DATASET), "2d", "0", "-tr", baseline, "--npz", "-device", "cpu"], env, ws["root"])
+
+    best = run(["nnUNetv2_find_best_configuration", str(DATASET), "-c", "2d", "-tr", baseline, TINY, "-f", "0",
+                "-np", "1"], env, ws["root"]).stdout
+    assert f"{TINY}__nnUNetPlans__2d:" in best and f"{baseline}__nnUNetPlans__2d:" in best
+    assert f"ensemble___{baseline}__nnUNetPlans__2d___{TINY}__nnUNetPlans__2d___0:" in best
+
+    archive = tmp_path / "model.zip"
+    run(["nnUNetv2_export_model_to_zip", "-d", str(DATASET), "-o", str(archive), "-c", "2d", "-tr", TINY,
+         "-f", "0"], env, ws["root"])
+    installed = dict(env, nnUNet_results=str(tmp_path / "installed"))
+    (tmp_path / "installed").mkdir()
+    run(["nnUNetv2_install_pretrained_model_from_zip", str(archive)], installed, ws["root"])
+    assert not ws["weights"].exists() and "MEDDINOV3_WEIGHTS" not in installed
+    predictions = {}
+    for name, environment in (("original", env), ("installed", installed)):
+        out = tmp_path / name
+        run(["nnUNetv2_predict", "-i", str(ws["raw"] / "imagesTs"), "-o", str(out), "-d", str(DATASET), "-c", "2d",
+             "-tr", TINY, "-f", "0", "-device", "cpu"], environment, ws["root"])
+        predictions[name] = {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in out.glob("*.nii.gz")}
+    assert sorted(predictions["installed"]) == ["case_006.nii.gz", "case_007.nii.gz"]
+    for case, labels in predictions["original"].items():
+        assert np.array_equal(labels, predictions["installed"][case]), case
 
 
 def test_train_and_predict_on_our_highres_plans(workspace):

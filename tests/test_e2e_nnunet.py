@@ -44,7 +44,9 @@ def workspace(tmp_path_factory, fixtures):
     assert exported.startswith("export nnUNet_extTrainer=")
     env["nnUNet_extTrainer"] = exported.split("=", 1)[1].strip("'")
     run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "1"], env, root)
-    run(["meddinov3", "plan_and_preprocess", "-d", str(DATASET), "--target-patch", "128", "-np", "1"], env, root)
+    # with activation checkpointing, so the 2d_highres training below runs it through nnU-Net for real
+    run(["meddinov3", "plan_and_preprocess", "-d", str(DATASET), "--target-patch", "128", "--grad-checkpointing",
+         "-np", "1"], env, root)
     return {"root": root, "raw": raw, "env": env, "weights": weights}
 
 
@@ -67,6 +69,7 @@ def test_our_plans_are_vit_plans(workspace):
     for s_hi, s, p, p_hi in zip(hi["spacing"], c2d["spacing"], c2d["patch_size"], hi["patch_size"]):
         assert s_hi == pytest.approx(s * p / p_hi)  # same field of view
     assert c2d["architecture"]["network_class_name"] == "nnunet_meddinov3.network.meddinov3_net.MedDINOv3Net"
+    assert c2d["architecture"]["arch_kwargs"]["grad_checkpointing"] is True
     assert hi["data_identifier"] != c2d["data_identifier"]
     stock = json.loads((workspace["root"] / "pre" / f"Dataset{DATASET:03d}_SyntheticCT" /
                         "nnUNetPlans.json").read_text())

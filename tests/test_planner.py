@@ -21,6 +21,23 @@ def test_memory_model_grows_with_batch_patch_and_model():
     assert estimate_training_memory_gb("vitb16", "multiscale", (512, 512), 2, 14) < base
     assert estimate_training_memory_gb("vitl16", "multiscale", (896, 896), 2, 14) > base
     assert estimate_training_memory_gb("vitb16", "bottleneck", (896, 896), 2, 14) < base
+    # activation checkpointing keeps ~2 of the ~18 saved tensors per block (plus one block recomputed)
+    checkpointed = estimate_training_memory_gb("vitb16", "multiscale", (896, 896), 2, 14, grad_checkpointing=True)
+    assert checkpointed < base - 1.5
+
+
+def test_planner_with_activation_checkpointing_fits_bigger_batches():
+    from nnunet_meddinov3.training.planner import nnUNetPlannerMedDINOv3
+
+    batches = {}
+    for checkpointing in (False, True):
+        planner = nnUNetPlannerMedDINOv3.__new__(nnUNetPlannerMedDINOv3)
+        planner.dataset_json = {"labels": {"background": 0, "organ": 1}, "channel_names": {"0": "CT"}}
+        planner.UNet_vram_target_GB, planner.max_dataset_covered = 40, 1.0
+        planner.encoder, planner.decoder, planner.grad_checkpointing = "vitl16", "multiscale", checkpointing
+        batches[checkpointing] = planner.vit_batch_size([896, 896], 1e12)
+        assert planner.architecture()["arch_kwargs"]["grad_checkpointing"] is checkpointing
+    assert batches[True] > batches[False] >= 2
 
 
 def test_plan_options_are_checked_before_anything_runs(tmp_path):

@@ -47,3 +47,40 @@ def test_a_variant_trains_the_network_its_name_says_on_any_plans(plans):
                              (nnUNetTrainerMedDINOv3_TinyBottleneck, BottleneckDecoder)):
         net = trainer.build_network_architecture(None, _configuration(architecture), 1, 3)
         assert type(net.decoder) is decoder and net.encoder.embed_dim == 64
+
+
+def test_activation_checkpointing_from_the_plans_or_the_environment(monkeypatch):
+    """The planner's --grad-checkpointing lands in the plans; MEDDINOV3_GRAD_CHECKPOINTING overrides
+    them either way (also on stock plans). Parameters are the same, so prediction is unaffected."""
+    import torch
+
+    from nnunet_meddinov3.training.planner import nnUNetPlannerMedDINOv3
+    from nnunet_meddinov3.training.trainer import nnUNetTrainerMedDINOv3_Tiny
+
+    planner = nnUNetPlannerMedDINOv3.__new__(nnUNetPlannerMedDINOv3)
+    planner.grad_checkpointing = True
+    ours = _configuration(planner.architecture())
+    stock = _configuration({"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                            "arch_kwargs": {}, "_kw_requires_import": []})
+
+    def checkpointing(configuration):
+        return nnUNetTrainerMedDINOv3_Tiny.build_network_architecture(None, configuration, 1, 3).encoder.vit.grad_checkpointing
+
+    monkeypatch.delenv("MEDDINOV3_GRAD_CHECKPOINTING", raising=False)
+    assert checkpointing(ours) is True and checkpointing(stock) is False
+    monkeypatch.setenv("MEDDINOV3_GRAD_CHECKPOINTING", "0")
+    assert checkpointing(ours) is False
+    monkeypatch.setenv("MEDDINOV3_GRAD_CHECKPOINTING", "1")
+    assert checkpointing(stock) is True
+
+    torch.manual_seed(0)
+    with_ckpt = nnUNetTrainerMedDINOv3_Tiny.build_network_architecture(None, stock, 1, 3)
+    monkeypatch.setenv("MEDDINOV3_GRAD_CHECKPOINTING", "0")
+    plain = nnUNetTrainerMedDINOv3_Tiny.build_network_architecture(None, stock, 1, 3)
+    plain.load_state_dict(with_ckpt.state_dict())  # strict: the same parameters
+    x = torch.randn(2, 1, 32, 32)
+    for net in (with_ckpt, plain):
+        net.eval()  # no drop path: both runs compute the same function
+        net(x).square().mean().backward()
+    for (name, a), (_, b) in zip(with_ckpt.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)

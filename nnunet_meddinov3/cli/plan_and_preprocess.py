@@ -23,6 +23,9 @@ def add_arguments(parser) -> None:
                         help=f"longest side of the 2d_highres patch, a multiple of 16 (default {recipe.HIGHRES_PATCH}; "
                              f"0 disables it)")
     parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="memory target for the batch size")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute the encoder blocks in the backward pass (less memory, so bigger batches "
+                             "for big patches, at about a third more encoder compute)")
     parser.add_argument("--plans-name", default=recipe.PLANS_NAME)
     parser.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 4)))
     parser.add_argument("--verify_dataset_integrity", action="store_true")
@@ -64,6 +67,7 @@ def run(args) -> int:
     planner = nnUNetPlannerMedDINOv3(dataset_id, gpu_memory_target_in_gb=args.gpu_memory_gb,
                                      plans_name=args.plans_name)
     planner.encoder, planner.decoder, planner.highres_patch = args.vit, args.decoder, args.target_patch
+    planner.grad_checkpointing = args.grad_checkpointing
     try:
         plans = planner.plan_experiment()
     except ValueError as e:  # the planner's own checks: say what is wrong, without a traceback

@@ -29,20 +29,24 @@ def round_up(value: float, multiple: int = PATCH_SIZE) -> int:
 
 
 def estimate_training_memory_gb(encoder: str, decoder: str, patch_size, batch_size: int, num_classes: int,
-                                in_channels: int = 1) -> float:
+                                in_channels: int = 1, grad_checkpointing: bool = False) -> float:
     """Rough peak GPU memory of one bf16 training step with AdamW (fp32 master weights + 2 moments).
 
     Activations saved for backward, per image: ~18 tensors of N x D per transformer block (norms,
     qkv, attention output with a fused kernel, the 4x MLP) and ~3 per decoder stage (transposed
-    conv output, its LayerNorm, GELU), all bf16; logits and loss in fp32. Calibrate with
-    ``meddinov3 bench``; the planner only needs the right order of magnitude.
+    conv output, its LayerNorm, GELU), all bf16; logits and loss in fp32. With activation
+    checkpointing the blocks keep only their fp32 inputs, plus one block's activations while it is
+    recomputed. Calibrate with ``meddinov3 bench``; the planner only needs the right order of magnitude.
     """
     cfg = resolve_encoder_config(encoder)
     h, w = (round_up(s) for s in patch_size)
     tokens = (h // PATCH_SIZE) * (w // PATCH_SIZE) + 1 + cfg.n_storage_tokens
     n_layers = 1 if decoder == "single" else len(default_feature_layers(cfg.depth))
     bytes_bf16 = 2
-    encoder_act = cfg.depth * 18 * tokens * cfg.embed_dim * bytes_bf16
+    if grad_checkpointing:
+        encoder_act = (cfg.depth * 2 + 18) * tokens * cfg.embed_dim * bytes_bf16
+    else:
+        encoder_act = cfg.depth * 18 * tokens * cfg.embed_dim * bytes_bf16
     channels = cfg.embed_dim * (n_layers if decoder == "multiscale" else 1)
     decoder_act, size = 0, (h // PATCH_SIZE) * (w // PATCH_SIZE)
     for _ in range(4):
@@ -65,6 +69,7 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
     decoder = recipe.DECODER
     drop_path_rate = recipe.DROP_PATH_RATE
     highres_patch = recipe.HIGHRES_PATCH
+    grad_checkpointing = False  # recompute encoder blocks in backward: less memory, bigger batches
     min_batch_size = 2
     max_batch_size = 64
 
@@ -78,7 +83,8 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
         return {
             "network_class_name": NETWORK_CLASS_NAME,
             "arch_kwargs": {"encoder": self.encoder, "decoder": self.decoder, "feature_layers": None,
-                            "drop_path_rate": self.drop_path_rate, "autocast_dtype": "bf16"},
+                            "drop_path_rate": self.drop_path_rate, "autocast_dtype": "bf16",
+                            "grad_checkpointing": self.grad_checkpointing},
             "_kw_requires_import": [],
         }
 
@@ -87,7 +93,8 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
         channels = len(self.dataset_json["channel_names"])
         batch = self.min_batch_size
         while (batch < self.max_batch_size and estimate_training_memory_gb(
-                self.encoder, self.decoder, patch_size, batch + 1, num_classes, channels) <= self.UNet_vram_target_GB):
+                self.encoder, self.decoder, patch_size, batch + 1, num_classes, channels,
+                self.grad_checkpointing) <= self.UNet_vram_target_GB):
             batch += 1
         # nnU-Net's overfitting guard: a batch covers at most 5% of the dataset
         cap = round(n_voxels_dataset * self.max_dataset_covered / np.prod(patch_size, dtype=np.float64))

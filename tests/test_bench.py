@@ -4,6 +4,7 @@ The MedDINOv3 reference comparison (``--reference-repo``) runs against tests/fix
 a tiny stand-in written for these tests in the reference repository's layout (CI has no checkout of
 the reference, and this repository may not carry its code).
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -22,10 +23,12 @@ from nnunet_meddinov3.benchmark.bench import (
     ReferenceRepoError,
     add_reference_ratios,
     build_configs,
+    build_meddinov3_network,
     build_nnunet_network,
     deep_supervision_targets,
     format_table,
     grad_scaler_report,
+    measure,
     nnunet_2d_arch_kwargs,
     reference_parameter_groups,
     resolve_reference_repo,
@@ -225,3 +228,15 @@ def test_bad_patch_size_is_refused(capsys):
     assert "multiples of 16" in capsys.readouterr().err
     assert main(["bench", *TINY[:2], "--patch-sizes", "144", "--device", "cpu"]) == 2
     assert "would plan a (160, 160) patch" in capsys.readouterr().err
+
+
+def test_cpu_bf16_runs_ours_in_bf16_and_leaves_the_baseline_and_reference_fp32(standin, monkeypatch):
+    monkeypatch.setattr("nnunet_meddinov3.network.meddinov3_net.cpu_has_native_bf16", lambda: True)
+    configs = build_configs(["tiny"], ["multiscale"], [64], reference_repo=str(standin), batch_size=1,
+                            warmup=0, repeats=1, cpu_bf16=True)
+    assert [(c.label, c.cpu_bf16) for c in configs] == [
+        ("nnU-Net PlainConvUNet", False), ("tiny+multiscale bf16", True), ("reference tiny+multiscale", False)]
+    assert build_meddinov3_network(configs[1]).cpu_autocast
+    assert not build_meddinov3_network(dataclasses.replace(configs[1], cpu_bf16=False)).cpu_autocast
+    result = measure(configs[1])
+    assert result["effective_dtype"] == "bf16" and result["training"]["images_per_s"] > 0

@@ -140,3 +140,40 @@ def test_decoder_layernorm_stays_in_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = net.decoder.forward_tokens([torch.randn(1, 4, 64) for _ in range(4)], (2, 2))
     assert logits.dtype == torch.bfloat16 and logits.shape == (1, 3, 32, 32)
+
+
+def test_cpu_autocast_runs_the_network_in_bf16_and_returns_fp32_logits(monkeypatch):
+    """Opt-in (MEDDINOV3_CPU_BF16): the network's GPU precision on a CPU. Off by default, as nnU-Net."""
+    import nnunet_meddinov3.network.meddinov3_net as module
+
+    monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: True)
+    torch.manual_seed(0)
+    fp32 = MedDINOv3Net(1, 3, encoder="tiny")
+    bf16 = MedDINOv3Net(1, 3, encoder="tiny", cpu_autocast=True)
+    bf16.load_state_dict(fp32.state_dict())
+    seen = {}
+
+    def record(name):
+        def hook(_module, _inputs, output):
+            seen[name] = output.dtype
+        return hook
+
+    for name, net in (("fp32", fp32), ("bf16", bf16)):
+        net.encoder.vit.blocks[0].mlp.fc1.register_forward_hook(record(name))
+    x = torch.randn(2, 1, 48, 64)
+    reference, low = fp32(x), bf16(x)
+    assert seen == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    assert low.dtype == torch.float32 and low.shape == reference.shape
+    torch.testing.assert_close(low, reference, rtol=0.05, atol=0.05)
+    low.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in bf16.parameters() if p.requires_grad)
+    # without a precision to run in, there is nothing to autocast to
+    assert not MedDINOv3Net(1, 3, encoder="tiny", autocast_dtype=None, cpu_autocast=True).cpu_autocast
+
+
+def test_cpu_bf16_without_hardware_support_warns(monkeypatch):
+    import nnunet_meddinov3.network.meddinov3_net as module
+
+    monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        MedDINOv3Net(1, 3, encoder="tiny", cpu_autocast=True)

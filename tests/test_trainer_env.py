@@ -84,3 +84,15 @@ def test_activation_checkpointing_from_the_plans_or_the_environment(monkeypatch)
         net(x).square().mean().backward()
     for (name, a), (_, b) in zip(with_ckpt.named_parameters(), plain.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cpu_bf16_knob_reaches_the_network(monkeypatch):
+    from nnunet_meddinov3.training.trainer import nnUNetTrainerMedDINOv3_Tiny
+
+    stock = _configuration({"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                            "arch_kwargs": {}, "_kw_requires_import": []})
+    monkeypatch.delenv("MEDDINOV3_CPU_BF16", raising=False)
+    assert not nnUNetTrainerMedDINOv3_Tiny.build_network_architecture(None, stock, 1, 3).cpu_autocast
+    monkeypatch.setenv("MEDDINOV3_CPU_BF16", "1")
+    monkeypatch.setattr("nnunet_meddinov3.network.meddinov3_net.cpu_has_native_bf16", lambda: True)
+    assert nnUNetTrainerMedDINOv3_Tiny.build_network_architecture(None, stock, 1, 3).cpu_autocast

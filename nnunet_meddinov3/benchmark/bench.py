@@ -41,7 +41,7 @@ tensor-core rate; bf16 needs no scaler). The reference on CUDA always runs as it
 does, whatever ``dtype`` says: training under ``torch.autocast("cuda")`` (fp16) with
 ``torch.amp.GradScaler`` (scale, backward, unscale_, clip, step, update), inference under fp16
 autocast as nnU-Net's predictor; its ``effective_dtype`` is ``"fp16+GradScaler"``. On CPU all run
-fp32, as nnU-Net does.
+fp32, as nnU-Net does, except our networks with ``cpu_bf16`` (bf16 autocast inside MedDINOv3Net).
 """
 from __future__ import annotations
 
@@ -135,6 +135,9 @@ class BenchConfig:
     encoder: str | None = None
     decoder: str | None = None
     grad_checkpointing: bool = False
+    # OURS on CPU: bf16 autocast inside the network (MedDINOv3Net cpu_autocast, MEDDINOV3_CPU_BF16); the
+    # baseline and the reference stay fp32 on CPU, as their nnU-Net trainers run there.
+    cpu_bf16: bool = False
     compile: str | None = None  # None or one of COMPILE_MODES
     peak_tflops: float | None = None
     # REFERENCE only: the folder holding the reference's ``dinov3`` package (resolve_reference_repo's answer).
@@ -158,6 +161,8 @@ class BenchConfig:
             name = f"{self.encoder}+{self.decoder}"
             if self.grad_checkpointing:
                 name += " ckpt"
+            if self.cpu_bf16 and self.device == "cpu":
+                name += " bf16"
         if self.compile == "network" or (self.compile == "encoder" and not self.is_baseline):
             name += " compiled"
         return name
@@ -188,14 +193,14 @@ def build_configs(encoders: Sequence[str], decoders: Sequence[str], patch_sizes:
     configs = []
     for patch in patch_sizes:
         if baseline:
-            configs.append(BenchConfig(network=BASELINE, patch_size=patch, **common))
+            configs.append(BenchConfig(network=BASELINE, patch_size=patch, **{**common, "cpu_bf16": False}))
         for encoder in encoders:
             for decoder in decoders:
                 configs.append(BenchConfig(network=OURS, patch_size=patch, encoder=encoder, decoder=decoder, **common))
                 if reference_repo is not None and decoder in REFERENCE_DECODERS:
                     configs.append(BenchConfig(network=REFERENCE, patch_size=patch, encoder=encoder, decoder=decoder,
                                                reference_repo=reference_repo,
-                                               **{**common, "grad_checkpointing": False}))
+                                               **{**common, "grad_checkpointing": False, "cpu_bf16": False}))
     return configs
 
 
@@ -306,8 +311,8 @@ def build_meddinov3_network(config: BenchConfig):
 
     return MedDINOv3Net(config.input_channels, config.num_classes, encoder=config.encoder, decoder=config.decoder,
                         drop_path_rate=recipe.DROP_PATH_RATE,
-                        autocast_dtype="bf16" if config.dtype == "bf16" else None,
-                        grad_checkpointing=config.grad_checkpointing)
+                        autocast_dtype="bf16" if config.dtype == "bf16" or config.cpu_bf16 else None,
+                        grad_checkpointing=config.grad_checkpointing, cpu_autocast=config.cpu_bf16)
 
 
 def import_reference(reference_repo: str) -> dict:
@@ -602,7 +607,7 @@ def measure(config: BenchConfig) -> dict:
             autocast_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
     else:
         use_bf16 = on_cuda and config.dtype == "bf16"
-        effective_dtype = "bf16" if use_bf16 else "fp32"
+        effective_dtype = "bf16" if use_bf16 or (config.cpu_bf16 and not on_cuda) else "fp32"
         if use_bf16 and config.is_baseline:
             autocast_dtype = torch.bfloat16
 

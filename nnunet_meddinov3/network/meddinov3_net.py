@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Sequence
 
 import torch
@@ -14,6 +15,16 @@ from nnunet_meddinov3.network.encoder import DINOv3Encoder, default_feature_laye
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None, "none": None, "fp32": None}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). Without it torch
+    emulates bf16 and runs slower than fp32; with it, ~4.5x the fp32 matmul rate on a 2-core Xeon."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(probe() for probe in probes if probe is not None)
+    except RuntimeError:  # private probes; an unknown CPU is not a native one
+        return False
+
+
 class MedDINOv3Net(nn.Module):
     """2D segmentation network of the MedDINOv3 paper (arXiv 2509.02379).
 
@@ -22,14 +33,16 @@ class MedDINOv3Net(nn.Module):
 
     On CUDA the network runs in ``autocast_dtype`` (bf16 by default) whatever autocast the caller
     set up, because nnU-Net's train/predict paths autocast to fp16, where a ViT's activations can
-    overflow; the logits are returned in fp32.
+    overflow; the logits are returned in fp32. On CPU it runs fp32, as nnU-Net does, unless
+    ``cpu_autocast``: then in ``autocast_dtype`` too, the precision the network has on a GPU (on a
+    CPU with native bf16: ViT-B 448 px inference 3.4 -> 1.2 s, a training step 8.6 -> 2.6 s).
     """
 
     def __init__(self, input_channels: int, num_classes: int, encoder: str | dict = "meddinov3_vitb16",
                  decoder: str = "multiscale", feature_layers: Sequence[int] | None = None,
                  drop_path_rate: float = 0.0, encoder_overrides: dict | None = None,
                  autocast_dtype: str | None = "bf16", grad_checkpointing: bool = False,
-                 deep_supervision: bool = False):
+                 cpu_autocast: bool = False, deep_supervision: bool = False):
         super().__init__()
         if deep_supervision:
             raise ValueError("MedDINOv3Net has no deep supervision. Train it with a MedDINOv3 trainer "
@@ -50,10 +63,15 @@ class MedDINOv3Net(nn.Module):
         self.num_classes = num_classes
         if grad_checkpointing:
             self.encoder.set_grad_checkpointing(True)
+        self.cpu_autocast = cpu_autocast and self.autocast_dtype is not None
+        if self.cpu_autocast and self.autocast_dtype == torch.bfloat16 and not cpu_has_native_bf16():
+            warnings.warn("bf16 on CPU was asked for, but this CPU has no native bf16 (AVX512-BF16 or AMX): "
+                          "torch emulates it, which is usually slower than fp32", stacklevel=2)
 
     def _precision(self, x: torch.Tensor):
-        if x.device.type == "cuda" and self.autocast_dtype is not None:
-            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        if self.autocast_dtype is not None and (x.device.type == "cuda" or
+                                                 (x.device.type == "cpu" and self.cpu_autocast)):
+            return torch.autocast(x.device.type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ What differs from the stock trainer, and nothing else:
 Run-time knobs (nnU-Net's command line cannot pass trainer arguments) are environment variables,
 documented in the README: MEDDINOV3_WEIGHTS, MEDDINOV3_EPOCHS, MEDDINOV3_ITERATIONS,
 MEDDINOV3_VAL_ITERATIONS, MEDDINOV3_ENCODER_LR, MEDDINOV3_DECODER_LR, MEDDINOV3_LAYER_DECAY,
-MEDDINOV3_FREEZE_ENCODER, MEDDINOV3_WARMUP_EPOCHS, MEDDINOV3_GRAD_CHECKPOINTING.
+MEDDINOV3_FREEZE_ENCODER, MEDDINOV3_WARMUP_EPOCHS, MEDDINOV3_GRAD_CHECKPOINTING, MEDDINOV3_CPU_BF16.
 """
 from __future__ import annotations
 
@@ -116,10 +116,11 @@ class nnUNetTrainerMedDINOv3(nnUNetTrainer):
             kwargs = dict(encoder=cls.encoder_size, decoder=cls.decoder, drop_path_rate=cls.drop_path_rate)
         kwargs.update(cls.network_overrides)
         kwargs["encoder_overrides"] = {**kwargs.get("encoder_overrides", {}), **cls.encoder_layout}
-        # Memory and time only, never the parameters: safe to differ between training and prediction.
+        # Machine settings, never the parameters: safe to differ between training and prediction.
         checkpointing = _env("MEDDINOV3_GRAD_CHECKPOINTING", _flag, None)
         if checkpointing is not None:
             kwargs["grad_checkpointing"] = checkpointing
+        kwargs["cpu_autocast"] = _env("MEDDINOV3_CPU_BF16", _flag, False)
         return kwargs
 
     @classmethod

@@ -143,11 +143,14 @@ def test_nnunet_model_selection_ensembling_and_zip_export_take_our_trainer(works
 
 
 def test_train_and_predict_on_our_highres_plans(workspace):
-    ws, env = workspace, dict(workspace["env"], MEDDINOV3_EPOCHS="1")
+    # in bf16 on the CPU (MEDDINOV3_CPU_BF16) and with activation checkpointing (the plans): both real
+    ws, env = workspace, dict(workspace["env"], MEDDINOV3_EPOCHS="1", MEDDINOV3_CPU_BF16="1")
     run(["nnUNetv2_train", str(DATASET), "2d_highres", "1", "-tr", TINY, "-p", "nnUNetPlansMedDINOv3",
          "-device", "cpu"], env, ws["root"])
     folder = results_folder(ws, "nnUNetPlansMedDINOv3", "2d_highres")
     assert (folder / "fold_1" / "checkpoint_final.pth").exists()
+    log = next((folder / "fold_1").glob("training_log_*.txt")).read_text()
+    assert "nan" not in log.split("Epoch 0", 1)[1].lower()  # finite losses and pseudo Dice in bf16
     pred = ws["root"] / "pred_highres"
     run(["nnUNetv2_predict", "-i", str(ws["raw"] / "imagesTs"), "-o", str(pred), "-d", str(DATASET), "-c",
          "2d_highres", "-p", "nnUNetPlansMedDINOv3", "-tr", TINY, "-f", "1", "-device", "cpu"], env, ws["root"])

@@ -99,6 +99,9 @@ class LossConfig:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
+    # Nearest neighbours among this many samples of adjacent ranks (DINOv3's distributed KoLeo: 16 in
+    # its high-resolution stage); null: each rank's own batch, as its stage 1. See KoLeoLoss.
+    koleo_group_size: int | None = None
     student_temp: float = 0.1
     teacher_temp_start: float = 0.04
     teacher_temp_end: float = 0.07
@@ -250,6 +253,8 @@ class PretrainConfig:
         check(c.n_local >= 0, "crops.n_local must be >= 0")
         check(self.model.rope_rescale_coords is None or self.model.rope_rescale_coords >= 1,
               f"model.rope_rescale_coords must be >= 1 or null, got {self.model.rope_rescale_coords}")
+        check(self.loss.koleo_group_size is None or self.loss.koleo_group_size >= 2,
+              f"loss.koleo_group_size must be >= 2 or null, got {self.loss.koleo_group_size}")
         check(self.data.batch_size >= 2, "data.batch_size must be >= 2 (KoLeo needs a nearest neighbour)")
         # the rule the exported checkpoint's metadata must pass, checked now rather than at export
         try:

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from ..configs import ConfigError, PretrainConfig, config_from_dict
-from ..losses import DINOLoss, GramLoss, IBOTPatchLoss, KoLeoLoss, dino_term_weights
+from ..losses import DINOLoss, GramLoss, IBOTPatchLoss, KoLeoLoss, dino_term_weights, koleo_group
 from ..model import (
     build_gram_teacher,
     build_student_and_teacher,
@@ -80,7 +80,7 @@ def build_losses(config: PretrainConfig) -> dict:
     return {
         "dino": DINOLoss(config.model.dino_head.prototypes, config.loss.student_temp),
         "ibot": IBOTPatchLoss(config.model.ibot_head.prototypes, config.loss.student_temp),
-        "koleo": KoLeoLoss(),
+        "koleo": KoLeoLoss(group_size=config.loss.koleo_group_size),
         "gram": GramLoss(img_level=config.gram.img_level),
     }
 
@@ -165,6 +165,11 @@ class Trainer:
         if global_batch % (cfg.data.batch_size * world):
             raise ConfigError(f"optim.global_batch_size {global_batch} is not a multiple of data.batch_size "
                              f"{cfg.data.batch_size} x {world} processes")
+        if cfg.loss.koleo_group_size is not None and world > 1:
+            try:  # checked now rather than at the first step, on every rank
+                koleo_group(cfg.loss.koleo_group_size, cfg.data.batch_size, world)
+            except ValueError as e:
+                raise ConfigError(f"loss.koleo_group_size: {e} (data.batch_size x {world} processes)") from None
         self.global_batch = global_batch
         self.accumulation = global_batch // (cfg.data.batch_size * world)
         self.schedules = Schedules(cfg, global_batch)

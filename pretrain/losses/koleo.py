@@ -3,8 +3,38 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather of equal-sized row blocks whose backward returns each rank the summed gradient of
+    its own rows (all_reduce + slice: gloo has no reduce-scatter, and KoLeo's features are small)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        blocks = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(blocks, rows.contiguous())
+        ctx.n, ctx.rank = rows.shape[0], dist.get_rank()
+        return torch.cat(blocks)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def koleo_group(group_size: int, local_batch: int, world_size: int) -> int:
+    """The neighbour-set size KoLeoLoss uses: ``group_size`` capped at the global batch, which must be
+    whole rank batches and divide the global batch (ValueError otherwise)."""
+    global_batch = local_batch * world_size
+    group = min(group_size, global_batch)
+    if group % local_batch or global_batch % group:
+        raise ValueError(f"KoLeo group size {group_size} must be a multiple of the per-rank batch {local_batch} "
+                         f"and divide the global batch {global_batch}")
+    return group
 
 
 class KoLeoLoss(nn.Module):
@@ -15,21 +45,44 @@ class KoLeoLoss(nn.Module):
         loss = -1/N * sum_i log(d_i + eps)
 
     Only the nearest-neighbour search is detached; the distances carry the gradient.
+
+    ``group_size`` (DINOv3's distributed KoLeo, used in its high-resolution stage): under
+    torch.distributed the nearest neighbours are searched among ``group_size`` samples gathered from
+    adjacent ranks (rank r's rows sit at r * B in the global batch), not only in the local batch,
+    and gradients reach the neighbours' ranks. The mean is over local rows, so DDP's gradient
+    average equals the single-process loss on each whole group. A group larger than the global
+    batch is the global batch (one GPU runs the same config); otherwise it must be a multiple of
+    the local batch that divides the global one. None: the local batch, as in DINOv3's stage 1.
     """
 
-    def __init__(self, eps: float = 1e-8):
+    def __init__(self, eps: float = 1e-8, group_size: int | None = None):
         super().__init__()
         self.eps = eps
+        self.group_size = group_size
+
+    def _neighbour_set(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The candidate neighbours of the local rows and the local rows' offset among them."""
+        if self.group_size is None or not (dist.is_available() and dist.is_initialized()):
+            return x, 0
+        world, rank, local = dist.get_world_size(), dist.get_rank(), x.shape[0]
+        if world == 1:
+            return x, 0
+        group = koleo_group(self.group_size, local, world)
+        ranks_per_group = group // local
+        first = rank // ranks_per_group * group
+        return _GatherRows.apply(x)[first:first + group], (rank % ranks_per_group) * local
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (N, D), N >= 2 -> scalar."""
         x = F.normalize(features.float(), dim=-1, eps=self.eps)
+        candidates, offset = self._neighbour_set(x)
         with torch.no_grad():
             # On the unit sphere the nearest neighbour is the largest dot product.
-            dots = x @ x.T
-            dots.fill_diagonal_(-2.0)
+            dots = x @ candidates.T
+            rows = torch.arange(x.shape[0], device=x.device)
+            dots[rows, rows + offset] = -2.0  # not oneself
             nearest = dots.argmax(dim=1)
-        squared = (x - x[nearest]).pow(2).sum(dim=-1)
+        squared = (x - candidates[nearest]).pow(2).sum(dim=-1)
         # clamp keeps the sqrt gradient finite for duplicated features
         distances = squared.clamp(min=1e-24).sqrt()
         return -torch.log(distances + self.eps).mean()

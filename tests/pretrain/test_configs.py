@@ -45,6 +45,7 @@ def test_stage3_crop_triples_are_the_recipe_table():
     assert (c.gram.enabled, c.gram.weight, c.gram.refresh_every) == (True, 1.5, 0)
     assert (c.loss.local_dino_weight_start, c.loss.teacher_temp_start, c.optim.momentum_start) == (0.5, 0.07, 0.999)
     assert c.optim.lr_schedule == "cosine_rise_constant"
+    assert c.loss.koleo_group_size == 16 and load_config("vitb16_stage1").loss.koleo_group_size is None
 
 
 def test_stage2_gram_and_base_inheritance():
@@ -83,6 +84,7 @@ def test_overrides_apply_and_parse_yaml_values():
     ("crops.global_sizes=[60]", ["multiples of the patch size"]),
     ("model.encoder=vit_huge", ["vit_huge", "meddinov3_vitb16"]),
     ("model.rope_rescale_coords=0.5", ["model.rope_rescale_coords", ">= 1", "0.5"]),
+    ("loss.koleo_group_size=1", ["loss.koleo_group_size", ">= 2"]),
 ])
 def test_bad_overrides_are_errors_that_say_what_is_valid(override, words):
     with pytest.raises(ConfigError) as error:

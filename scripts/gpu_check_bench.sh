@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check of `meddinov3 bench` (issue 5): about 6 minutes on one H100 (8 at most: every run
-# is bounded by a timeout; give the device call timeout_s >= 500).
+# is bounded by a timeout; give the device call timeout_s >= 480).
 #
 #   1. ViT-B/16 at 896x896, batch 2, bf16: MedDINOv3Net multiscale and bottleneck decoders next to the
 #      nnU-Net PlainConvUNet planned for the same patch and, when MEDDINOV3_REFERENCE_REPO is set, the
@@ -80,18 +80,18 @@ BENCH=("$PY" -m nnunet_meddinov3.cli.main bench --device cuda --dtype bf16 --enc
        --patch-sizes 896)
 
 echo "== 1/3: baseline vs multiscale/bottleneck${REFERENCE[0]:+ vs the MedDINOv3 reference}"
-timeout 170 "${BENCH[@]}" --batch-size 2 --decoders multiscale bottleneck ${REFERENCE[@]+"${REFERENCE[@]}"} --warmup 5 --repeats 20 \
-    --worker-timeout 100 -o "$OUT_DIR/bench_vitb16_896.json" 2>&1 | tee "$OUT_DIR/bench_vitb16_896.txt"
+timeout 160 "${BENCH[@]}" --batch-size 2 --decoders multiscale bottleneck ${REFERENCE[@]+"${REFERENCE[@]}"} --warmup 5 --repeats 20 \
+    --worker-timeout 90 -o "$OUT_DIR/bench_vitb16_896.json" 2>&1 | tee "$OUT_DIR/bench_vitb16_896.txt"
 status=${PIPESTATUS[0]}
 
 echo "== 2/3: multiscale${REFERENCE[0]:+ and the reference}, whole network compiled"
-timeout 210 "${BENCH[@]}" --batch-size 2 --decoders multiscale --no-baseline --compile network ${REFERENCE[@]+"${REFERENCE[@]}"} \
+timeout 190 "${BENCH[@]}" --batch-size 2 --decoders multiscale --no-baseline --compile network ${REFERENCE[@]+"${REFERENCE[@]}"} \
     --warmup 5 --repeats 20 --worker-timeout 100 -o "$OUT_DIR/bench_vitb16_896_compile.json" 2>&1 \
     | tee "$OUT_DIR/bench_vitb16_896_compile.txt"
 
 echo "== 3/3: multiscale compiled, batch 8"
 timeout 100 "${BENCH[@]}" --batch-size 8 --decoders multiscale --no-baseline --compile network \
-    --warmup 3 --repeats 10 --worker-timeout 95 -o "$OUT_DIR/bench_vitb16_896_compile_b8.json" 2>&1 \
+    --warmup 2 --repeats 8 --worker-timeout 95 -o "$OUT_DIR/bench_vitb16_896_compile_b8.json" 2>&1 \
     | tee "$OUT_DIR/bench_vitb16_896_compile_b8.txt"
 
 exit "$status"

@@ -234,8 +234,11 @@ def test_cpu_bf16_runs_ours_in_bf16_and_leaves_the_baseline_and_reference_fp32(s
     monkeypatch.setattr("nnunet_meddinov3.network.meddinov3_net.cpu_has_native_bf16", lambda: True)
     configs = build_configs(["tiny"], ["multiscale"], [64], reference_repo=str(standin), batch_size=1,
                             warmup=0, repeats=1, cpu_bf16=True)
-    assert [(c.label, c.cpu_bf16) for c in configs] == [
+    assert [(c.label, c.runs_cpu_bf16) for c in configs] == [
         ("nnU-Net PlainConvUNet", False), ("tiny+multiscale bf16", True), ("reference tiny+multiscale", False)]
+    on_cuda = dataclasses.replace(configs[1], device="cuda", dtype="fp32")  # --cpu-bf16 means nothing there
+    assert not on_cuda.runs_cpu_bf16 and on_cuda.label == "tiny+multiscale"
+    assert build_meddinov3_network(on_cuda).autocast_dtype is None
     assert build_meddinov3_network(configs[1]).cpu_autocast
     assert not build_meddinov3_network(dataclasses.replace(configs[1], cpu_bf16=False)).cpu_autocast
     result = measure(configs[1])

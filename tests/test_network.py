@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,5 +177,9 @@ def test_cpu_bf16_without_hardware_support_warns(monkeypatch):
     import nnunet_meddinov3.network.meddinov3_net as module
 
     monkeypatch.setattr(module, "cpu_has_native_bf16", lambda: False)
+    net = MedDINOv3Net(1, 3, encoder="tiny", cpu_autocast=True)  # built on a GPU machine too: no warning yet
     with pytest.warns(UserWarning, match="no native bf16"):
-        MedDINOv3Net(1, 3, encoder="tiny", cpu_autocast=True)
+        net(torch.randn(1, 1, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(torch.randn(1, 1, 32, 32))  # said once

@@ -30,6 +30,11 @@ def _configuration(architecture: dict):
     return ConfigurationManager({"architecture": architecture, "patch_size": [64, 64], "batch_size": 2})
 
 
+# stock nnUNetPlans: a CNN the MedDINOv3 trainers replace with their class defaults
+STOCK_ARCHITECTURE = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                      "arch_kwargs": {}, "_kw_requires_import": []}
+
+
 @pytest.mark.parametrize("plans", ["ours", "stock"])
 def test_a_variant_trains_the_network_its_name_says_on_any_plans(plans):
     from nnunet_meddinov3.network.decoders import BottleneckDecoder, MultiScaleAggregationDecoder
@@ -40,9 +45,8 @@ def test_a_variant_trains_the_network_its_name_says_on_any_plans(plans):
     if plans == "ours":  # what meddinov3 plan_and_preprocess writes (multi-scale decoder)
         architecture = nnUNetPlannerMedDINOv3.architecture(nnUNetPlannerMedDINOv3.__new__(nnUNetPlannerMedDINOv3))
         assert architecture["network_class_name"] == NETWORK_CLASS_NAME
-    else:  # stock nnUNetPlans: a CNN the MedDINOv3 trainers replace with their class defaults
-        architecture = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                        "arch_kwargs": {}, "_kw_requires_import": []}
+    else:
+        architecture = STOCK_ARCHITECTURE
     for trainer, decoder in ((nnUNetTrainerMedDINOv3_Tiny, MultiScaleAggregationDecoder),
                              (nnUNetTrainerMedDINOv3_TinyBottleneck, BottleneckDecoder)):
         net = trainer.build_network_architecture(None, _configuration(architecture), 1, 3)
@@ -60,8 +64,7 @@ def test_activation_checkpointing_from_the_plans_or_the_environment(monkeypatch)
     planner = nnUNetPlannerMedDINOv3.__new__(nnUNetPlannerMedDINOv3)
     planner.grad_checkpointing = True
     ours = _configuration(planner.architecture())
-    stock = _configuration({"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                            "arch_kwargs": {}, "_kw_requires_import": []})
+    stock = _configuration(STOCK_ARCHITECTURE)
 
     def checkpointing(configuration):
         return nnUNetTrainerMedDINOv3_Tiny.build_network_architecture(None, configuration, 1, 3).encoder.vit.grad_checkpointing
@@ -89,8 +92,7 @@ def test_activation_checkpointing_from_the_plans_or_the_environment(monkeypatch)
 def test_cpu_bf16_knob_reaches_the_network(monkeypatch):
     from nnunet_meddinov3.training.trainer import nnUNetTrainerMedDINOv3_Tiny
 
-    stock = _configuration({"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                            "arch_kwargs": {}, "_kw_requires_import": []})
+    stock = _configuration(STOCK_ARCHITECTURE)
     monkeypatch.delenv("MEDDINOV3_CPU_BF16", raising=False)
     assert not nnUNetTrainerMedDINOv3_Tiny.build_network_architecture(None, stock, 1, 3).cpu_autocast
     monkeypatch.setenv("MEDDINOV3_CPU_BF16", "1")

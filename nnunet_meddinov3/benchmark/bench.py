@@ -148,6 +148,11 @@ class BenchConfig:
         return self.network == BASELINE
 
     @property
+    def runs_cpu_bf16(self) -> bool:
+        """Our network in bf16 on a CPU; the baseline and the reference run as their trainers do."""
+        return self.cpu_bf16 and self.device == "cpu" and self.network == OURS
+
+    @property
     def is_reference(self) -> bool:
         return self.network == REFERENCE
 
@@ -161,7 +166,7 @@ class BenchConfig:
             name = f"{self.encoder}+{self.decoder}"
             if self.grad_checkpointing:
                 name += " ckpt"
-            if self.cpu_bf16 and self.device == "cpu":
+            if self.runs_cpu_bf16:
                 name += " bf16"
         if self.compile == "network" or (self.compile == "encoder" and not self.is_baseline):
             name += " compiled"
@@ -193,14 +198,14 @@ def build_configs(encoders: Sequence[str], decoders: Sequence[str], patch_sizes:
     configs = []
     for patch in patch_sizes:
         if baseline:
-            configs.append(BenchConfig(network=BASELINE, patch_size=patch, **{**common, "cpu_bf16": False}))
+            configs.append(BenchConfig(network=BASELINE, patch_size=patch, **common))
         for encoder in encoders:
             for decoder in decoders:
                 configs.append(BenchConfig(network=OURS, patch_size=patch, encoder=encoder, decoder=decoder, **common))
                 if reference_repo is not None and decoder in REFERENCE_DECODERS:
                     configs.append(BenchConfig(network=REFERENCE, patch_size=patch, encoder=encoder, decoder=decoder,
                                                reference_repo=reference_repo,
-                                               **{**common, "grad_checkpointing": False, "cpu_bf16": False}))
+                                               **{**common, "grad_checkpointing": False}))
     return configs
 
 
@@ -311,8 +316,8 @@ def build_meddinov3_network(config: BenchConfig):
 
     return MedDINOv3Net(config.input_channels, config.num_classes, encoder=config.encoder, decoder=config.decoder,
                         drop_path_rate=recipe.DROP_PATH_RATE,
-                        autocast_dtype="bf16" if config.dtype == "bf16" or config.cpu_bf16 else None,
-                        grad_checkpointing=config.grad_checkpointing, cpu_autocast=config.cpu_bf16)
+                        autocast_dtype="bf16" if config.dtype == "bf16" or config.runs_cpu_bf16 else None,
+                        grad_checkpointing=config.grad_checkpointing, cpu_autocast=config.runs_cpu_bf16)
 
 
 def import_reference(reference_repo: str) -> dict:
@@ -607,7 +612,7 @@ def measure(config: BenchConfig) -> dict:
             autocast_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
     else:
         use_bf16 = on_cuda and config.dtype == "bf16"
-        effective_dtype = "bf16" if use_bf16 or (config.cpu_bf16 and not on_cuda) else "fp32"
+        effective_dtype = "bf16" if use_bf16 or config.runs_cpu_bf16 else "fp32"
         if use_bf16 and config.is_baseline:
             autocast_dtype = torch.bfloat16
 

@@ -165,7 +165,7 @@ class Trainer:
         if global_batch % (cfg.data.batch_size * world):
             raise ConfigError(f"optim.global_batch_size {global_batch} is not a multiple of data.batch_size "
                              f"{cfg.data.batch_size} x {world} processes")
-        if cfg.loss.koleo_group_size is not None and world > 1:
+        if cfg.loss.koleo_group_size is not None:
             try:  # checked now rather than at the first step, on every rank
                 koleo_group(cfg.loss.koleo_group_size, cfg.data.batch_size, world)
             except ValueError as e:

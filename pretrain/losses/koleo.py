@@ -21,7 +21,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # all_reduce works in place; never on autograd's own buffer
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
@@ -62,12 +62,13 @@ class KoLeoLoss(nn.Module):
 
     def _neighbour_set(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The candidate neighbours of the local rows and the local rows' offset among them."""
-        if self.group_size is None or not (dist.is_available() and dist.is_initialized()):
+        if self.group_size is None:
             return x, 0
-        world, rank, local = dist.get_world_size(), dist.get_rank(), x.shape[0]
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank, local = (dist.get_world_size(), dist.get_rank(), x.shape[0]) if distributed else (1, 0, x.shape[0])
+        group = koleo_group(self.group_size, local, world)  # the same rule for one process as for many
         if world == 1:
             return x, 0
-        group = koleo_group(self.group_size, local, world)
         ranks_per_group = group // local
         first = rank // ranks_per_group * group
         return _GatherRows.apply(x)[first:first + group], (rank % ranks_per_group) * local

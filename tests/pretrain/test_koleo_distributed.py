@@ -67,6 +67,8 @@ def test_group_not_made_of_whole_rank_batches_is_refused(tmp_path):
         _run(tmp_path, 4)
 
 
-def test_one_process_uses_its_batch_whatever_the_group():
-    x = torch.randn(3, DIM, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(KoLeoLoss(group_size=16)(x), KoLeoLoss()(x), rtol=0, atol=0)
+def test_one_process_uses_its_batch_and_the_same_rule():
+    x = torch.randn(4, DIM, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(KoLeoLoss(group_size=16)(x), KoLeoLoss()(x), rtol=0, atol=0)  # capped at 4
+    with pytest.raises(ValueError, match="multiple of the per-rank batch 4"):
+        KoLeoLoss(group_size=2)(x)  # smaller than the batch: refused, as on several ranks

@@ -188,3 +188,11 @@ def test_loss_plot_drawn_once_per_occasion_and_resume_names_changed_settings(dat
     assert len(drawn) == 1
     warning = next(line for line in capsys.readouterr().out.splitlines() if "differs from the checkpoint" in line)
     assert "optim.lr" in warning and "train.max_iterations" not in warning and "data.num_workers" not in warning
+
+
+def test_a_koleo_group_that_splits_a_batch_stops_before_training(data, tmp_path):
+    from pretrain.configs import ConfigError
+
+    with pytest.raises(ConfigError, match=r"loss.koleo_group_size: .*multiple of the per-rank batch 4"):
+        train(tiny(data, "train.iterations=2", "loss.koleo_group_size=3"), tmp_path / "run")
+    assert not list_checkpoints(tmp_path / "run")  # nothing written, nothing lost

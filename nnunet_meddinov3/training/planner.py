@@ -43,10 +43,8 @@ def estimate_training_memory_gb(encoder: str, decoder: str, patch_size, batch_si
     tokens = (h // PATCH_SIZE) * (w // PATCH_SIZE) + 1 + cfg.n_storage_tokens
     n_layers = 1 if decoder == "single" else len(default_feature_layers(cfg.depth))
     bytes_bf16 = 2
-    if grad_checkpointing:
-        encoder_act = (cfg.depth * 2 + 18) * tokens * cfg.embed_dim * bytes_bf16
-    else:
-        encoder_act = cfg.depth * 18 * tokens * cfg.embed_dim * bytes_bf16
+    saved_tensors = cfg.depth * 2 + 18 if grad_checkpointing else cfg.depth * 18  # of N x D each
+    encoder_act = saved_tensors * tokens * cfg.embed_dim * bytes_bf16
     channels = cfg.embed_dim * (n_layers if decoder == "multiscale" else 1)
     decoder_act, size = 0, (h // PATCH_SIZE) * (w // PATCH_SIZE)
     for _ in range(4):

@@ -187,7 +187,7 @@ def load_released_weights(network: SSLNetwork, source: str) -> dict:
     from nnunet_meddinov3.checkpoints import load_encoder_weights, resolve_weights
     from nnunet_meddinov3.checkpoints.converters import teacher_state
     from nnunet_meddinov3.checkpoints.format import DINOV3_LICENCE, read_checkpoint
-    from nnunet_meddinov3.checkpoints.loading import CheckpointMismatchError, read_state_dict
+    from nnunet_meddinov3.checkpoints.loading import read_state_dict
 
     path = resolve_weights(source)  # the file is read once, here
     if path.suffix == ".safetensors":  # this project's format: encoder keys only, licence recorded
@@ -198,10 +198,7 @@ def load_released_weights(network: SSLNetwork, source: str) -> dict:
         info["stages"] = list(checkpoint.metadata.stages)
         return info
     state = read_state_dict(path)
-    try:
-        layout = load_encoder_weights(network.encoder, state)
-    except CheckpointMismatchError as e:  # given a dict, the loader cannot name the file
-        raise CheckpointMismatchError(f"'{path}': {e}") from e
+    layout = load_encoder_weights(network.encoder, state, name=f"'{path}'")
     info = {"source": str(source), "layout": layout, "heads_loaded": False, "mask_token_loaded": False}
     info["licence"] = DINOV3_LICENCE  # Meta's and MedDINOv3's released weights
     raw = teacher_state(state)

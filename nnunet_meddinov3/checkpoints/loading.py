@@ -186,13 +186,14 @@ def _architecture_message(diffs: dict, recorded: dict, name: str) -> str:
     return "\n".join(lines)
 
 
-def _read_source(source):
-    """(raw state dict, recorded architecture or None, display name, layout name or None)."""
+def _read_source(source, name: str | None = None):
+    """(raw state dict, recorded architecture or None, display name, layout name or None); ``name``
+    names a state dict the caller read from a file."""
     from nnunet_meddinov3.checkpoints.format import LoadedCheckpoint, read_checkpoint
     if isinstance(source, LoadedCheckpoint):
         return source.state_dict, source.metadata.architecture, f"'{source.path}'", "meddinov3"
     if isinstance(source, dict):
-        return source, None, "the given state dict", None
+        return source, None, name or "the given state dict", None
     from nnunet_meddinov3.checkpoints.registry import resolve_weights
     path = resolve_weights(source)
     if path.suffix == ".safetensors":
@@ -201,7 +202,7 @@ def _read_source(source):
     return read_state_dict(path), None, f"'{path}'", None
 
 
-def load_encoder_weights(encoder, source, *, verbose: bool = False) -> str:
+def load_encoder_weights(encoder, source, *, name: str | None = None, verbose: bool = False) -> str:
     """Strictly load ``source`` into a DINOv3Encoder.
 
     ``source`` is a path (``.pth``/``.pt`` in any known layout, a ``.safetensors`` file in this
@@ -211,8 +212,9 @@ def load_encoder_weights(encoder, source, *, verbose: bool = False) -> str:
     every missing, unexpected or mis-shaped key and the configs that would fit, and, for files
     in this project's format, every architecture field (LayerNorm eps, RoPE settings, ...) in
     which the file's metadata and the encoder's config differ; nothing is loaded in that case.
+    ``name`` is how errors call a state dict the caller read from a file (e.g. its path).
     """
-    raw, recorded, name, own_layout = _read_source(source)
+    raw, recorded, name, own_layout = _read_source(source, name)
     state, layout = to_encoder_layout(raw)
     layout = own_layout or layout
     target = encoder.state_dict()

@@ -180,14 +180,18 @@ class TrainConfig:
 
 @dataclass
 class MonitorConfig:
-    """Collapse and divergence guards; a threshold of null switches that check off."""
+    """Collapse and divergence guards, on by default; a threshold of null switches that check off."""
 
     nonfinite_patience: int = 3  # consecutive non-finite losses that stop the run
+    # Uniform collapse: the teacher's per-image targets near uniform (normalised entropy at or above
+    # this) while the DINO loss sits within ``uniform_loss_margin`` (relative) of ln K.
+    max_teacher_sample_entropy: float | None = 0.98
+    uniform_loss_margin: float | None = 0.01
+    min_feature_std: float | None = 0.02  # std of the L2-normalised teacher CLS features x sqrt(D)
     min_teacher_entropy: float | None = None  # normalised entropy of the teacher's batch-mean distribution
-    min_feature_std: float | None = None  # std of the L2-normalised teacher CLS features x sqrt(D)
     max_koleo: float | None = None
     patience: int = 50  # consecutive violating iterations before a collapse stop
-    start_iteration: int = 0
+    start_iteration: int | None = None  # first checked iteration; null: the end of optim.warmup_iterations
 
 
 @dataclass
@@ -275,6 +279,7 @@ class PretrainConfig:
         check(self.train.iterations > 0, "train.iterations must be positive")
         check(self.train.keep_last >= 1, "train.keep_last must be >= 1")
         check(self.monitor.nonfinite_patience >= 1, "monitor.nonfinite_patience must be >= 1")
+        check(self.monitor.patience >= 1, "monitor.patience must be >= 1")
         check(self.init.weights is None or self.init.checkpoint is None,
               "init.weights and init.checkpoint exclude each other (a checkpoint already holds weights)")
         return self

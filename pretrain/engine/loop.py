@@ -188,7 +188,7 @@ class Trainer:
         active = warmup_mode == "on" or (warmup_mode == "auto" and self.provenance["init"]["kind"] == "weights"
                                          and not self.provenance["init"].get("heads_loaded", False))
         self.head_warmup = HeadWarmup(cfg.head_warmup, active)
-        self.monitor = CollapseMonitor(cfg.monitor)
+        self.monitor = CollapseMonitor(cfg.monitor, cfg.model.dino_head.prototypes, cfg.optim.warmup_iterations)
         self.nonfinite_streak = 0
         self.nonfinite_iterations: list[int] = []
         self.start_iteration = 0

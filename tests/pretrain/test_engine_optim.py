@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pretrain.configs import load_config
+from pretrain.configs import available_configs, load_config
 from pretrain.engine.head_warmup import HeadWarmup
 from pretrain.engine.monitors import CollapseMonitor, collapse_statistics
 from pretrain.model import build_student_and_teacher
@@ -139,3 +139,28 @@ def test_collapse_statistics_and_monitor():
     message = monitor.update(1, {"feature_std": 0.0})
     assert "collapse" in message and "feature_std" in message
     assert monitor.update(2, {"feature_std": 1.0}) is None and monitor.streak == 0
+
+
+def test_uniform_collapse_monitor_needs_uniform_targets_and_a_loss_at_ln_k():
+    config = load_config("tiny_stage1", ["monitor.patience=3"]).monitor
+    log_k = math.log(256)
+    uniform = {"teacher_sample_entropy": 0.999, "dino_loss": log_k + 1e-4, "teacher_logit_std": 3e-4, "feature_std": 0.5}
+    learning = dict(uniform, dino_loss=0.9 * log_k)  # targets still soft, but the student has left ln K
+    sharp = dict(uniform, teacher_sample_entropy=0.6)
+
+    monitor = CollapseMonitor(config, n_prototypes=256, default_start=5)  # start_iteration null: the warm-up end
+    assert [monitor.update(i, uniform) for i in range(5)] == [None] * 5 and monitor.streak == 0
+    assert monitor.update(5, uniform) is None and monitor.update(6, uniform) is None
+    message = monitor.update(7, uniform)
+    assert "uniform collapse" in message and "ln K = 5.5452" in message and "teacher_logit_std 0.0003" in message
+    assert "optim.freeze_last_layer_iterations" in message  # says what to try
+    for healthy in (learning, sharp):
+        assert monitor.violations(healthy) == []
+    assert monitor.update(8, learning) is None and monitor.streak == 0
+
+
+def test_monitors_are_on_by_default_in_every_packaged_config():
+    for name in available_configs():
+        monitor = load_config(name).monitor
+        assert monitor.max_teacher_sample_entropy is not None and monitor.uniform_loss_margin is not None, name
+        assert monitor.min_feature_std is not None, name

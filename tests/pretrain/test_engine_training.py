@@ -2,6 +2,7 @@
 and the head warm-up of continued pretraining."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -106,6 +107,22 @@ def test_collapse_monitor_stops_the_run(data, tmp_path):
     result = train(config, tmp_path / "run")
     assert result.status == STOPPED_COLLAPSE and result.iteration == 3
     assert "koleo_loss" in result.message and "collapse" in result.message
+
+
+def test_default_monitor_stops_a_uniform_collapse(data, tmp_path):
+    """A teacher softer than the student (0.2 vs 0.1) never sharpens: the head flattens, the targets
+    are uniform, the DINO loss sits at ln K. The default monitor (patience shortened) stops the run
+    instead of reporting it done, and its message names the monitor and what to try."""
+    config = tiny(data, "train.iterations=40", "train.checkpoint_every=10", "loss.teacher_temp_start=0.2",
+                  "loss.teacher_temp_end=0.2", "monitor.patience=10")
+    result = train(config, tmp_path / "run")
+    assert result.status == STOPPED_COLLAPSE and result.iteration < 40
+    assert "uniform collapse" in result.message and "teacher_sample_entropy" in result.message
+    assert "optim.warmup_iterations" in result.message and "checkpoint_00000010.pt" in result.message
+    status = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert status["status"] == STOPPED_COLLAPSE
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["teacher_sample_entropy"] > 0.98 and abs(last["dino_loss"] - math.log(256)) < 0.01 * math.log(256)
 
 
 def test_head_warmup_freezes_released_backbone_then_warms_it_up(data, tmp_path):

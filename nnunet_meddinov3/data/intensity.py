@@ -89,6 +89,18 @@ _PRESETS = {CTIntensity.kind: CTIntensity, MRIntensity.kind: MRIntensity}
 MEDDINOV3_CT = CTIntensity()
 
 
+def merge_preset_dict(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` (some fields of a preset dict) applied to ``base``.
+
+    Naming another ``kind`` starts from that kind's defaults, so ``{"kind": "mri"}`` alone is a
+    complete MRI preset; otherwise only the given fields change. An unknown kind is left for
+    validation to name.
+    """
+    kind = update.get("kind", base.get("kind"))
+    start = base if kind == base.get("kind") else (_PRESETS[kind]().to_dict() if kind in _PRESETS else {})
+    return {**start, **update}
+
+
 def preset_from_dict(d: dict[str, Any]) -> IntensityPreset:
     """Rebuild a preset from its :meth:`to_dict` form (dispatching on ``kind``)."""
     from nnunet_meddinov3.checkpoints.format import validate_intensity

@@ -18,7 +18,11 @@ from typing import Any
 
 import yaml
 
+from nnunet_meddinov3.data.intensity import merge_preset_dict
+
 from .schema import _DATACLASSES, ConfigError, PretrainConfig, from_plain, to_plain
+
+PRESET_FIELDS = ("intensity",)  # dict-valued fields that merge as intensity presets (see merge_preset_dict)
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -59,8 +63,9 @@ def _field_class(cls: type, name: str) -> type | None:
 
 
 def _merge(cls: type, base: dict, update: Any, where: str = "") -> dict:
-    """``update`` merged into ``base`` following the schema: nested configs merge key by key,
-    every other value (lists, dict-valued fields such as ``data.intensity``) is replaced."""
+    """``update`` merged into ``base`` following the schema: nested configs merge key by key, an
+    intensity preset merges as :func:`merge_preset_dict` (``data.intensity.kind=mri`` selects the MRI
+    preset with its defaults), every other value (lists) is replaced."""
     if not isinstance(update, dict):
         raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {update!r}")
     names = [f.name for f in dataclasses.fields(cls)]
@@ -70,7 +75,12 @@ def _merge(cls: type, base: dict, update: Any, where: str = "") -> dict:
             scope = f" in {where.rstrip('.')}" if where else ""
             raise ConfigError(f"unknown key '{where}{key}'; valid keys{scope}: {', '.join(names)}")
         nested = _field_class(cls, key)
-        merged[key] = _merge(nested, base[key], value, f"{where}{key}.") if nested else value
+        if nested:
+            merged[key] = _merge(nested, base[key], value, f"{where}{key}.")
+        elif key in PRESET_FIELDS and isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = merge_preset_dict(base[key], value)
+        else:
+            merged[key] = value
     return merged
 
 
@@ -92,8 +102,8 @@ def _deep_update(base: dict, update: dict) -> dict:
     """Plain recursive dict update for file-level inheritance (checked against the schema later)."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "intensity":
-            out[key] = _deep_update(out[key], value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_preset_dict(out[key], value) if key in PRESET_FIELDS else _deep_update(out[key], value)
         else:
             out[key] = value
     return out

@@ -228,7 +228,7 @@ class PretrainConfig:
         return self.crops.gram_teacher_sizes or [2 * s for s in self.crops.global_sizes]
 
     def validate(self) -> PretrainConfig:
-        from nnunet_meddinov3.checkpoints.format import validate_intensity
+        from nnunet_meddinov3.checkpoints.format import INTENSITY_FIELDS, validate_intensity
         from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
 
         def check(ok: bool, message: str) -> None:
@@ -260,15 +260,20 @@ class PretrainConfig:
         check(self.loss.koleo_group_size is None or self.loss.koleo_group_size >= 2,
               f"loss.koleo_group_size must be >= 2 or null, got {self.loss.koleo_group_size}")
         check(self.data.batch_size >= 2, "data.batch_size must be >= 2 (KoLeo needs a nearest neighbour)")
+        kinds = (CTIntensity.kind, MRIntensity.kind)
+        intensity = self.data.intensity
+        check(intensity.get("kind") in kinds,
+              f"data.intensity.kind must be one of {kinds} for pretraining, got {intensity.get('kind')!r} "
+              "(data.intensity.kind=mri selects the MRI preset with its defaults)")
         # the rule the exported checkpoint's metadata must pass, checked now rather than at export
         try:
-            validate_intensity(self.data.intensity)
+            validate_intensity(intensity)
         except ValueError as e:
             reason = str(e).removeprefix("invalid checkpoint metadata: ")
-            raise ConfigError(f"config '{self.name}': data.intensity {self.data.intensity}: {reason}") from e
-        kinds = (CTIntensity.kind, MRIntensity.kind)
-        check(self.data.intensity["kind"] in kinds,
-              f"data.intensity kind must be one of {kinds} for pretraining, got {self.data.intensity['kind']!r}")
+            raise ConfigError(f"config '{self.name}': data.intensity {intensity}: {reason}") from e
+        extra = sorted(set(intensity) - {"kind", *INTENSITY_FIELDS[intensity["kind"]]})
+        check(not extra, f"data.intensity: the {intensity['kind']} preset has no field(s) {extra}; its fields: "
+                         f"{', '.join(INTENSITY_FIELDS[intensity['kind']])}")
         check(0 <= self.masking.probability <= 1, "masking.probability must be in [0, 1]")
         check(0 <= self.masking.ratio[0] < self.masking.ratio[1] <= 1, "masking.ratio must be 0 <= low < high <= 1")
         check(self.optim.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {LR_SCHEDULES}")

@@ -105,7 +105,9 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
 @pytest.mark.parametrize("override, words", [
     ("data.intensity={kind: ct, window: [-1000, 1000], mean: 0, std: 0}", ["data.intensity", "std must be a positive"]),
     ("data.intensity={kind: ct, window: [1000, -1000], mean: 0, std: 1}", ["data.intensity", "low < high"]),
-    ("data.intensity={kind: ct, window: [-1000, 1000]}", ["data.intensity", "missing", "mean", "std"]),
+    ("data.intensity.mean=null", ["data.intensity", "mean must be a number"]),
+    ("data.intensity.percentiles=[1, 99]", ["the ct preset has no field(s) ['percentiles']", "window, mean, std"]),
+    ("data.intensity.kind=pet", ["data.intensity.kind", "('ct', 'mri')", "pet"]),
     ("data.intensity={kind: mri, percentiles: [99, 1]}", ["data.intensity", "percentiles"]),
     ("data.intensity={kind: imagenet, mean: 0, std: 1}", ["data.intensity", "('ct', 'mri')", "imagenet"]),
 ])
@@ -117,6 +119,22 @@ def test_bad_intensity_is_refused_when_the_config_is_read(override, words):
         assert word in str(error.value)
     mri = load_config("tiny_stage1", ["data.intensity={kind: mri, percentiles: [1, 99]}"])
     assert mri.data.intensity == {"kind": "mri", "percentiles": [1, 99]}
+
+
+def test_one_dotted_key_selects_the_mri_preset_with_its_defaults(tmp_path):
+    from nnunet_meddinov3.data.intensity import MRIntensity
+
+    assert load_config("tiny_stage1", ["data.intensity.kind=mri"]).data.intensity == MRIntensity().to_dict()
+    # a field of the chosen kind after the kind, in one command line
+    mri = load_config("tiny_stage1", ["data.intensity.kind=mri", "data.intensity.percentiles=[1, 99]"])
+    assert mri.data.intensity == {"kind": "mri", "percentiles": [1, 99]}
+    # a field of the current kind keeps the others (the CT window alone, mean and std stay MedDINOv3's)
+    ct = load_config("tiny_stage1", ["data.intensity.window=[-200, 300]"]).data.intensity
+    assert ct["window"] == [-200, 300] and ct["mean"] == 65.1084 and ct["std"] == 178.0166
+    # the same in a YAML file that starts from a CT config
+    path = tmp_path / "mri.yaml"
+    path.write_text("base: tiny_stage1\ndata:\n  intensity: {kind: mri}\n")
+    assert load_config(path).data.intensity == MRIntensity().to_dict()
 
 
 def test_crop_sizes_are_checked_against_the_encoders_patch_size(monkeypatch):

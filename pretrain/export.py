@@ -92,3 +92,16 @@ def export_run(run_or_checkpoint: str | os.PathLike, name: str | None = None,
     path = Path(output) if output is not None else default_export_path(name or run_dir.name)
     written = write_checkpoint(path, weights, metadata)
     return path, written
+
+
+def teacher_encoder(run_or_checkpoint: str | os.PathLike):
+    """The EMA teacher's backbone of a run folder's latest checkpoint (or of a checkpoint file), as a
+    1-channel DINOv3Encoder in eval mode: what an export of it would give, without writing a file."""
+    from nnunet_meddinov3.checkpoints import load_encoder_weights
+    from nnunet_meddinov3.network.encoder import DINOv3Encoder
+
+    state = read_training_checkpoint(run_or_checkpoint)
+    config = config_from_dict(state["config"])
+    encoder = DINOv3Encoder(encoder_config(config.model, 0.0), in_channels=1)
+    load_encoder_weights(encoder, encoder_state_from_training_checkpoint(state), name=f"'{state['path']}'")
+    return encoder.eval()

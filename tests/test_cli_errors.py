@@ -273,8 +273,9 @@ def test_weights_convert_unknown_encoder(capsys, tmp_path, fixtures):
     assert not dst.exists()
 
 
-def test_weights_info_on_a_file_that_is_no_checkpoint(capsys, tmp_path):
+@pytest.mark.parametrize("text", ["not weights at all", "hi there"])  # "h..." makes the unpickler raise KeyError
+def test_weights_info_on_a_file_that_is_no_checkpoint(capsys, tmp_path, text):
     garbage = tmp_path / "notes.pth"
-    garbage.write_text("not weights at all")
+    garbage.write_text(text)
     code, out = run_cli(capsys, "weights", "info", garbage)
     assert code == 1 and "is not a PyTorch checkpoint" in out and "accepted:" in out

@@ -41,7 +41,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         return read_dcp_backbone(path)[0]  # refuses a folder that is not a DCP checkpoint
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, KeyError) as e:  # a text file makes the unpickler raise KeyError
         with open(path, "rb") as f:
             head = f.read(4)
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a raw pickle
@@ -50,7 +50,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
                              f"weight files (Meta, MedDINOv3, timm), dinov3 DCP folders") from e
         raise ValueError(
             f"refusing to load '{path}': it is a pickle holding more than tensors and plain "
-            f"containers ({str(e).splitlines()[0]}). Only weight files are accepted.") from e
+            f"containers ({(str(e).splitlines() or [type(e).__name__])[0]}). Only weight files are accepted.") from e
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
     if not isinstance(state, dict):

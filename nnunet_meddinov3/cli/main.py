@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "bench": ("bench", "training/inference throughput and peak memory vs the nnU-Net 2D network"),
     "predict": ("predict", "predict nnU-Net folders, NIfTI folders or DICOM series trees"),
     "features": ("features", "PCA and cosine-similarity pictures of the encoder's dense features"),
+    "probe": ("probe", "rank encoder checkpoints by a frozen-encoder linear probe on an nnU-Net dataset"),
 }
 
 

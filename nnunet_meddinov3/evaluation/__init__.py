@@ -1,4 +1,5 @@
-"""Evaluation on nnU-Net's own output folders: compare trainers' cross-validation results (Dice, NSD, Wilcoxon)."""
+"""Evaluation: compare trainers' cross-validation results (Dice, NSD, Wilcoxon) on nnU-Net's output folders;
+the frozen-encoder linear probe (:mod:`nnunet_meddinov3.evaluation.probe`) ranks encoder checkpoints."""
 from nnunet_meddinov3.evaluation.compare import (
     ClassRow,
     Comparison,

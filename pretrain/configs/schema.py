@@ -88,6 +88,23 @@ class CropsConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Per-crop augmentation of :class:`~pretrain.data.augment.MultiCropAugmentation` (its docstring
+    says what each does). The photometric part must leave two views of one slice recognisably the
+    same: a tiny run on natural images sits at uniform targets with the CT window below at
+    ``window_p`` 0.8 / ``window_width`` from 0.25, and learns with it off (pretrain/README.md)."""
+
+    flip_p: float = 0.5
+    window_p: float = 0.8  # a random display window stretched back onto the full range
+    window_width: tuple[float, float] = (0.25, 1.0)  # its width, as a fraction of the value range
+    contrast_p: float = 0.8
+    contrast: tuple[float, float] = (0.6, 1.4)
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.2  # second global crop only
+
+
+@dataclass
 class MaskingConfig:
     probability: float = 0.5  # fraction of global crops that get an iBOT mask
     ratio: tuple[float, float] = (0.1, 0.5)
@@ -184,9 +201,13 @@ class MonitorConfig:
 
     nonfinite_patience: int = 3  # consecutive non-finite losses that stop the run
     # Uniform collapse: the teacher's per-image targets near uniform (normalised entropy at or above
-    # this) while the DINO loss sits within ``uniform_loss_margin`` (relative) of ln K.
+    # this) while the DINO loss sits within ``uniform_loss_margin`` (relative) of ln K and both heads have
+    # flattened their logits (teacher_logit_std and teacher_ibot_logit_std at most ``max_teacher_logit_std``,
+    # a quarter of the ~0.02 of the initialisation; null drops this condition). A run that has not left
+    # ln K yet but keeps a logit spread is still learning, not collapsed.
     max_teacher_sample_entropy: float | None = 0.98
     uniform_loss_margin: float | None = 0.01
+    max_teacher_logit_std: float | None = 0.005
     min_feature_std: float | None = 0.02  # std of the L2-normalised teacher CLS features x sqrt(D)
     min_teacher_entropy: float | None = None  # normalised entropy of the teacher's batch-mean distribution
     max_koleo: float | None = None
@@ -208,6 +229,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     gram: GramConfig = field(default_factory=GramConfig)
@@ -274,6 +296,14 @@ class PretrainConfig:
         extra = sorted(set(intensity) - {"kind", *INTENSITY_FIELDS[intensity["kind"]]})
         check(not extra, f"data.intensity: the {intensity['kind']} preset has no field(s) {extra}; its fields: "
                          f"{', '.join(INTENSITY_FIELDS[intensity['kind']])}")
+        a = self.augment
+        probabilities = {"flip_p": a.flip_p, "window_p": a.window_p, "contrast_p": a.contrast_p,
+                         "solarize_p": a.solarize_p, **{f"blur_p[{i}]": p for i, p in enumerate(a.blur_p)}}
+        bad = {k: v for k, v in probabilities.items() if not 0 <= v <= 1}
+        check(not bad, f"augment probabilities must be in [0, 1], got {bad}")
+        check(0 < a.window_width[0] <= a.window_width[1] <= 1, "augment.window_width must be 0 < low <= high <= 1")
+        check(0 < a.contrast[0] <= a.contrast[1], "augment.contrast must be 0 < low <= high")
+        check(0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma must be 0 < low <= high")
         check(0 <= self.masking.probability <= 1, "masking.probability must be in [0, 1]")
         check(0 <= self.masking.ratio[0] < self.masking.ratio[1] <= 1, "masking.ratio must be 0 <= low < high <= 1")
         check(self.optim.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {LR_SCHEDULES}")
@@ -368,6 +398,7 @@ _DATACLASSES = {
         ModelConfig,
         DataConfig,
         CropsConfig,
+        AugmentConfig,
         MaskingConfig,
         LossConfig,
         GramConfig,

@@ -10,6 +10,7 @@ seeded from (seed, p).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ def build_augmentations(config: PretrainConfig) -> list[MultiCropAugmentation]:
             local_scale=tuple(c.local_scale),
             gram_scale=None if gram_sizes is None else gram_sizes[i] / g,
             value_range=preset.output_range(),
+            **dataclasses.asdict(config.augment),
         )
         for i, (g, loc) in enumerate(zip(c.global_sizes, c.local_sizes))
     ]

@@ -339,7 +339,8 @@ class Trainer:
                 total = total * float("nan")
             (total / self.accumulation).backward()
         terms["total_loss"] = total
-        stats = collapse_statistics(teacher["cls"], teacher["dino_global"], sched["teacher_temp"])
+        stats = collapse_statistics(teacher["cls"], teacher["dino_global"], sched["teacher_temp"],
+                                    teacher["ibot_masked"])
         return {k: v.detach().float() for k, v in {**terms, **stats}.items()}
 
     def _inject_nan(self, iteration: int) -> bool:
@@ -438,7 +439,10 @@ class Trainer:
                     return self._finish(STOPPED_NONFINITE, done, last_saved, message, progress)
                 collapse = self.monitor.update(iteration, metrics) if metrics["finite"] else None
                 if collapse:
-                    message = f"stopping: {collapse}. The last checkpoint is {last_saved or 'none'}"
+                    # the weights are finite and may still be of use (export, probe): keep them
+                    last_saved = self.save(done)
+                    message = (f"stopping: {collapse}. Saved {last_saved}: export or probe it as it is, or continue "
+                               "with --resume and that monitor's threshold set to null")
                     return self._finish(STOPPED_COLLAPSE, done, last_saved, message, progress)
 
                 periodic = cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0

@@ -37,14 +37,16 @@ HINTS = {
 
 
 @torch.no_grad()
-def collapse_statistics(teacher_cls: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float) -> dict:
+def collapse_statistics(teacher_cls: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float,
+                        teacher_patch_logits: torch.Tensor | None = None) -> dict:
     """teacher_cls (N, D) backbone CLS features, teacher_logits (N, K) DINO-head logits ->
 
     ``teacher_entropy``: entropy of the batch-mean softmax(logits / temp), divided by log K (1 =
     all prototypes used evenly, 0 = one prototype);
     ``teacher_sample_entropy``: mean per-image entropy / log K (1 = uniform targets, low = confident);
     ``teacher_logit_std``: std of each image's logits over the prototypes, averaged (a flattened head
-    has ~0; the reference initialisation gives ~0.02);
+    has ~0; the reference initialisation gives ~0.02); ``teacher_ibot_logit_std`` the same for the iBOT
+    head on the masked patches ``teacher_patch_logits`` (M, K) (NaN when no patch is masked);
     ``feature_std``: std across the batch of the L2-normalised features, averaged over dimensions,
     x sqrt(D) (about 1 for features spread over the sphere, 0 when all images look the same).
     """
@@ -59,8 +61,12 @@ def collapse_statistics(teacher_cls: torch.Tensor, teacher_logits: torch.Tensor,
         spread = features.std(dim=0).mean() * math.sqrt(features.shape[-1])
     else:
         spread = features.new_zeros(())
-    return {"teacher_entropy": marginal, "teacher_sample_entropy": per_sample,
-            "teacher_logit_std": logits.std(dim=-1).mean(), "feature_std": spread}
+    stats = {"teacher_entropy": marginal, "teacher_sample_entropy": per_sample,
+             "teacher_logit_std": logits.std(dim=-1).mean(), "feature_std": spread}
+    if teacher_patch_logits is not None:
+        patch = teacher_patch_logits.float()
+        stats["teacher_ibot_logit_std"] = patch.std(dim=-1).mean() if patch.shape[0] else patch.new_tensor(math.nan)
+    return stats
 
 
 class CollapseMonitor:
@@ -81,14 +87,21 @@ class CollapseMonitor:
         """(monitor, what it saw) for every threshold ``metrics`` break."""
         c, found = self.config, []
         entropy, loss = metrics.get("teacher_sample_entropy"), metrics.get("dino_loss")
+        spread, patch_spread = metrics.get("teacher_logit_std"), metrics.get("teacher_ibot_logit_std")
+        limit = c.max_teacher_logit_std
+        # both heads flattened: a run whose iBOT head still learns (patch features) is not stopped
+        flat = limit is None or (spread is not None and spread <= limit
+                                 and (patch_spread is None or patch_spread <= limit))
         if (c.max_teacher_sample_entropy is not None and c.uniform_loss_margin is not None and self.log_k
                 and entropy is not None and loss is not None and entropy >= c.max_teacher_sample_entropy
-                and abs(loss - self.log_k) <= c.uniform_loss_margin * self.log_k):
-            spread = metrics.get("teacher_logit_std")
+                and abs(loss - self.log_k) <= c.uniform_loss_margin * self.log_k and flat):
             found.append(("uniform", f"uniform collapse: teacher_sample_entropy {entropy:.4f} >= "
                                      f"{c.max_teacher_sample_entropy} and dino_loss {loss:.4f} within "
                                      f"{c.uniform_loss_margin:.0%} of ln K = {self.log_k:.4f}"
-                                     + (f" (teacher_logit_std {spread:.2g})" if spread is not None else "")))
+                                     + ("" if limit is None else
+                                        f", teacher_logit_std {spread:.2g} and teacher_ibot_logit_std "
+                                        f"{patch_spread if patch_spread is not None else float('nan'):.2g} <= {limit} "
+                                        "(both heads flattened)")))
         if c.min_feature_std is not None and metrics.get("feature_std", math.inf) < c.min_feature_std:
             found.append(("constant", f"constant features: feature_std {metrics['feature_std']:.4g} < "
                                       f"{c.min_feature_std}"))

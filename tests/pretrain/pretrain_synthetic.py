@@ -59,3 +59,22 @@ def write_dicom_series(folder: Path, volume: np.ndarray, series_uid: str) -> Pat
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(image)
     return folder
+
+
+def texture_volume(seed: int, size: int = 96, depth: int = 3) -> np.ndarray:
+    """(3, 96, 96) int16 'HU': a texture of its own per volume (a grating of random frequency, orientation
+    and contrast over soft blobs), so that two crops of one slice share more than two slices of different
+    volumes. The phantoms of :func:`ct_volume` (and the demo's) are all alike: self-distillation has no
+    image to tell from another there."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size].astype(np.float32)
+    frequency, angle, amplitude = rng.uniform(0.05, 0.4), rng.uniform(0, np.pi), rng.uniform(100, 500)
+    base = rng.uniform(-600, 300)
+    slices = []
+    for _ in range(depth):
+        image = base + amplitude * np.sin(frequency * (np.cos(angle) * x + np.sin(angle) * y) + rng.uniform(0, 6.3))
+        for _ in range(rng.integers(2, 6)):
+            cy, cx, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(4, 16)
+            image += rng.uniform(-400, 400) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))
+        slices.append(image + rng.normal(0, 10, image.shape))
+    return np.clip(np.stack(slices), -1000, 1000).round().astype(np.int16)

@@ -1,6 +1,7 @@
 """Stage configs: every packaged YAML loads, carries the recipe's numbers, and bad input is refused."""
 
 import math
+import re
 
 import pytest
 
@@ -147,3 +148,17 @@ def test_crop_sizes_are_checked_against_the_encoders_patch_size(monkeypatch):
         load_config("tiny_stage1", ["crops.global_sizes=[40]"])
     with pytest.raises(ConfigError, match="multiples of the patch size 8"):
         load_config("tiny_stage1", ["model.encoder=tiny_patch8", "crops.global_sizes=[36]"])
+
+
+def test_augmentation_is_configurable_and_checked():
+    from pretrain.engine.data import build_augmentations
+
+    config = load_config("tiny_stage1", ["augment.window_p=0", "augment.contrast=[0.8, 1.2]", "augment.solarize_p=0"])
+    augmentation = build_augmentations(config)[0]
+    assert augmentation.window_p == 0 and augmentation.contrast == (0.8, 1.2) and augmentation.solarize_p == 0
+    assert augmentation.window_width == (0.6, 1.0)  # the tiny recipe's milder CT window
+    for override, words in (("augment.window_p=1.5", "augment probabilities must be in [0, 1]"),
+                            ("augment.window_width=[0, 1]", "augment.window_width"),
+                            ("augment.blur_p=[1, 0.1]", "augment.blur_p must have 3 entries")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config("tiny_stage1", [override])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from pretrain_synthetic import ct_volume, write_nifti
+from pretrain_synthetic import ct_volume, texture_volume, write_nifti
 
 from pretrain.configs import load_config
 from pretrain.engine import FINISHED, PAUSED, STOPPED_COLLAPSE, STOPPED_NONFINITE, train
@@ -37,17 +37,34 @@ def test_losses_fall_over_30_iterations(data, tmp_path):
     def mean(key, part):
         return sum(m[key] for m in part) / len(part)
 
-    first, last = metrics[:5], metrics[-5:]
-    # the total (DINO + iBOT + 0.1 KoLeo) falls clearly; DINO and iBOT may only creep down from
-    # log K this early (the teacher's targets are still nearly uniform), but must not rise
-    assert mean("total_loss", first) - mean("total_loss", last) > 0.5
-    assert mean("dino_loss", last) <= mean("dino_loss", first) + 1e-3
-    assert mean("ibot_loss", last) <= mean("ibot_loss", first) + 1e-3
-    assert mean("koleo_loss", last) < mean("koleo_loss", first)
+    # over 30 iterations the losses only have to stay finite and bounded; that the DINO loss leaves
+    # ln K is test_tiny_recipe_learns_on_textures below (a few hundred iterations)
+    assert all(m["dino_loss"] < math.log(256) + 0.1 for m in metrics)
     for key in ("lr", "momentum", "teacher_temp", "images_per_s", "memory_gib", "feature_std", "teacher_entropy"):
         assert key in metrics[-1]
     assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
     assert [i for i, _ in list_checkpoints(tmp_path / "run")] == [30]  # the exit checkpoint
+
+
+def test_tiny_recipe_learns_on_textures(tmp_path):
+    """Self-distillation learns, not only KoLeo: on slices whose volumes each have a texture of their own,
+    the tiny recipe's DINO loss leaves ln K and the teacher's targets sharpen, its head keeping the logit
+    spread of its initialisation (~0.02; a collapsing run flattens it below 0.005)."""
+    root = tmp_path / "textures"
+    for i in range(8):
+        write_nifti(root / f"tex_{i}.nii.gz", texture_volume(i))
+    config = load_config("tiny_stage1", [f"data.roots=[{root}]", f"data.cache_dir={tmp_path / 'cache'}",
+                                         "data.body_threshold=null", "train.iterations=400", "train.checkpoint_every=0",
+                                         "augment.window_p=0"])
+    result = train(config, tmp_path / "run")
+    assert result.status == FINISHED, result.message
+    last = read_metrics(tmp_path / "run")[-50:]
+
+    def mean(key):
+        return sum(m[key] for m in last) / len(last)
+
+    assert mean("dino_loss") < math.log(256) - 0.03, mean("dino_loss")
+    assert mean("teacher_sample_entropy") < 0.98 and mean("teacher_logit_std") > 0.01
 
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data, tmp_path):
@@ -110,15 +127,19 @@ def test_collapse_monitor_stops_the_run(data, tmp_path):
 
 
 def test_default_monitor_stops_a_uniform_collapse(data, tmp_path):
-    """A teacher softer than the student (0.2 vs 0.1) never sharpens: the head flattens, the targets
-    are uniform, the DINO loss sits at ln K. The default monitor (patience shortened) stops the run
-    instead of reporting it done, and its message names the monitor and what to try."""
-    config = tiny(data, "train.iterations=40", "train.checkpoint_every=10", "loss.teacher_temp_start=0.2",
-                  "loss.teacher_temp_end=0.2", "monitor.patience=10")
+    """A teacher softer than the student (0.2 vs 0.1) never sharpens: the heads flatten, the targets
+    are uniform, the DINO loss sits at ln K. The default monitor (patience and flatness threshold set
+    for a 60-iteration run) stops the run instead of reporting it done, and its message names the
+    monitor and what to try."""
+    config = tiny(data, "train.iterations=60", "train.checkpoint_every=10", "loss.teacher_temp_start=0.2",
+                  "loss.teacher_temp_end=0.2", "monitor.patience=10", "monitor.max_teacher_logit_std=0.018")
     result = train(config, tmp_path / "run")
-    assert result.status == STOPPED_COLLAPSE and result.iteration < 40
+    assert result.status == STOPPED_COLLAPSE and result.iteration < 60
     assert "uniform collapse" in result.message and "teacher_sample_entropy" in result.message
-    assert "optim.warmup_iterations" in result.message and "checkpoint_00000010.pt" in result.message
+    assert "optim.warmup_iterations" in result.message
+    # nothing is lost: the stop writes a checkpoint of the iteration it stopped at
+    assert result.checkpoint.name == f"checkpoint_{result.iteration:08d}.pt" and result.checkpoint.is_file()
+    assert str(result.checkpoint) in result.message and "--resume" in result.message
     status = json.loads((tmp_path / "run" / "run.json").read_text())
     assert status["status"] == STOPPED_COLLAPSE
     last = read_metrics(tmp_path / "run")[-1]

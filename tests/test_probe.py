@@ -70,7 +70,7 @@ def test_probe_ranks_a_class_separating_checkpoint_above_random_init(nnunet_env,
     trained = class_separating_checkpoint(tmp_path / "separating.safetensors", nnunet_env["env"])
     runs = []
     for name in ("a", "b"):
-        proc = probe(nnunet_env, "--weights", "random:meddinov3_tiny", str(trained), "--steps", "100",
+        proc = probe(nnunet_env, "--weights", "random:meddinov3_tiny,layer_scale_init=1.0", str(trained), "--steps", "100",
                      "-o", str(tmp_path / name))
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "Linear probe Dice, fold 0 validation" in proc.stdout and "liver" in proc.stdout
@@ -78,7 +78,8 @@ def test_probe_ranks_a_class_separating_checkpoint_above_random_init(nnunet_env,
     first, second = runs
     assert first["results"] == second["results"]  # deterministic for a seed
     dice = {source: r["dice"]["mean"] for source, r in first["results"].items()}
-    assert dice[str(trained)] > dice["random:meddinov3_tiny"] + 0.05, dice
+    # against a random init of the same architecture and LayerScale init as the trained one
+    assert dice[str(trained)] > dice["random:meddinov3_tiny,layer_scale_init=1.0"] + 0.05, dice
     assert first["validation_cases"] and set(first["validation_cases"]).isdisjoint(first["train_cases"])
     assert first["results"][str(trained)]["layers"] == [0, 1, 2, 3]
     assert (tmp_path / "a" / "probe.png").stat().st_size > 5000
@@ -102,6 +103,7 @@ def test_probe_takes_a_pretraining_run_folder(nnunet_env, tmp_path):
 @pytest.mark.parametrize("arguments, words", [
     (["--weights", "no_such_weights"], ["'no_such_weights' is neither an existing file nor a registered"]),
     (["--weights", "random:vitz16"], ["unknown encoder 'vitz16'", "meddinov3_tiny"]),
+    (["--weights", "random:meddinov3_tiny,layerscale=1"], ["unknown encoder option(s) ['layerscale']"]),
     (["--weights", "random:meddinov3_tiny", "--layers", "1", "4"], ["layers [4] are out of range", "0-3"]),
     (["--weights", "random:meddinov3_tiny", "-f", "7"], ["fold 7 does not exist"]),
     (["--weights", "random:meddinov3_tiny", "-p", "nnUNetPlansOther"], ["no plans 'nnUNetPlansOther'",

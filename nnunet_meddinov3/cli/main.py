@@ -13,7 +13,7 @@ import sys
 SUBCOMMANDS = {
     "env": ("env", "show or export the environment variables nnU-Net needs to find this plugin"),
     "plan_and_preprocess": ("plan_and_preprocess", "fingerprint, plan nnUNetPlansMedDINOv3 (2d, 2d_highres) and preprocess"),
-    "demo": ("demo", "synthetic CT dataset -> nnU-Net baseline vs tiny MedDINOv3 -> Dice table (CPU, ~10 min)"),
+    "demo": ("demo", "synthetic CT: pretrain -> export -> nnU-Net baseline vs tiny MedDINOv3 -> Dice and probe tables"),
     "weights": ("weights", "list, inspect, convert, verify and fetch encoder checkpoints"),
     "compare": ("compare", "compare trainers' cross-validation results (Dice, NSD, Wilcoxon)"),
     "bench": ("bench", "training/inference throughput and peak memory vs the nnU-Net 2D network"),

@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name, preprocessed by nnU-Net")
     parser.add_argument("--weights", nargs="+", required=True, metavar="SOURCE",
                         help="checkpoints to compare: registry names, files, pretraining run folders or checkpoints, "
-                             f"or {RANDOM_PREFIX}ENCODER (e.g. {RANDOM_PREFIX}meddinov3_tiny) for a random init")
+                             f"or {RANDOM_PREFIX}ENCODER[,option=value...] for a random init (e.g. "
+                             f"{RANDOM_PREFIX}meddinov3_tiny,layer_scale_init=1.0)")
     parser.add_argument("-c", "--configuration", default="2d", help="a 2D configuration of the plans (default 2d)")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("-f", "--fold", type=int, default=0, help="fold whose validation cases are scored (default 0)")
@@ -47,11 +48,24 @@ def encoder_for(source: str, seed: int, encoder_name: str | None = None):
     from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, DINOv3Encoder, resolve_encoder_config
 
     if source.startswith(RANDOM_PREFIX):
-        name = source[len(RANDOM_PREFIX):]
+        import yaml
+
+        name, *options = source[len(RANDOM_PREFIX):].split(",")
         if name not in ENCODER_CONFIGS:
             raise ValueError(f"'{source}': unknown encoder '{name}'; known: {', '.join(sorted(ENCODER_CONFIGS))}")
+        overrides = {}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep:
+                raise ValueError(f"'{source}': '{option}' is not option=value")
+            overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            config = resolve_encoder_config(name, **overrides)
+        except TypeError as e:
+            raise ValueError(f"'{source}': {e}") from None
         torch.manual_seed(seed)
-        return DINOv3Encoder(resolve_encoder_config(name), in_channels=1).eval(), f"random init of {name}"
+        return DINOv3Encoder(config, in_channels=1).eval(), f"random init of {name}" + \
+            "".join(f", {k}={v}" for k, v in overrides.items())
     path = Path(source).expanduser()
     if path.exists():
         from pretrain.engine.checkpoint import is_training_checkpoint

@@ -58,19 +58,19 @@ class ProbeSplit:
 
 
 def preprocessed_split(dataset: str | int, configuration: str = "2d", plans: str = "nnUNetPlans",
-                       fold: int = 0) -> ProbeSplit:
+                       fold: int = 0, preprocessed: str | None = None) -> ProbeSplit:
     """The fold's training and validation cases of an nnU-Net dataset preprocessed with ``plans``.
 
     The split is ``splits_final.json`` when nnU-Net has written it, else the split nnU-Net would write
     (its seeded 5-fold split of all preprocessed cases), so the probe's validation cases are the
-    ones ``nnUNetv2_train ... FOLD`` validates on.
+    ones ``nnUNetv2_train ... FOLD`` validates on. ``preprocessed`` defaults to ``$nnUNet_preprocessed``.
     """
     import os
 
     from nnunetv2.utilities.crossval_split import generate_crossval_split
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    preprocessed = os.environ.get("nnUNet_preprocessed")
+    preprocessed = preprocessed or os.environ.get("nnUNet_preprocessed")
     if not preprocessed:
         raise ProbeError("nnUNet_preprocessed is not set; export it (and nnUNet_raw) as for nnUNetv2_train")
     try:

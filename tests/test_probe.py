@@ -135,3 +135,25 @@ def test_probe_refuses_a_dataset_without_labels_or_preprocessing(nnunet_env, tmp
     monkeypatch.delenv("nnUNet_preprocessed")
     assert main(["probe", "-d", str(DATASET), "--weights", "random:meddinov3_tiny"]) == 1
     assert "nnUNet_preprocessed is not set" in capsys.readouterr().err
+
+
+def test_pretraining_logs_probe_curves_and_refuses_a_probe_on_its_own_images(nnunet_env, tmp_path):
+    from pretrain.configs import ConfigError, load_config
+    from pretrain.engine import train
+    from pretrain.engine.progress import read_metrics
+
+    raw = nnunet_env["root"] / "raw" / f"Dataset{DATASET}_ProbeCT"
+    validation = preprocessed_split(DATASET, "2d", "nnUNetPlans", 0).val
+    run = [f"data.roots=[{raw}]", f"data.exclude_test_images_of=[{raw}]", f"data.cache_dir={tmp_path / 'cache'}",
+           "train.iterations=4", "train.checkpoint_every=0", f"eval.dataset={DATASET}", "eval.every=2",
+           "eval.steps=5"]
+    with pytest.raises(ConfigError) as error:  # fold 0's validation cases are among the pretraining images
+        train(load_config("tiny_stage1", run), tmp_path / "leaky")
+    assert "are in the pretraining data" in str(error.value) and validation[0] in str(error.value)
+    assert "data.exclude_case_ids=" in str(error.value)
+
+    guarded = load_config("tiny_stage1", [*run, f"data.exclude_case_ids=[{', '.join(validation)}]"])
+    assert train(guarded, tmp_path / "guarded").ok
+    probed = {m["iteration"]: m for m in read_metrics(tmp_path / "guarded") if "probe_dice" in m}
+    assert sorted(probed) == [2, 4]
+    assert 0 <= probed[4]["probe_dice"] <= 1 and "probe_dice_liver" in probed[4]

@@ -156,11 +156,14 @@ def load_slices(folder: Path, cases: list[str], class_names: dict[int, str], max
 @torch.no_grad()
 def encode(encoder, images: torch.Tensor, layers: list[int], batch_size: int = 8) -> torch.Tensor:
     """(N, 1, H, W) -> (N, C * len(layers), H/16, W/16): the normed patch tokens of ``layers``."""
+    was_training = encoder.training
     encoder.eval()
+    device = next(encoder.parameters()).device
     chunks = []
     for start in range(0, images.shape[0], batch_size):
-        maps = encoder.intermediate_features(images[start:start + batch_size], layers)
-        chunks.append(torch.cat(maps, dim=1).float())
+        maps = encoder.intermediate_features(images[start:start + batch_size].to(device), layers)
+        chunks.append(torch.cat(maps, dim=1).float().cpu())
+    encoder.train(was_training)
     return torch.cat(chunks)
 
 

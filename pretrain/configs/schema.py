@@ -216,6 +216,22 @@ class MonitorConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Linear-probe curves while pretraining: every ``every`` iterations the EMA teacher is probed as
+    ``meddinov3 probe`` does (frozen encoder, one linear layer trained for ``steps`` steps on at most
+    ``max_slices`` slices per training case) on an nnU-Net dataset's preprocessed ``configuration``,
+    scored on ``fold``'s validation cases, which the pretraining data must not contain."""
+
+    dataset: str | None = None  # nnU-Net dataset id or name; null: no probe
+    every: int = 0
+    configuration: str = "2d"
+    plans: str = "nnUNetPlans"
+    fold: int = 0
+    steps: int = 100
+    max_slices: int = 8
+
+
+@dataclass
 class DebugConfig:
     inject_nan_at_iteration: int | None = None  # the loss becomes NaN from this iteration ...
     inject_nan_iterations: int = 3  # ... for this many iterations
@@ -237,6 +253,7 @@ class PretrainConfig:
     head_warmup: HeadWarmupConfig = field(default_factory=HeadWarmupConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,6 +332,11 @@ class PretrainConfig:
         check(self.train.keep_last >= 1, "train.keep_last must be >= 1")
         check(self.monitor.nonfinite_patience >= 1, "monitor.nonfinite_patience must be >= 1")
         check(self.monitor.patience >= 1, "monitor.patience must be >= 1")
+        check(self.eval.dataset is None or self.eval.every > 0,
+              "eval.every must be a positive number of iterations when eval.dataset is set")
+        check(self.eval.dataset is None or self.train.parallel == "ddp",
+              "eval (the probe) runs on the main process's teacher; it needs train.parallel=ddp")
+        check(self.eval.steps >= 1 and self.eval.max_slices >= 1, "eval.steps and eval.max_slices must be >= 1")
         check(self.init.weights is None or self.init.checkpoint is None,
               "init.weights and init.checkpoint exclude each other (a checkpoint already holds weights)")
         return self
@@ -352,6 +374,8 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
                 pass
         if target is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if target is str and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # a YAML number where a name is expected, e.g. eval.dataset=501
         if isinstance(value, bool) and target is not bool:
             raise ConfigError(f"{where} must be {kind}, got {value!r}")
         if not isinstance(value, target):
@@ -406,6 +430,7 @@ _DATACLASSES = {
         HeadWarmupConfig,
         TrainConfig,
         MonitorConfig,
+        EvalConfig,
         DebugConfig,
     )
 }

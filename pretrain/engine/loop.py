@@ -47,6 +47,7 @@ from .distributed import (
 )
 from .head_warmup import HeadWarmup
 from .monitors import CollapseMonitor, collapse_statistics
+from .probe_curve import ProbeCurve
 from .progress import ProgressReporter
 
 FINISHED = "finished"  # reached train.iterations
@@ -197,6 +198,7 @@ class Trainer:
         self.resumed_from = resume_from
 
         self.losses = build_losses(cfg)
+        self.probe = self._build_probe()
         if ctx.is_main:
             (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
@@ -209,6 +211,21 @@ class Trainer:
         if not ctx.is_main:
             slices = slice_dataset_from_index(self.config, self.cache_dir, index)
         return slices
+
+    def _build_probe(self) -> ProbeCurve | None:
+        """The main process's probe (config ``eval``); its leakage check fails every rank alike."""
+        if self.config.eval.dataset is None:
+            return None
+        probe, error = None, None
+        if self.context.is_main:
+            try:
+                probe = ProbeCurve(self.config.eval, {v["case_id"] for v in self.slices.volumes})
+            except ConfigError as e:
+                error = str(e)
+        error = self.context.broadcast_object(error)
+        if error:
+            raise ConfigError(error)
+        return probe
 
     def _initialise_weights(self) -> None:
         cfg = self.config
@@ -412,6 +429,9 @@ class Trainer:
                 tick = time.perf_counter()
                 metrics = self.train_iteration(iteration, batches)
                 done = iteration + 1
+                probed = self.probe is not None and done % cfg.eval.every == 0
+                if probed:
+                    metrics.update(self.probe(self.teacher.encoder))
                 elapsed = time.perf_counter() - tick
                 window_time += elapsed
                 window_iterations += 1
@@ -424,7 +444,7 @@ class Trainer:
                     self.nonfinite_streak += 1
                     self.nonfinite_iterations.append(done)
                 progress.step(metrics)
-                if done % cfg.train.log_every == 0 or not metrics["finite"] or done == stop:
+                if done % cfg.train.log_every == 0 or not metrics["finite"] or done == stop or probed:
                     progress.log({"iteration": done, **metrics,
                                   "images_per_s": self.global_batch * window_iterations / max(window_time, 1e-9),
                                   "memory_gib": peak_memory_gib(ctx.device), "seconds": elapsed})

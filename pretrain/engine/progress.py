@@ -9,7 +9,7 @@ from pathlib import Path
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curves.png"
 LOSS_KEYS = ("total_loss", "dino_loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "gram_loss",
-             "teacher_sample_entropy")
+             "teacher_sample_entropy", "probe_dice")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -54,6 +54,7 @@ def _environment(workdir: Path, args) -> dict:
         nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "2"), nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"),
         MEDDINOV3_EPOCHS=str(args.epochs), MEDDINOV3_ITERATIONS=str(args.iterations),
         MEDDINOV3_VAL_ITERATIONS=str(max(1, args.iterations // 5)),
+        PYTHONUNBUFFERED="1",  # progress lines reach the console as they happen, not at the end of a step
     )
     env.pop(WEIGHTS_ENV, None)
     return env

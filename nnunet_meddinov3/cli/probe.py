@@ -74,15 +74,13 @@ def encoder_for(source: str, seed: int, encoder_name: str | None = None):
             from pretrain.export import teacher_encoder
 
             return teacher_encoder(path), "pretraining run: EMA teacher of its latest checkpoint"
-    from nnunet_meddinov3.checkpoints import (build_encoder_from_checkpoint, infer_encoder_config,
+    from nnunet_meddinov3.checkpoints import (LayoutError, build_encoder_from_checkpoint, infer_encoder_config,
                                               load_encoder_weights, read_source, resolve_weights)
 
     resolved = resolve_weights(source)
     checkpoint = read_source(resolved)
     if checkpoint.metadata is not None:  # this project's format records the architecture
         return build_encoder_from_checkpoint(resolved).eval(), f"{resolved} (this project's format)"
-    from nnunet_meddinov3.checkpoints import LayoutError
-
     try:
         config = infer_encoder_config(checkpoint.state, checkpoint.layout)
     except LayoutError:

@@ -106,10 +106,13 @@ def test_probe_takes_a_pretraining_run_folder(nnunet_env, tmp_path):
     (["--weights", "random:meddinov3_tiny,layerscale=1"], ["unknown encoder option(s) ['layerscale']"]),
     (["--weights", "random:meddinov3_tiny", "--layers", "1", "4"], ["layers [4] are out of range", "0-3"]),
     (["--weights", "random:meddinov3_tiny", "-f", "7"], ["fold 7 does not exist"]),
+    (["--weights", "empty run"], ["is neither a pretraining run folder with checkpoints"]),
     (["--weights", "random:meddinov3_tiny", "-p", "nnUNetPlansOther"], ["no plans 'nnUNetPlansOther'",
                                                                        "nnUNetv2_plan_and_preprocess"]),
 ])
 def test_probe_refuses_bad_input_with_a_message(nnunet_env, tmp_path, capsys, arguments, words):
+    (tmp_path / "empty run").mkdir()
+    arguments = [str(tmp_path / a) if a == "empty run" else a for a in arguments]
     assert main(["probe", "-d", str(DATASET), *arguments, "--steps", "2", "-o", str(tmp_path)]) == 1
     error = capsys.readouterr().err
     assert error.startswith("meddinov3 probe: error:") and "Traceback" not in error

@@ -74,6 +74,9 @@ def encoder_for(source: str, seed: int, encoder_name: str | None = None):
             from pretrain.export import teacher_encoder
 
             return teacher_encoder(path), "pretraining run: EMA teacher of its latest checkpoint"
+        if path.is_dir() and not (path / ".metadata").is_file():
+            raise ValueError(f"'{path}' is neither a pretraining run folder with checkpoints (checkpoints/"
+                             "checkpoint_N.pt) nor a dinov3 DCP checkpoint folder")
     from nnunet_meddinov3.checkpoints import (LayoutError, build_encoder_from_checkpoint, infer_encoder_config,
                                               load_encoder_weights, read_source, resolve_weights)
 

@@ -26,6 +26,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute the encoder blocks in the backward pass (less memory, so bigger batches "
                              "for big patches, at about a third more encoder compute)")
+    parser.add_argument("--intensity-from", default=recipe.WEIGHTS, metavar="WEIGHTS",
+                        help=f"registry name or file whose recorded pretraining intensity convention the plans' "
+                             f"normalisation follows (default {recipe.WEIGHTS}, the default trainer's weights); "
+                             f"'none' keeps nnU-Net's dataset statistics")
     parser.add_argument("--plans-name", default=recipe.PLANS_NAME)
     parser.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 4)))
     parser.add_argument("--verify_dataset_integrity", action="store_true")
@@ -68,13 +72,19 @@ def run(args) -> int:
                                      plans_name=args.plans_name)
     planner.encoder, planner.decoder, planner.highres_patch = args.vit, args.decoder, args.target_patch
     planner.grad_checkpointing = args.grad_checkpointing
+    planner.intensity_weights = None if args.intensity_from.lower() == "none" else args.intensity_from
     try:
         plans = planner.plan_experiment()
     except ValueError as e:  # the planner's own checks: say what is wrong, without a traceback
         raise SystemExit(f"cannot plan {dataset_name} for MedDINOv3: {e}") from None
+    except FileNotFoundError as e:  # --intensity-from names nothing known
+        raise SystemExit(f"--intensity-from: {e}; or pass --intensity-from none") from None
     for name, conf in plans["configurations"].items():
         print(f"{args.plans_name} / {name}: patch {conf['patch_size']}, spacing "
               f"{[round(s, 4) for s in conf['spacing']]}, batch {conf['batch_size']}")
+
+    for channel, status in plans["meddinov3_intensity"]["channels"].items():
+        print(f"intensity of channel '{channel}': {status}")
 
     if not args.no_preprocess:
         configurations = [c for c in args.configurations if c in plans["configurations"]]

@@ -109,3 +109,56 @@ def preset_from_dict(d: dict[str, Any]) -> IntensityPreset:
     if cls is None:
         raise ValueError(f"unknown intensity preset {d!r}")
     return cls.from_dict(validate_intensity(d))  # a missing or bad field is named, not "unknown preset"
+
+
+# nnU-Net's CTNormalization is ``(clip(x, percentile_00_5, percentile_99_5) - mean) / std`` with the
+# numbers taken from the plans' ``foreground_intensity_properties_per_channel``: the same formula as
+# CTIntensity. So either side can adopt the other's numbers exactly, without a new nnU-Net class
+# (nnU-Net 2.8 finds normalisation classes only inside its own package).
+NNUNET_CT_KEYS = ("percentile_00_5", "percentile_99_5", "mean", "std")
+
+
+def nnunet_ct_properties(preset: CTIntensity) -> dict[str, float]:
+    """The intensity properties that make nnU-Net's CTNormalization compute ``preset.apply``."""
+    low, high = preset.window
+    return {"percentile_00_5": float(low), "percentile_99_5": float(high), "mean": float(preset.mean),
+            "std": float(preset.std)}
+
+
+def ct_preset_from_nnunet(properties: dict[str, Any]) -> CTIntensity:
+    """The CT preset that equals nnU-Net's CTNormalization with these (one channel's) properties."""
+    missing = [k for k in NNUNET_CT_KEYS if k not in properties]
+    if missing:
+        raise ValueError(f"nnU-Net intensity properties lack {missing}; expected the plans' or fingerprint's "
+                         f"foreground_intensity_properties_per_channel entry of a CT channel")
+    return CTIntensity(window=(float(properties["percentile_00_5"]), float(properties["percentile_99_5"])),
+                       mean=float(properties["mean"]), std=max(float(properties["std"]), 1e-8))
+
+
+def mri_preset_like_nnunet_zscore() -> MRIntensity:
+    """nnU-Net's ZScoreNormalization without a mask: a z-score of the whole volume, no clipping."""
+    return MRIntensity(percentiles=(0.0, 100.0))
+
+
+def preset_from_nnunet_plans(plans: dict[str, Any], channel: int = 0, configuration: str = "2d") -> IntensityPreset:
+    """The preset that equals nnU-Net's normalisation of ``channel`` in these plans.
+
+    Pretraining with it sees the intensities nnU-Net's preprocessing gives the same dataset at
+    fine-tuning time: CTNormalization exactly, ZScoreNormalization without a mask exactly (a
+    masked z-score has no preset form and is refused).
+    """
+    configurations = plans.get("configurations", {})
+    if configuration not in configurations:
+        raise ValueError(f"the plans have no configuration '{configuration}' (they have {sorted(configurations)})")
+    conf = configurations[configuration]
+    schemes = conf["normalization_schemes"]
+    if not 0 <= channel < len(schemes):
+        raise ValueError(f"channel {channel} is out of range: the plans normalise {len(schemes)} channel(s)")
+    scheme = schemes[channel]
+    if scheme == "CTNormalization":
+        return ct_preset_from_nnunet(plans["foreground_intensity_properties_per_channel"][str(channel)])
+    if scheme == "ZScoreNormalization" and not conf["use_mask_for_norm"][channel]:
+        return mri_preset_like_nnunet_zscore()
+    masked = " inside the foreground mask" if scheme == "ZScoreNormalization" else ""
+    raise ValueError(f"nnU-Net's {scheme}{masked} (channel {channel}) has no pretraining preset; "
+                     f"use data.intensity.kind=ct or kind=mri")

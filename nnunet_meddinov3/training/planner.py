@@ -4,6 +4,11 @@ nnU-Net's own planner decides spacing, normalisation, resampling and the CNN's 2
 all of that and change only what a ViT needs: the patch rounded up to a multiple of 16, a batch size
 from a ViT memory model instead of the CNN's, the architecture entry, and a ``2d_highres``
 configuration with the same field of view at a finer spacing (the paper's 896x896 setting).
+
+Normalisation stays nnU-Net's own class, but its numbers follow the weights: for CT weights the
+plans' CTNormalization properties are the weights' HU window and statistics, so fine-tuning sees
+the intensities the encoder was pretrained on (``meddinov3_intensity`` in the plans says what was
+matched and how).
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
+from nnunet_meddinov3.checkpoints.conventions import recorded_intensity
+from nnunet_meddinov3.data.intensity import nnunet_ct_properties, preset_from_dict
 from nnunet_meddinov3.network.encoder import PATCH_SIZE, default_feature_layers, resolve_encoder_config
 from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
 from nnunet_meddinov3.training import recipe
@@ -68,6 +75,7 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
     drop_path_rate = recipe.DROP_PATH_RATE
     highres_patch = recipe.HIGHRES_PATCH
     grad_checkpointing = False  # recompute encoder blocks in backward: less memory, bigger batches
+    intensity_weights: str | None = recipe.WEIGHTS  # None: nnU-Net's dataset statistics, as in stock plans
     min_batch_size = 2
     max_batch_size = 64
 
@@ -133,11 +141,43 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
         plan["batch_size"] = self.vit_batch_size(patch, n_voxels)
         return plan
 
+    def match_intensity(self, plans: dict) -> dict:
+        """Set the plans' normalisation numbers to the weights' convention where nnU-Net's class can
+        express it; returns the record of what was done per channel (written into the plans)."""
+        record = {"weights": self.intensity_weights, "convention": None, "channels": {}}
+        if self.intensity_weights is None:
+            record["channels"] = {name: "nnU-Net's own (dataset statistics)"
+                                  for name in self.dataset_json["channel_names"].values()}
+            return record
+        convention, where = recorded_intensity(self.intensity_weights)
+        record.update(convention=convention, recorded_in=where)
+        properties = plans["foreground_intensity_properties_per_channel"]
+        for c, name in self.dataset_json["channel_names"].items():
+            scheme = plans["configurations"]["2d"]["normalization_schemes"][int(c)]
+            kind = (convention or {}).get("kind")
+            if kind == "ct" and scheme == "CTNormalization":
+                record.setdefault("dataset_properties", {})[c] = properties[c]
+                properties[c] = nnunet_ct_properties(preset_from_dict(convention))
+                status = "matched: CTNormalization with the weights' HU window, mean and std"
+            elif kind == "mri" and scheme == "ZScoreNormalization":
+                plans["configurations"]["2d"]["use_mask_for_norm"][int(c)] = False
+                exact = tuple(convention["percentiles"]) == (0.0, 100.0)
+                status = ("matched: ZScoreNormalization of the whole image" if exact else
+                          "approximated: ZScoreNormalization of the whole image, without the weights' "
+                          f"{convention['percentiles']} percentile clip")
+            else:
+                status = (f"not matched: channel '{name}' is normalised by nnU-Net's {scheme} (dataset statistics), "
+                          f"the weights expect {kind or 'an unrecorded convention'} ({where})")
+                print(f"WARNING: intensity {status}")
+            record["channels"][name] = status
+        return record
+
     def save_plans(self, plans):
         # The parent merges with an existing plans file (resurrecting 3D configurations); ours holds
         # exactly the two ViT configurations, written from scratch.
         plan_2d = plans["configurations"]["2d"]
         plans["configurations"] = {"2d": plan_2d}
+        plans["meddinov3_intensity"] = self.match_intensity(plans)
         if self.highres_patch and self.highres_patch > max(plan_2d["patch_size"]):
             plans["configurations"]["2d_highres"] = self.highres_configuration(plan_2d)
         else:

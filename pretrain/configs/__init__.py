@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-from nnunet_meddinov3.data.intensity import merge_preset_dict
+import json
+
+from nnunet_meddinov3.data.intensity import merge_preset_dict, preset_from_nnunet_plans
 
 from .schema import _DATACLASSES, ConfigError, PretrainConfig, from_plain, to_plain
 
@@ -124,10 +126,32 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
     return result
 
 
+def resolve_nnunet_intensity(intensity: dict) -> dict:
+    """``{kind: nnunet, plans: PATH[, channel: C]}`` replaced by the preset equal to that plans file's
+    normalisation, so the run, its checkpoints and its export record plain numbers."""
+    if intensity.get("kind") != "nnunet":
+        return intensity
+    extra = sorted(set(intensity) - {"kind", "plans", "channel"})
+    if "plans" not in intensity or extra:
+        raise ConfigError("data.intensity.kind=nnunet takes data.intensity.plans=PATH (an nnU-Net plans JSON, e.g. "
+                          "$nnUNet_preprocessed/DatasetXXX/nnUNetPlans.json) and optionally data.intensity.channel"
+                          + (f"; not {extra}" if extra else ""))
+    path = Path(str(intensity["plans"])).expanduser()
+    try:
+        plans = json.loads(path.read_text())
+        preset = preset_from_nnunet_plans(plans, int(intensity.get("channel", 0)))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"data.intensity.plans: cannot read nnU-Net plans from {path}: {e}") from None
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"data.intensity.plans {path}: {e}") from None
+    return preset.to_dict()
+
+
 def config_from_dict(data: dict, overrides: Iterable[str] = ()) -> PretrainConfig:
     """A validated config from a (partial) plain dict, e.g. one stored in a checkpoint."""
     merged = _merge(PretrainConfig, to_plain(PretrainConfig()), data)
     merged = apply_overrides(merged, overrides)
+    merged["data"]["intensity"] = resolve_nnunet_intensity(merged["data"]["intensity"])
     return from_plain(PretrainConfig, merged).validate()
 
 

@@ -117,9 +117,21 @@ def test_recorded_conventions_win_over_options(monkeypatch):
     assert used.encoder_source == used.intensity_source == "metadata of x.safetensors"
 
     monkeypatch.setattr(features, "recorded_metadata", lambda checkpoint: ({}, ""))
-    used = features.resolve_conventions("x.pth", encoder=None, intensity=None)
-    assert used.encoder == features.DEFAULT_ENCODER
+    used = features.resolve_conventions("x.pth", encoder="vitb16", intensity=None)
+    assert (used.encoder, used.encoder_source) == ("vitb16", "--encoder")
     assert used.intensity == features.INTENSITY_PRESETS["ct-meddinov3"]
+
+
+@pytest.mark.parametrize("checkpoint,encoder", CHECKPOINTS)
+def test_raw_checkpoint_architecture_is_inferred_from_the_file(monkeypatch, capsys, tmp_path, fixtures, volume_path,
+                                                              checkpoint, encoder):
+    # no --encoder: the tiny fixtures must not be built as the ViT-B a guess would give
+    out = tmp_path / "features.png"
+    assert run_features(monkeypatch, "-i", volume_path, "--checkpoint", fixtures / checkpoint, "--size", 32,
+                        "-o", out) == 0
+    printed = capsys.readouterr().out
+    assert f"encoder:   {encoder} (inferred from {checkpoint}, layout " in printed
+    assert png_size(out) == (96, 32)
 
 
 def test_ct_convention_is_meddinov3s():

@@ -47,10 +47,14 @@ def test_list_shows_the_registry_and_what_is_cached(cache):
     (cache / "meddinov3-vitb16-ct3m.safetensors").write_bytes(b"")
     result = weights_cli("list", env={"MEDDINOV3_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr
-    lines = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
+    table, _, note = result.stdout.partition("\n\n")
+    lines = {line.split()[0]: line for line in table.splitlines()[2:]}
     assert str(cache / "meddinov3-vitb16-ct3m.safetensors") in lines["meddinov3-vitb16-ct3m"]
     assert "meddinov3_vitb16" in lines["meddinov3-vitb16-ct3m"] and "DINOv3 License" in lines["meddinov3-vitb16-ct3m"]
     assert lines["dinov3-vitb16-lvd1689m"].split()[-1] == "no" and "gated" in lines["dinov3-vitb16-lvd1689m"]
+    # the licence is never cut, and an encoder this version cannot build is explained
+    assert "model card declares apache-2.0" in lines["meddinov3-vitb16-ct3m"]
+    assert "(none)" in lines["dinov3-vits16plus-lvd1689m"] and "ENCODER (none): this version cannot build" in note
 
 
 def test_fetch_offline_is_a_clear_error(cache, tmp_path):

@@ -10,13 +10,14 @@ similarity of every patch to the one under --point (marked). Details:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+from nnunet_meddinov3.cli.choices import ENCODERS, FEATURE_DEFAULT_INTENSITY as DEFAULT_INTENSITY
+from nnunet_meddinov3.cli.choices import FEATURE_FOREGROUND_THRESHOLD as DEFAULT_FOREGROUND_THRESHOLD
+from nnunet_meddinov3.cli.choices import FEATURE_INTENSITIES
 
 
 def add_arguments(parser) -> None:
-    from nnunet_meddinov3.network import ENCODER_CONFIGS
-    from nnunet_meddinov3.visualize.features import (
-        DEFAULT_ENCODER, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_INTENSITY, INTENSITY_PRESETS)
-
     parser.add_argument("-i", "--image", required=True,
                         help="a 2D image or 3D volume in any format SimpleITK reads (NIfTI, MHA, NRRD, PNG, a "
                              "DICOM file or a folder holding one DICOM series)")
@@ -24,13 +25,15 @@ def add_arguments(parser) -> None:
                         help="slice of a 3D volume along the last SimpleITK axis (first numpy axis); default middle")
     parser.add_argument("--checkpoint", required=True, metavar="NAME_OR_PATH",
                         help="encoder weights: a registry name (meddinov3 weights list) or a file in any known layout")
-    parser.add_argument("--encoder", default=None, choices=sorted(ENCODER_CONFIGS), metavar="CONFIG",
-                        help=f"encoder config when the checkpoint records none (default {DEFAULT_ENCODER})")
+    parser.add_argument("--encoder", default=None, choices=ENCODERS, metavar="CONFIG",
+                        help="encoder config for weights that record none (one of: " + ", ".join(ENCODERS) + "; "
+                             "default: inferred from the file's layout and tensor shapes, as `meddinov3 weights "
+                             "info` shows it)")
     parser.add_argument("--size", type=int, default=448,
                         help="the slice is resized to SIZE x SIZE; a multiple of 16 (default 448)")
     parser.add_argument("--point", nargs=2, type=float, default=None, metavar=("Y", "X"),
                         help="similarity query point, (row, column) in pixels of the original slice; default centre")
-    parser.add_argument("--intensity", default=None, choices=sorted(INTENSITY_PRESETS),
+    parser.add_argument("--intensity", default=None, choices=FEATURE_INTENSITIES,
                         help="intensity convention when the checkpoint records none (default "
                              f"{DEFAULT_INTENSITY}: clip [-1000, 1000] HU, (x - 65.1084) / 178.0166; minmax: volume "
                              "min-max then ImageNet mean/std, for the official DINOv3 weights; zscore: volume z-score)")
@@ -38,14 +41,21 @@ def add_arguments(parser) -> None:
                         help="a patch is foreground (coloured in the PCA panel) when its mean display intensity, in "
                              "[0, 1] through the CT window or the slice's min-max, exceeds T; 0 keeps every patch "
                              f"(default {DEFAULT_FOREGROUND_THRESHOLD:g})")
-    parser.add_argument("-o", "--output", required=True, help="PNG to write")
+    parser.add_argument("-o", "--output", required=True, help="PNG file to write (its folder is created)")
 
 
 def run(args) -> int:
     from nnunet_meddinov3.checkpoints import CheckpointMismatchError, LayoutError
+    from nnunet_meddinov3.cli.weights import checkpoint_path
     from nnunet_meddinov3.visualize.features import FeaturePictureError, feature_picture
 
+    if Path(args.output).is_dir():
+        print(f"meddinov3 features: error: -o '{args.output}' is a folder; give the PNG file's name, e.g. "
+              f"{Path(args.output) / 'features.png'}", file=sys.stderr)
+        return 1
     try:
+        if Path(args.checkpoint).expanduser().exists():
+            checkpoint_path(args.checkpoint)  # an empty file: say so before any reader guesses
         summary = feature_picture(args.image, args.checkpoint, args.output, slice_index=args.slice,
                                   encoder=args.encoder, size=args.size,
                                   point=tuple(args.point) if args.point else None, intensity=args.intensity,

@@ -1,13 +1,31 @@
 """Entry point of the ``meddinov3`` console script.
 
-Subcommand modules are imported only when their subcommand runs, so ``meddinov3 env`` stays fast
-and a broken optional dependency of one subcommand never breaks the others.
+Subcommand modules are imported only when their subcommand runs, and they import torch, timm and
+nnU-Net only inside ``run``, so ``--help`` stays fast and a broken optional dependency of one
+subcommand never breaks the others. Every error reaches the user as one message and an exit status,
+never as a traceback; ``MEDDINOV3_DEBUG=1`` shows the traceback too.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
+
+DESCRIPTION = """\
+Fine-tune DINOv3 / MedDINOv3 vision transformers for 2D medical image segmentation inside nnU-Net v2,
+and inspect, convert and compare their weights.
+
+Typical first steps:
+  eval "$(meddinov3 env --export)"          let nnU-Net find this plugin's trainers
+  meddinov3 weights list                    which pretrained encoders exist and whether they are cached
+  meddinov3 weights fetch meddinov3-vitb16-ct3m
+  meddinov3 plan_and_preprocess -d 501      plans for the ViT (then nnUNetv2_train ... -tr nnUNetTrainerMedDINOv3)
+"""
+EPILOG = ("Run 'meddinov3 COMMAND --help' for a command's options. Set MEDDINOV3_DEBUG=1 to see a Python traceback "
+          "when a command fails.")
+DEBUG_ENV = "MEDDINOV3_DEBUG"
 
 # name -> (module under nnunet_meddinov3.cli, one-line help)
 SUBCOMMANDS = {
@@ -23,8 +41,15 @@ SUBCOMMANDS = {
 }
 
 
+def quiet_third_party_warnings() -> None:
+    """Hide deprecation noise of libraries we import that users cannot act on. timm's import of
+    torch.jit.interface warns on every start with recent torch; it says nothing about the user's input."""
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.* is deprecated", category=FutureWarning)
+
+
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="meddinov3", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="meddinov3", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     wanted = argv[0] if argv else None
@@ -43,15 +68,52 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
     return parser, modules
 
 
+def error_message(error: BaseException) -> str:
+    """The one paragraph a user sees for ``error``: our own messages as they are, OS errors as 'what: path'."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        return f"{error.strerror}: '{error.filename}'"
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    text = str(error).strip()
+    return text if text else type(error).__name__
+
+
+# Raised by our code and the libraries for bad input; their message is the explanation. Anything else
+# is a bug, reported as one.
+EXPECTED_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser, modules = build_parser(argv)
-    args = parser.parse_args(argv)
-    args.argv = argv  # the command line as given, for reports that record it
-    if args.command is None:
-        parser.print_help()
-        return 2
-    return int(modules[args.command].run(args) or 0)
+    quiet_third_party_warnings()
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    prefix = f"meddinov3 {command}" if command else "meddinov3"
+    try:
+        parser, modules = build_parser(argv)
+        args = parser.parse_args(argv)
+        args.argv = argv  # the command line as given, for reports that record it
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(modules[args.command].run(args) or 0)
+    except SystemExit as e:
+        if isinstance(e.code, str):  # raise SystemExit("message"): the message is for the user
+            print(f"{prefix}: error: {e.code}", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt:
+        print(f"\n{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns every failure into a message
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        if isinstance(e, EXPECTED_ERRORS):
+            print(f"{prefix}: error: {error_message(e)}", file=sys.stderr)
+        else:
+            print(f"{prefix}: error: unexpected {type(e).__name__}: {error_message(e)}. This is a bug in "
+                  f"nnunet-meddinov3 or a library it uses; rerun with {DEBUG_ENV}=1 to see the traceback and "
+                  "report it with that output.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ Heavy imports (torch, timm, huggingface_hub) happen inside the subcommands that 
 from __future__ import annotations
 
 import re
-import sys
+import shlex
 from collections import defaultdict
 from pathlib import Path
 
+from nnunet_meddinov3.cli.choices import CHECKPOINT_INTENSITIES
+
 
 def add_arguments(parser) -> None:
-    from nnunet_meddinov3.checkpoints.format import INTENSITY_PRESETS
-
     sub = parser.add_subparsers(dest="weights_command", metavar="ACTION")
     sub.add_parser("list", help="registered checkpoints, their licence and whether they are cached")
 
@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
     p.add_argument("src", help="source checkpoint: .pth/.pt/.bin, .safetensors, or a DCP directory")
     p.add_argument("dst", help="output .safetensors file")
     p.add_argument("--encoder", help="named encoder config (default: inferred from layout and shapes)")
-    p.add_argument("--intensity", choices=list(INTENSITY_PRESETS),
+    p.add_argument("--intensity", choices=CHECKPOINT_INTENSITIES,
                    help="intensity convention of the pretraining (default: imagenet for Meta's releases, else unknown)")
     p.add_argument("--licence", help="licence text to record (default: the DINOv3 License)")
     p.add_argument("--citation", help="citation to record")
@@ -40,7 +40,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
 
     p = sub.add_parser("verify", help="rebuild the encoder from a file's metadata, check its hashes, run a forward pass")
-    p.add_argument("file")
+    p.add_argument("file", help="a .safetensors file in this project's format (meddinov3 weights convert writes one)")
     p.add_argument("--in-channels", type=int, default=1, help="input channels for the test forward pass (default 1)")
 
     p = sub.add_parser("fetch", help="download a registered checkpoint (Hugging Face) and convert it into the cache")
@@ -54,20 +54,28 @@ def run(args) -> int:
     if action is None:
         args.weights_parser.print_help()
         return 2
-    try:
-        return {"list": cmd_list, "info": cmd_info, "convert": cmd_convert, "verify": cmd_verify,
-                "fetch": cmd_fetch}[action](args)
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError, FetchError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    # errors (FileNotFoundError, ValueError, FetchError, ...) carry their message to meddinov3's main
+    return {"list": cmd_list, "info": cmd_info, "convert": cmd_convert, "verify": cmd_verify,
+            "fetch": cmd_fetch}[action](args)
+
+
+def checkpoint_path(value: str | Path, *, folder_ok: bool = True) -> Path:
+    """``value`` as a path that exists and can hold weights, or a ValueError/FileNotFoundError saying what
+    to give instead: no empty file, and a folder only where a dinov3 DCP checkpoint folder is accepted."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if path.is_dir() and not folder_ok:
+        raise ValueError(f"'{path}' is a folder; give a checkpoint file (.safetensors in this project's format)")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"'{path}' is empty (0 bytes), not a checkpoint; an interrupted download or copy leaves "
+                         "such files: copy or fetch it again")
+    return path
 
 
 # --- list --------------------------------------------------------------------------------------
 
-def _short(text, width: int) -> str:
-    text = "-" if text in (None, "") else str(text)
-    return text if len(text) <= width else text[: width - 1] + "..."
+UNSUPPORTED = "(none)"
 
 
 def cmd_list(args) -> int:
@@ -75,13 +83,21 @@ def cmd_list(args) -> int:
 
     entries = registry_entries()
     print(f"weights cache: {cache_dir()}")
-    header = f"{'NAME':30} {'ENCODER':16} {'LAYOUT':18} {'LICENCE':28} {'ACCESS':34} CACHED"
-    print(header)
+    rows = [("NAME", "ENCODER", "LAYOUT", "LICENCE", "ACCESS", "CACHED")]
     for name, entry in entries.items():
         cached = find_cached(name, entry)
         access = re.split(r"[;(]", entry.get("access") or "-")[0].strip()
-        print(f"{_short(name, 30):30} {_short(entry.get('encoder'), 16):16} {_short(entry.get('layout'), 18):18} "
-              f"{_short(entry.get('licence'), 28):28} {_short(access, 34):34} {cached if cached else 'no'}")
+        rows.append((name, entry.get("encoder") or UNSUPPORTED, entry.get("layout") or "-",
+                     entry.get("licence") or "not recorded", access, str(cached) if cached else "no"))
+    # every column as wide as its longest entry: a licence is never cut
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print(" ".join(f"{cell:{width}}" for cell, width in zip(row, widths)) + " " + row[-1])
+    unsupported = [name for name, entry in entries.items() if not entry.get("encoder")]
+    if unsupported:
+        print(f"\nENCODER {UNSUPPORTED}: this version cannot build that architecture yet (e.g. the SwiGLU MLP of "
+              f"the ViT-S+/H+ models), so {', '.join(unsupported)} cannot be converted or trained; they are listed "
+              "for completeness.")
     return 0
 
 
@@ -105,6 +121,25 @@ def key_summary(state: dict, limit: int = 40) -> list[str]:
     return lines
 
 
+def tensors_of(stored: dict, prefix: str = "") -> tuple[dict, list[str]]:
+    """The tensors of a checkpoint as stored, nested dicts flattened to dotted keys (a dinov3 training
+    checkpoint is ``{'teacher': {...}, 'iteration': ...}``), and the keys of entries that are no tensors."""
+    import torch
+
+    tensors, other = {}, []
+    for key, value in stored.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value
+        elif isinstance(value, dict):
+            inner, inner_other = tensors_of(value, f"{name}.")
+            tensors.update(inner)
+            other += inner_other
+        else:
+            other.append(name)
+    return tensors, other
+
+
 def _sizes(state: dict) -> str:
     n = sum(v.numel() for v in state.values())
     nbytes = sum(v.numel() * v.element_size() for v in state.values())
@@ -116,7 +151,7 @@ def cmd_info(args) -> int:
     from nnunet_meddinov3.checkpoints.format import _hf_config_hints
     from nnunet_meddinov3.checkpoints.loading import describe_checkpoint, fitting_configs, read_source
 
-    path = Path(args.file)
+    path = checkpoint_path(args.file)
     source = read_source(path)
     print(f"file: {path}")
     if source.metadata is not None:
@@ -146,10 +181,13 @@ def cmd_info(args) -> int:
             print(f"inferred architecture: not possible ({e})")
         fits = fitting_configs(facts)
         print(f"named configs that fit the shapes: {', '.join(fits) if fits else 'none'}")
-        print(f"convert with: meddinov3 weights convert {path} OUT.safetensors")
-    shown = source.raw if source.metadata is None else source.state
+        print(f"convert with: meddinov3 weights convert {shlex.quote(str(path))} OUT.safetensors")
+    shown, not_tensors = tensors_of(source.raw if source.metadata is None else source.state)
     print(f"tensors ({'as stored' if source.metadata is None else 'encoder keys'}): {_sizes(shown)}")
     print("\n".join(key_summary(shown)))
+    if not_tensors:
+        print(f"  other entries (not tensors): {', '.join(not_tensors[:10])}"
+              + (f" ... {len(not_tensors) - 10} more" if len(not_tensors) > 10 else ""))
     return 0
 
 
@@ -158,7 +196,10 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     from nnunet_meddinov3.checkpoints.format import convert_checkpoint
 
+    checkpoint_path(args.src)
     dst = Path(args.dst)
+    if dst.is_dir():
+        raise ValueError(f"'{dst}' is a folder; give the output file's name, e.g. {dst / 'encoder.safetensors'}")
     if dst.suffix != ".safetensors":
         raise ValueError(f"the output must be a .safetensors file, got '{dst}'")
     if dst.exists() and not args.force:
@@ -182,7 +223,7 @@ def cmd_verify(args) -> int:
     from nnunet_meddinov3.checkpoints.format import build_encoder_from_checkpoint, read_checkpoint
     from nnunet_meddinov3.network.encoder import default_feature_layers
 
-    checkpoint = read_checkpoint(args.file)  # checks both hashes
+    checkpoint = read_checkpoint(checkpoint_path(args.file, folder_ok=False))  # checks both hashes
     encoder = build_encoder_from_checkpoint(checkpoint, in_channels=args.in_channels).eval()
     layers = default_feature_layers(encoder.depth)
     x = torch.randn(1, args.in_channels, 32, 32, generator=torch.Generator().manual_seed(0))

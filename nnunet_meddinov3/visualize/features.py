@@ -38,7 +38,6 @@ import numpy as np
 from nnunet_meddinov3.checkpoints.format import INTENSITY_PRESETS as CHECKPOINT_INTENSITIES
 from nnunet_meddinov3.data.intensity import preset_from_dict
 
-DEFAULT_ENCODER = "meddinov3_vitb16"
 DEFAULT_INTENSITY = "ct-meddinov3"
 DEFAULT_FOREGROUND_THRESHOLD = 0.1
 
@@ -68,6 +67,7 @@ class Conventions:
     encoder_source: str
     intensity: dict
     intensity_source: str
+    weights: object = None  # the SourceCheckpoint read to infer the architecture, so it is read only once
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,20 +175,48 @@ def encoder_label(encoder) -> str:
     return same[0] if same else f"ViT/{encoder.patch_size} dim {encoder.embed_dim} depth {encoder.depth}"
 
 
+def architecture_from_weights(checkpoint: str):
+    """(EncoderConfig, where it came from, the SourceCheckpoint read) for weights that record no architecture:
+    inferred from the layout and the tensor shapes, as ``meddinov3 weights info`` does."""
+    from nnunet_meddinov3.checkpoints.converters import LayoutError, infer_encoder_config
+    from nnunet_meddinov3.checkpoints.format import _hf_config_hints
+    from nnunet_meddinov3.checkpoints.loading import describe_checkpoint, fitting_configs, read_source
+    from nnunet_meddinov3.checkpoints.registry import resolve_weights
+    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
+
+    path = resolve_weights(checkpoint)
+    weights = read_source(path)
+    try:
+        config = infer_encoder_config(weights.state, weights.layout, **_hf_config_hints(path))
+    except LayoutError as e:
+        fits = fitting_configs(describe_checkpoint(weights.state))
+        raise FeaturePictureError(
+            f"'{path}' ({weights.layout} layout) does not say which encoder it is ({e}); name it with --encoder "
+            f"({'configs that fit its shapes: ' + ', '.join(fits) if fits else 'one of ' + ', '.join(sorted(ENCODER_CONFIGS))})"
+        ) from None
+    return config, f"inferred from {path.name}, layout {weights.layout}", weights
+
+
 def resolve_conventions(checkpoint: str, encoder: str | None, intensity: str | None) -> Conventions:
-    """Recorded conventions first; the options (or the defaults) only where nothing is recorded."""
+    """Recorded conventions first, then the options; an architecture nothing records or names is inferred
+    from the weights themselves (never a default guess, which fails on the shapes of any other size)."""
     from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
 
     metadata, source = recorded_metadata(checkpoint)
     recorded_encoder = _encoder_from_metadata(metadata)
     recorded_intensity = metadata.get("intensity")
+    weights = None
     if recorded_encoder is not None:
         enc, enc_source = recorded_encoder, source
         if isinstance(enc, str) and enc not in ENCODER_CONFIGS:
             raise FeaturePictureError(f"{source} names encoder '{enc}', which this version cannot build; "
                                       f"known: {', '.join(sorted(ENCODER_CONFIGS))}")
+    elif encoder:
+        if encoder not in ENCODER_CONFIGS:
+            raise FeaturePictureError(f"unknown encoder '{encoder}'; known: {', '.join(sorted(ENCODER_CONFIGS))}")
+        enc, enc_source = encoder, "--encoder"
     else:
-        enc, enc_source = encoder or DEFAULT_ENCODER, "--encoder" if encoder else "default"
+        enc, enc_source, weights = architecture_from_weights(checkpoint)
     if isinstance(recorded_intensity, dict) and recorded_intensity.get("kind") not in (None, *UNUSABLE_INTENSITY_KINDS):
         inten, inten_source = dict(recorded_intensity), source
     else:
@@ -196,7 +224,7 @@ def resolve_conventions(checkpoint: str, encoder: str | None, intensity: str | N
         if name not in INTENSITY_PRESETS:
             raise FeaturePictureError(f"unknown intensity preset '{name}'; choose one of {sorted(INTENSITY_PRESETS)}")
         inten, inten_source = dict(INTENSITY_PRESETS[name]), f"--intensity {name}" if intensity else f"default ({name})"
-    return Conventions(enc, enc_source, inten, inten_source)
+    return Conventions(enc, enc_source, inten, inten_source, weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +346,11 @@ def feature_picture(image: str | Path, checkpoint: str, out: str | Path, *, slic
 
     conventions = resolve_conventions(checkpoint, encoder, intensity)
     model = build_encoder(conventions.encoder, in_channels=1)
-    layout = load_encoder_weights(model, checkpoint)  # strict: raises CheckpointMismatchError
+    if conventions.weights is not None:  # already read to infer the architecture
+        load_encoder_weights(model, conventions.weights.raw, name=f"'{conventions.weights.path}'")
+        layout = conventions.weights.layout
+    else:
+        layout = load_encoder_weights(model, checkpoint)  # strict: raises CheckpointMismatchError
 
     normalized = normalize(slice_, volume, conventions.intensity)
     low, high = display_range(normalized, conventions.intensity)

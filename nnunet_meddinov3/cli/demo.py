@@ -34,11 +34,12 @@ def add_arguments(parser) -> None:
                         help="folder for nnU-Net's raw/preprocessed/results and logs (default ./meddinov3_demo)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs for each trainer (default 30)")
     parser.add_argument("--iterations", type=int, default=25, help="iterations per epoch (default 25)")
-    parser.add_argument("--num-train", type=int, default=16)
-    parser.add_argument("--num-test", type=int, default=6)
+    parser.add_argument("--num-train", type=int, default=16, help="synthetic training cases (default 16)")
+    parser.add_argument("--num-test", type=int, default=6, help="synthetic held-out test cases (default 6)")
     parser.add_argument("--pretrain-iterations", type=int, default=600,
                         help="iterations of the tiny self-distillation pretraining (default 600; 0 skips pretraining)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="device for pretraining, training and prediction (default cpu)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of the whole pipeline (2 epochs, 60 pretraining iterations): its numbers "
                              "mean nothing")

@@ -6,9 +6,10 @@ through nnU-Net's API with ``nnUNetPlannerMedDINOv3``. Stock plans are never tou
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
-from nnunet_meddinov3.network.decoders import DECODERS
-from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, PATCH_SIZE
+from nnunet_meddinov3.cli.choices import DECODERS, PATCH_SIZE, VIT_SIZES
 from nnunet_meddinov3.training import recipe
 
 
@@ -16,13 +17,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (as for nnUNetv2_* commands)")
     parser.add_argument("-c", "--configurations", nargs="+", default=["2d", "2d_highres"],
                         choices=("2d", "2d_highres"), help="configurations to preprocess (default: 2d 2d_highres)")
-    parser.add_argument("--vit", default=recipe.ENCODER, choices=sorted(k for k in ENCODER_CONFIGS if "_" not in k),
+    parser.add_argument("--vit", default=recipe.ENCODER, choices=VIT_SIZES,
                         help=f"ViT size written into the plans (default {recipe.ENCODER})")
-    parser.add_argument("--decoder", default=recipe.DECODER, choices=sorted(DECODERS))
+    parser.add_argument("--decoder", default=recipe.DECODER, choices=DECODERS,
+                        help=f"decoder written into the plans (default {recipe.DECODER})")
     parser.add_argument("--target-patch", type=int, default=recipe.HIGHRES_PATCH,
                         help=f"longest side of the 2d_highres patch, a multiple of 16 (default {recipe.HIGHRES_PATCH}; "
                              f"0 disables it)")
-    parser.add_argument("--gpu-memory-gb", type=float, default=8.0, help="memory target for the batch size")
+    parser.add_argument("--gpu-memory-gb", type=float, default=8.0,
+                        help="GPU memory target in GB from which the batch size is planned (default 8)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute the encoder blocks in the backward pass (less memory, so bigger batches "
                              "for big patches, at about a third more encoder compute)")
@@ -30,10 +33,13 @@ def add_arguments(parser) -> None:
                         help=f"registry name or file whose recorded pretraining intensity convention the plans' "
                              f"normalisation follows (default {recipe.WEIGHTS}, the default trainer's weights); "
                              f"'none' keeps nnU-Net's dataset statistics")
-    parser.add_argument("--plans-name", default=recipe.PLANS_NAME)
-    parser.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 4)))
-    parser.add_argument("--verify_dataset_integrity", action="store_true")
-    parser.add_argument("--no-preprocess", action="store_true", help="only plan")
+    parser.add_argument("--plans-name", default=recipe.PLANS_NAME,
+                        help=f"plans identifier to write; nnUNetv2_train -p takes it (default {recipe.PLANS_NAME})")
+    parser.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 4)),
+                        help="worker processes for fingerprinting and preprocessing (default $nnUNet_def_n_proc or 4)")
+    parser.add_argument("--verify_dataset_integrity", action="store_true",
+                        help="run nnU-Net's dataset integrity check (and fingerprint again) before planning")
+    parser.add_argument("--no-preprocess", action="store_true", help="only plan; do not preprocess")
 
 
 def run(args) -> int:
@@ -50,19 +56,11 @@ def run(args) -> int:
         preprocess_dataset,
     )
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import (
-        convert_dataset_name_to_id,
-        maybe_convert_to_dataset_name,
-    )
 
     from nnunet_meddinov3.training.planner import nnUNetPlannerMedDINOv3
 
-    try:
-        dataset_name = maybe_convert_to_dataset_name(args.dataset)
-    except RuntimeError as e:  # nnU-Net's "could not find a dataset": say where it looked, no traceback
-        raise SystemExit(f"{str(e).splitlines()[0]} (nnUNet_raw={os.environ['nnUNet_raw']}, "
-                         f"nnUNet_preprocessed={os.environ['nnUNet_preprocessed']})") from None
-    dataset_id = convert_dataset_name_to_id(dataset_name)
+    dataset_name = find_dataset(args.dataset)
+    dataset_id = int(dataset_name[len("Dataset"):len("Dataset") + 3])
     fingerprint = os.path.join(nnUNet_preprocessed, dataset_name, "dataset_fingerprint.json")
     if args.verify_dataset_integrity or not os.path.isfile(fingerprint):
         extract_fingerprint_dataset(dataset_id, num_processes=args.num_processes,
@@ -93,3 +91,31 @@ def run(args) -> int:
         preprocess_dataset(dataset_id, args.plans_name, configurations, [args.num_processes] * len(configurations))
     print(f"Train with: nnUNetv2_train {dataset_id} 2d FOLD -tr nnUNetTrainerMedDINOv3 -p {args.plans_name}")
     return 0
+
+
+DATASET_FOLDER = re.compile(r"Dataset(\d{3})_.+")
+
+
+def find_dataset(value: str) -> str:
+    """The DatasetXXX_Name that ``-d`` names (an id or a full name), looked up in nnUNet_raw and
+    nnUNet_preprocessed; SystemExit saying what exists otherwise. Stricter than nnU-Net's own
+    lookup, which maps a mistyped name to whatever dataset has its id."""
+    folders = {name: Path(os.environ[name]) for name in ("nnUNet_raw", "nnUNet_preprocessed")}
+    known = sorted({p.name for folder in folders.values() if folder.is_dir() for p in folder.iterdir()
+                    if p.is_dir() and DATASET_FOLDER.fullmatch(p.name)})
+    text = value.strip()
+    if text.isdigit():
+        matches = [name for name in known if int(DATASET_FOLDER.fullmatch(name).group(1)) == int(text)]
+    else:
+        matches = [name for name in known if name == text]
+    if len(matches) == 1:
+        return matches[0]
+    where = ", ".join(f"{name}={folder}" for name, folder in folders.items())
+    if matches:
+        raise SystemExit(f"dataset id {text} is ambiguous: {', '.join(matches)} ({where}); pass the full name with -d")
+    what = (f"'{text}' is neither a dataset id (e.g. 501) nor a full dataset name (DatasetXXX_Name)"
+            if not (text.isdigit() or DATASET_FOLDER.fullmatch(text)) else f"dataset '{text}' not found")
+    there = (f"datasets there: {', '.join(known)}" if known else
+             "there are none: write the dataset in nnU-Net's raw format first (imagesTr, labelsTr, dataset.json), "
+             "or point nnUNet_raw at the folder that holds it")
+    raise SystemExit(f"{what} ({where}); {there}")

@@ -35,6 +35,9 @@ inputs (the folder tree is searched; DICOM and image files may be mixed):
   image files   .nii.gz .nii .nrrd .mha -> same name .nii.gz (CASE_0000.nii.gz -> CASE.nii.gz, as nnU-Net);
                 multi-channel models need nnU-Net naming CASE_0000 ... CASE_000N in one folder
   repeated names get _2, _3, ...; unreadable series/files are listed with the reason and skipped
+  a DICOM file that cannot be read is named with the series it belongs to, and that series is skipped:
+  its readable slices may cover less anatomy than was acquired (--allow-partial-series predicts them anyway;
+  the .json sidecar then lists the files used and the unreadable ones)
 exit status: 0 if anything was predicted, 1 if nothing could be, 2 for setup errors
 """
 
@@ -64,6 +67,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("-npp", type=int, default=3, help="preprocessing processes (default 3; -npp 0 -nps 0: "
                                                           "no worker processes)")
     parser.add_argument("-nps", type=int, default=3, help="segmentation export processes (default 3)")
+    parser.add_argument("--allow-partial-series", action="store_true",
+                        help="predict a DICOM series even when some of its files cannot be read (default: skip it); "
+                             "the sidecar lists the files used and those left out")
     parser.add_argument("--keep-staged", metavar="DIR", default=None,
                         help="keep the converted nnU-Net-named inputs in DIR/imagesTs (+ DIR/cases.json: staged "
                              "name -> output name and source), e.g. to rerun nnUNetv2_predict on them")
@@ -83,13 +89,18 @@ def run(args) -> int:
         model_folder = find_model_folder(args.dataset, args.trainer, args.plans, args.configuration)
         report = predict_cases(args.input, args.output, model_folder, folds=args.folds, checkpoint=args.checkpoint,
                                device=device, step_size=args.step_size, use_mirroring=not args.disable_tta,
-                               npp=args.npp, nps=args.nps, keep_staged=args.keep_staged)
+                               npp=args.npp, nps=args.nps, keep_staged=args.keep_staged,
+                               allow_partial_series=args.allow_partial_series)
     except PredictError as e:
         print(f"meddinov3 predict: error: {e}", file=sys.stderr)
         return 2
     print()
     for case, output in report.predicted:
         print(f"predicted {output}  <-  {case.source}")
+        left_out = (case.dicom or {}).get("unreadable_files")
+        if left_out:
+            print(f"  PARTIAL: {len(left_out)} unreadable file(s) left out ({', '.join(left_out)}); the segmentation "
+                  f"covers the {len(case.files)} readable slices only")
     for skipped in report.skipped:
         print(f"SKIPPED {skipped.source}: {skipped.reason}")
     print(f"meddinov3 predict: {report.summary()}")

@@ -62,15 +62,33 @@ def run(args) -> int:
 def checkpoint_path(value: str | Path, *, folder_ok: bool = True) -> Path:
     """``value`` as a path that exists and can hold weights, or a ValueError/FileNotFoundError saying what
     to give instead: no empty file, and a folder only where a dinov3 DCP checkpoint folder is accepted."""
+    from pretrain.engine.checkpoint import is_training_checkpoint
+
     path = Path(value).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if is_training_checkpoint(path):
+        what = "a pretraining run folder" if path.is_dir() else "a pretraining checkpoint (student, teacher, optimizer)"
+        raise ValueError(f"'{path}' is {what}, not an encoder weights file. Export its EMA teacher first: "
+                         f"python -m pretrain export --run {shlex.quote(str(path))} --output encoder.safetensors "
+                         "(it records the architecture, intensity convention and provenance); `meddinov3 probe "
+                         "--weights` also takes the run folder as it is")
     if path.is_dir() and not folder_ok:
         raise ValueError(f"'{path}' is a folder; give a checkpoint file (.safetensors in this project's format)")
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"'{path}' is empty (0 bytes), not a checkpoint; an interrupted download or copy leaves "
                          "such files: copy or fetch it again")
+    if path.is_file() and path.suffix != ".safetensors" and _is_safetensors(path):
+        raise ValueError(f"'{path}' holds a safetensors file under a '{path.suffix}' name, and the file name decides "
+                         f"how it is read: rename it to {path.with_suffix('.safetensors').name}")
     return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 # --- list --------------------------------------------------------------------------------------
@@ -223,7 +241,16 @@ def cmd_verify(args) -> int:
     from nnunet_meddinov3.checkpoints.format import build_encoder_from_checkpoint, read_checkpoint
     from nnunet_meddinov3.network.encoder import default_feature_layers
 
-    checkpoint = read_checkpoint(checkpoint_path(args.file, folder_ok=False))  # checks both hashes
+    path = checkpoint_path(args.file, folder_ok=False)
+    if path.suffix != ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(4)
+        what = ("a PyTorch (torch.save) checkpoint" if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+                else "neither a safetensors file nor a PyTorch checkpoint")
+        raise ValueError(f"'{path}' is {what}; verify checks .safetensors files in this project's format. Convert a "
+                         f"checkpoint with `meddinov3 weights convert {shlex.quote(str(path))} OUT.safetensors`, "
+                         "then verify OUT.safetensors")
+    checkpoint = read_checkpoint(path)  # checks both hashes
     encoder = build_encoder_from_checkpoint(checkpoint, in_channels=args.in_channels).eval()
     layers = default_feature_layers(encoder.depth)
     x = torch.randn(1, args.in_channels, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -20,6 +20,13 @@ What counts as a case (the whole input tree is walked; hidden files and folders 
 Names are unique: a repeated name gets ``_2``, ``_3``, ... in path order. DICOM and image files may be mixed in one
 tree. Any other file (not part of a readable series, not an image) and every case that cannot be read or predicted
 is reported with the reason and skipped; the others go on.
+
+A DICOM file GDCM cannot read (truncated, corrupt) is reported by name and by the series it belongs to: its
+SeriesInstanceUID is read from its bytes when the header is too broken for GDCM, and a file whose series cannot
+be told belongs, for safety, to every series of its folder. A series with such files is skipped, because the rest
+of it covers less anatomy than was acquired (a short series has no gap that would show it), unless
+``allow_partial_series``; the sidecar then lists the files used (``files``) and those left out
+(``unreadable_files``).
 """
 from __future__ import annotations
 
@@ -42,6 +49,8 @@ IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 STAGEABLE_ENDINGS = IMAGE_ENDINGS
 NOT_CASES = {"DICOMDIR"}
 NOT_AN_INPUT = f"not part of a readable DICOM series and not an image file ({', '.join(IMAGE_ENDINGS)})"
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+SERIES_UID_TAG = b"\x20\x00\x0e\x00"  # (0020,000E) SeriesInstanceUID, little endian
 DICOM_TAGS = {"StudyInstanceUID": "0020|000d", "SeriesInstanceUID": "0020|000e", "SOPInstanceUID": "0008|0018",
               "PatientID": "0010|0020", "SeriesDescription": "0008|103e", "Modality": "0008|0060"}
 # ITK builds a volume with one even slice spacing; a series whose slice steps differ from it by more than this
@@ -94,7 +103,9 @@ def find_model_folder(dataset: str, trainer: str, plans: str, configuration: str
         raise PredictError(f"dataset {dataset!r} not found under nnUNet_results={results} (nor nnUNet_raw / "
                            f"nnUNet_preprocessed): {str(e).splitlines()[0]}\n  train a model first: {train}") from e
     if not folder.is_dir():
-        trained = sorted(p.name for p in folder.parent.iterdir() if p.is_dir() and "__" in p.name) \
+        # a failed or interrupted run leaves a folder without checkpoints: not a trained model
+        trained = sorted(p.name for p in folder.parent.iterdir()
+                         if p.is_dir() and "__" in p.name and any(p.glob("fold_*/checkpoint_*.pth"))) \
             if folder.parent.is_dir() else []
         raise PredictError(f"model folder not found: {folder}\n  train it first: {train}  (FOLD = 0-4 or all)"
                            + (f"\n  trained models of this dataset: {', '.join(trained)}" if trained else ""))
@@ -178,8 +189,40 @@ def describe_dicom_series(folder: Path, files: list[Path]) -> tuple[str, dict]:
     return name or safe_name(first["SeriesInstanceUID"]) or "series", sidecar
 
 
-def find_cases(input_folder: str | Path, num_channels: int = 1,
-               exclude: tuple[Path, ...] = ()) -> tuple[list[Case], list[Skipped]]:
+def looks_like_dicom(path: Path) -> bool:
+    """A DICOM name ending, or the 'DICM' marker after the 128-byte preamble."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def series_uid_of_broken_file(path: Path, limit: int = 1 << 16) -> str | None:
+    """The SeriesInstanceUID of a DICOM file GDCM cannot read, found in its first bytes (explicit or implicit
+    VR, little endian), or None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit)
+    except OSError:
+        return None
+    start = 0
+    while (at := data.find(SERIES_UID_TAG, start)) >= 0:
+        start = at + 1
+        if data[at + 4:at + 6] == b"UI":  # explicit VR: 2-byte length
+            length, value_at = int.from_bytes(data[at + 6:at + 8], "little"), at + 8
+        else:                             # implicit VR: 4-byte length
+            length, value_at = int.from_bytes(data[at + 4:at + 8], "little"), at + 8
+        value = data[value_at:value_at + length].rstrip(b"\x00 ")
+        if 0 < length <= 64 and len(value) and re.fullmatch(rb"[0-9.]+", value):
+            return value.decode()
+    return None
+
+
+def find_cases(input_folder: str | Path, num_channels: int = 1, exclude: tuple[Path, ...] = (),
+               allow_partial_series: bool = False) -> tuple[list[Case], list[Skipped]]:
     """Every DICOM series and image case under ``input_folder`` (see the module doc for the rules)."""
     root = Path(input_folder)
     excluded = {p.resolve() for p in exclude}
@@ -192,26 +235,45 @@ def find_cases(input_folder: str | Path, num_channels: int = 1,
             subfolders[:] = sorted(d for d in subfolders
                                    if not d.startswith(".") and (folder / d).resolve() not in excluded)
             file_names = sorted(f for f in file_names if not f.startswith(".") and f not in NOT_CASES)
-            claimed = set()
+            claimed, unreadable = set(), {}  # unreadable: file name -> its series UID, None if unknown
             if any(image_ending(f) is None for f in file_names):  # only then is there DICOM to look for
+                folder_series = []
                 for uid in series_reader.GetGDCMSeriesIDs(str(folder)):
                     files = [Path(f) for f in series_reader.GetGDCMSeriesFileNames(str(folder), uid)]
                     claimed.update(f.name for f in files)
+                    folder_series.append((uid, files))
+                unreadable = {f: series_uid_of_broken_file(folder / f) for f in file_names
+                              if f not in claimed and image_ending(f) is None and looks_like_dicom(folder / f)}
+                for uid, files in folder_series:
                     source = f"{folder.relative_to(root)} (series {uid})"
+                    left_out = sorted(f for f, owner in unreadable.items() if owner in (uid, None))
                     if num_channels != 1:
                         skipped.append(Skipped(source, f"the model needs {num_channels} input channels per case; a "
                                                        "DICOM series is one: convert the series to nnU-Net-named "
                                                        "files (CASE_0000.nii.gz, CASE_0001.nii.gz, ...)"))
+                        continue
+                    if left_out and not allow_partial_series:
+                        skipped.append(Skipped(source, f"{len(left_out)} of its files cannot be read "
+                                                       f"({', '.join(left_out)}), so the {len(files)} readable ones "
+                                                       "may cover less anatomy than was acquired: repair or remove "
+                                                       "those files, or pass --allow-partial-series to predict the "
+                                                       "readable slices"))
                         continue
                     try:
                         name, sidecar = describe_dicom_series(folder, files)
                     except RuntimeError as e:
                         skipped.append(Skipped(source, f"unreadable DICOM header: {_reason(e)}"))
                         continue
+                    sidecar["unreadable_files"] = left_out
                     cases.append(Case(name, source, files, sidecar))
             for file_name in file_names:
                 path, ending = folder / file_name, image_ending(file_name)
                 if file_name in claimed:
+                    continue
+                if file_name in unreadable:
+                    owner = unreadable[file_name]
+                    skipped.append(Skipped(str(path.relative_to(root)), "unreadable DICOM file (truncated or "
+                                           "corrupt), " + (f"of series {owner}" if owner else "series unknown")))
                     continue
                 if ending is None:
                     skipped.append(Skipped(str(path.relative_to(root)), NOT_AN_INPUT))
@@ -339,7 +401,8 @@ def run_nnunet(predictor, images_folder: Path, staged_names: list[str], predicti
 def predict_cases(input_folder: str | Path, output_folder: str | Path, model_folder: str | Path,
                   folds: list[str] | None = None, checkpoint: str = "checkpoint_final.pth", device: str = "cuda",
                   step_size: float = 0.5, use_mirroring: bool = True, npp: int = 3, nps: int = 3,
-                  keep_staged: str | Path | None = None, log: Callable[[str], None] = print) -> PredictionReport:
+                  keep_staged: str | Path | None = None, log: Callable[[str], None] = print,
+                  allow_partial_series: bool = False) -> PredictionReport:
     """Find, stage and predict every case under ``input_folder``; write ``NAME.nii.gz`` (+ ``NAME.json`` for DICOM)
     to ``output_folder``. Raises PredictError when nothing can be attempted (no inputs, bad model)."""
     input_folder, output_folder, model_folder = Path(input_folder), Path(output_folder), Path(model_folder)
@@ -363,7 +426,8 @@ def predict_cases(input_folder: str | Path, output_folder: str | Path, model_fol
     folds = resolve_folds(model_folder, folds, checkpoint)
 
     excluded = (output_folder, Path(keep_staged)) if keep_staged else (output_folder,)
-    cases, skipped = find_cases(input_folder, num_channels, exclude=excluded)
+    cases, skipped = find_cases(input_folder, num_channels, exclude=excluded,
+                                allow_partial_series=allow_partial_series)
     report = PredictionReport(skipped=skipped)
     if not cases and not skipped:
         raise PredictError(f"no inputs found in {input_folder}: expected DICOM series or image files "

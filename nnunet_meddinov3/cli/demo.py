@@ -31,7 +31,8 @@ PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice
 
 def add_arguments(parser) -> None:
     parser.add_argument("--workdir", default="meddinov3_demo",
-                        help="folder for nnU-Net's raw/preprocessed/results and logs (default ./meddinov3_demo)")
+                        help="folder the demo writes everything to: nnU-Net's raw/preprocessed/results, the "
+                             "pretraining run, predictions and logs, about 160 MB (default ./meddinov3_demo)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs for each trainer (default 30)")
     parser.add_argument("--iterations", type=int, default=25, help="iterations per epoch (default 25)")
     parser.add_argument("--num-train", type=int, default=16, help="synthetic training cases (default 16)")
@@ -118,7 +119,11 @@ def run(args) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     env = _environment(workdir, args)
     start = time.time()
-    print(f"Work folder: {workdir} (nnU-Net's raw/preprocessed/results, the pretraining run, logs)", flush=True)
+    print(f"Work folder: {workdir} (nnU-Net's raw/preprocessed/results, the pretraining run, logs; --workdir "
+          "to change)", flush=True)
+    if args.quick:
+        print("--quick: a smoke test that every step runs (2 epochs, 60 pretraining iterations); its Dice and probe "
+              "numbers mean nothing", flush=True)
 
     from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
     raw = Path(env["nnUNet_raw"]) / DATASET_NAME
@@ -160,14 +165,15 @@ def run(args) -> int:
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
     table = _dice_table(summaries, labels)
     budget = f"{args.epochs} epochs x {args.iterations} iterations each, fold 0, {args.num_test} held-out cases"
-    print(f"\nDice on held-out cases ({budget}):\n{table}")
+    smoke = " -- SMOKE TEST (--quick): these numbers mean nothing" if args.quick else ""
+    print(f"\nDice on held-out cases ({budget}){smoke}:\n{table}")
     probe = None
     if export is not None:
         _step("Probe the export against a random init", [
             "meddinov3", "probe", "-d", str(DATASET_ID), "--weights", RANDOM_BASELINE, str(export),
             "-o", str(workdir / "probe")], env, logs)
         probe = json.loads((workdir / "probe" / "probe.json").read_text())
-        print("\nLinear probe (frozen encoder, fold 0 validation cases, mean Dice over classes):")
+        print(f"\nLinear probe (frozen encoder, fold 0 validation cases, mean Dice over classes){smoke}:")
         for source, result in probe["results"].items():
             name = "random init" if source.startswith("random:") else "own pretraining"
             print(f"    {name:<16} {result['dice']['mean']:.4f}")

@@ -324,6 +324,25 @@ def test_unexpected_errors_are_one_message_and_debug_shows_the_traceback(capsys,
         main(["env"])
 
 
+def test_every_option_has_help_text():
+    import argparse
+
+    from nnunet_meddinov3.cli.main import SUBCOMMANDS, build_parser
+
+    missing = []
+    for name in SUBCOMMANDS:
+        parser, _ = build_parser([name])
+        parsers = [(name, next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name])]
+        for label, sub in list(parsers):
+            for action in sub._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    parsers += [(f"{label} {k}", p) for k, p in action.choices.items()]
+        for label, sub in parsers:
+            missing += [f"{label} {action.option_strings or action.dest}" for action in sub._actions
+                        if action.help is None and not isinstance(action, argparse._SubParsersAction)]
+    assert missing == []
+
+
 def test_choices_equal_the_registries():
     from nnunet_meddinov3.benchmark.bench import COMPILE_MODES  # noqa: F401 - imported by bench's parser
     from nnunet_meddinov3.checkpoints.format import INTENSITY_PRESETS

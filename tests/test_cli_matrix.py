@@ -280,10 +280,12 @@ def test_predict_and_compare_unknown_dataset(capsys, tmp_path, nnunet_folders, i
     shutil.copy(image, images / "case_0000.nii.gz")
     code, out = run_cli(capsys, "predict", "-i", images, "-o", tmp_path / "out", "-d", dataset, "-c", "2d",
                         "-tr", "nnUNetTrainerMedDINOv3", "-device", "cpu")
-    assert code == 2 and "error:" in out and ("not found" in out or "train" in out)
+    expected = "'Liver' is neither a dataset id (e.g. 501) nor a full dataset name" if dataset == "Liver" else \
+        "not found" if dataset == "999" else "model folder not found"
+    assert code == 2 and expected in out and "train" in out
     code, out = run_cli(capsys, "compare", "-d", dataset, "-c", "2d", "--trainers", "nnUNetTrainer",
                         "nnUNetTrainerMedDINOv3")
-    assert code == 1 and "error:" in out
+    assert code == 1 and "error:" in out and (dataset != "Liver" or expected in out)
 
 
 def test_predict_input_is_a_file(capsys, tmp_path, nnunet_folders, image):

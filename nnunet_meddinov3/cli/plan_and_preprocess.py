@@ -6,10 +6,9 @@ through nnU-Net's API with ``nnUNetPlannerMedDINOv3``. Stock plans are never tou
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path
 
 from nnunet_meddinov3.cli.choices import DECODERS, PATCH_SIZE, VIT_SIZES
+from nnunet_meddinov3.cli.datasets import find_dataset
 from nnunet_meddinov3.training import recipe
 
 
@@ -59,7 +58,7 @@ def run(args) -> int:
 
     from nnunet_meddinov3.training.planner import nnUNetPlannerMedDINOv3
 
-    dataset_name = find_dataset(args.dataset)
+    dataset_name = find_dataset(args.dataset, ("nnUNet_raw", "nnUNet_preprocessed"))
     dataset_id = int(dataset_name[len("Dataset"):len("Dataset") + 3])
     fingerprint = os.path.join(nnUNet_preprocessed, dataset_name, "dataset_fingerprint.json")
     if args.verify_dataset_integrity or not os.path.isfile(fingerprint):
@@ -92,30 +91,3 @@ def run(args) -> int:
     print(f"Train with: nnUNetv2_train {dataset_id} 2d FOLD -tr nnUNetTrainerMedDINOv3 -p {args.plans_name}")
     return 0
 
-
-DATASET_FOLDER = re.compile(r"Dataset(\d{3})_.+")
-
-
-def find_dataset(value: str) -> str:
-    """The DatasetXXX_Name that ``-d`` names (an id or a full name), looked up in nnUNet_raw and
-    nnUNet_preprocessed; SystemExit saying what exists otherwise. Stricter than nnU-Net's own
-    lookup, which maps a mistyped name to whatever dataset has its id."""
-    folders = {name: Path(os.environ[name]) for name in ("nnUNet_raw", "nnUNet_preprocessed")}
-    known = sorted({p.name for folder in folders.values() if folder.is_dir() for p in folder.iterdir()
-                    if p.is_dir() and DATASET_FOLDER.fullmatch(p.name)})
-    text = value.strip()
-    if text.isdigit():
-        matches = [name for name in known if int(DATASET_FOLDER.fullmatch(name).group(1)) == int(text)]
-    else:
-        matches = [name for name in known if name == text]
-    if len(matches) == 1:
-        return matches[0]
-    where = ", ".join(f"{name}={folder}" for name, folder in folders.items())
-    if matches:
-        raise SystemExit(f"dataset id {text} is ambiguous: {', '.join(matches)} ({where}); pass the full name with -d")
-    what = (f"'{text}' is neither a dataset id (e.g. 501) nor a full dataset name (DatasetXXX_Name)"
-            if not (text.isdigit() or DATASET_FOLDER.fullmatch(text)) else f"dataset '{text}' not found")
-    there = (f"datasets there: {', '.join(known)}" if known else
-             "there are none: write the dataset in nnU-Net's raw format first (imagesTr, labelsTr, dataset.json), "
-             "or point nnUNet_raw at the folder that holds it")
-    raise SystemExit(f"{what} ({where}); {there}")

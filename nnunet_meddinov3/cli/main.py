@@ -20,7 +20,7 @@ and inspect, convert and compare their weights.
 Typical first steps:
   eval "$(meddinov3 env --export)"          let nnU-Net find this plugin's trainers
   meddinov3 weights list                    which pretrained encoders exist and whether they are cached
-  meddinov3 weights fetch meddinov3-vitb16-ct3m
+  meddinov3 weights fetch meddinov3-vitb16-ct3m  the default trainer's encoder weights, once
   meddinov3 plan_and_preprocess -d 501      plans for the ViT (then nnUNetv2_train ... -tr nnUNetTrainerMedDINOv3)
 """
 EPILOG = ("Run 'meddinov3 COMMAND --help' for a command's options. Set MEDDINOV3_DEBUG=1 to see a Python traceback "
@@ -41,10 +41,19 @@ SUBCOMMANDS = {
 }
 
 
-def quiet_third_party_warnings() -> None:
-    """Hide deprecation noise of libraries we import that users cannot act on. timm's import of
-    torch.jit.interface warns on every start with recent torch; it says nothing about the user's input."""
+# timm's import of torch.jit.interface warns on every start with recent torch; it says nothing about the user's
+# input and users cannot act on it. As a PYTHONWARNINGS entry (a literal message prefix) for child processes.
+JIT_INTERFACE_WARNING = "ignore:`torch.jit.interface` is deprecated:FutureWarning"
+
+
+def quiet_third_party_warnings(children: bool = False) -> None:
+    """Hide deprecation noise of libraries we import, here and, with ``children``, in the processes our commands
+    start (nnU-Net's worker processes, the demo's steps)."""
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.* is deprecated", category=FutureWarning)
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if children and JIT_INTERFACE_WARNING not in current:
+        # listed last, so it wins over a broader entry such as 'default' for this one message
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, JIT_INTERFACE_WARNING]))
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict]:
@@ -84,8 +93,10 @@ EXPECTED_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError, Import
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the console script (argv None) may set the environment its child processes inherit; an in-process caller's
+    # environment is left alone
+    quiet_third_party_warnings(children=argv is None)
     argv = sys.argv[1:] if argv is None else list(argv)
-    quiet_third_party_warnings()
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     prefix = f"meddinov3 {command}" if command else "meddinov3"
     try:
@@ -101,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}: error: {e.code}", file=sys.stderr)
             return 1
         raise
+    except BrokenPipeError:  # `meddinov3 ... | head` closed the pipe: nothing left to say to anyone
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError):
+            pass
+        return 1
     except KeyboardInterrupt:
         print(f"\n{prefix}: interrupted", file=sys.stderr)
         return 130

@@ -220,3 +220,28 @@ def test_setup_and_input_errors(nnunet_env, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("nnUNet_results")
     assert main([*base, "-i", str(empty)]) == 2
     assert "nnUNet_results is not set" in capsys.readouterr().err
+
+
+def test_a_short_series_with_truncated_first_files_is_skipped_or_predicted_partially(nnunet_env, tmp_path, capsys):
+    # The first three of five slices (in position order) truncated: the two readable ones show no gap.
+    volume = sitk.ReadImage(str(nnunet_env["raw"] / "imagesTs" / "case_006_0000.nii.gz"))
+    tree = tmp_path / "short"
+    write_dicom_series(volume, tree / "series", "PAT-03", "short", f"{STUDY_UID}.3")
+    by_position = sorted(tree.joinpath("series").iterdir(), key=lambda p: sitk.ReadImage(str(p)).GetOrigin()[2])
+    truncated = sorted(p.name for p in by_position[:3])
+    for path in by_position[:3]:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    base = ["predict", "-i", str(tree), *MODEL_ARGS, "-npp", "0", "-nps", "0"]
+
+    assert main([*base, "-o", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr().out
+    assert f"SKIPPED series (series {STUDY_UID}.3): 3 of its files cannot be read ({', '.join(truncated)})" in out
+    assert all(f"SKIPPED series/{name}: unreadable DICOM file" in out for name in truncated)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    assert main([*base, "-o", str(tmp_path / "partial"), "--allow-partial-series"]) == 0
+    out = capsys.readouterr().out
+    assert "PARTIAL: 3 unreadable file(s) left out" in out
+    sidecar = json.loads((tmp_path / "partial" / "PAT-03_short.json").read_text())
+    assert sidecar["unreadable_files"] == truncated and len(sidecar["files"]) == 2
+    assert sitk.ReadImage(str(tmp_path / "partial" / "PAT-03_short.nii.gz")).GetSize()[2] == 2

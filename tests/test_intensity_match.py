@@ -58,7 +58,7 @@ def _plan(env, root, *extra, plans_name):
 
 def test_planner_matches_the_weights_convention_and_nnunet_preprocesses_with_it(nnunet_env):
     env, root = nnunet_env
-    out, plans = _plan(env, root, plans_name="nnUNetPlansMedDINOv3")
+    out, plans = _plan(env, root, "--intensity-from", "meddinov3-vitb16-ct3m", plans_name="nnUNetPlansMedDINOv3")
     assert plans["foreground_intensity_properties_per_channel"]["0"] == nnunet_ct_properties(MEDDINOV3_CT)
     record = plans["meddinov3_intensity"]
     assert record["weights"] == "meddinov3-vitb16-ct3m" and record["channels"]["CT"].startswith("matched")
@@ -75,9 +75,17 @@ def test_planner_matches_the_weights_convention_and_nnunet_preprocesses_with_it(
     np.testing.assert_allclose(np.asarray(data[0]), MEDDINOV3_CT.apply(raw), atol=1e-4)
 
 
-def test_planner_keeps_nnunet_statistics_when_asked_or_when_nothing_matches(nnunet_env, tmp_path):
+@pytest.fixture(scope="module")
+def default_plans(nnunet_env):
+    """Planned with the defaults: nnU-Net's dataset statistics, as in the paper's fine-tuning."""
     env, root = nnunet_env
-    _, plans = _plan(env, root, "--intensity-from", "none", "--no-preprocess", plans_name="nnUNetPlansMDV3_own")
+    _, plans = _plan(env, root, "--no-preprocess", plans_name="nnUNetPlansMDV3_own")
+    return root / "pre" / "Dataset511_SyntheticCT" / "nnUNetPlansMDV3_own.json", plans
+
+
+def test_planner_keeps_nnunet_statistics_by_default_or_when_nothing_matches(nnunet_env, default_plans, tmp_path):
+    env, root = nnunet_env
+    _, plans = default_plans
     fingerprint = json.loads((root / "pre" / "Dataset511_SyntheticCT" / "dataset_fingerprint.json").read_text())
     assert plans["foreground_intensity_properties_per_channel"]["0"] == \
         fingerprint["foreground_intensity_properties_per_channel"]["0"]
@@ -96,12 +104,10 @@ def test_planner_keeps_nnunet_statistics_when_asked_or_when_nothing_matches(nnun
     assert "--intensity-from none" in proc.stderr
 
 
-def test_pretraining_adopts_the_normalisation_of_nnunet_plans(nnunet_env, tmp_path):
+def test_pretraining_adopts_the_normalisation_of_nnunet_plans(default_plans, tmp_path):
     from pretrain.configs import ConfigError, load_config
 
-    env, root = nnunet_env
-    _plan(env, root, "--intensity-from", "none", "--no-preprocess", plans_name="nnUNetPlansMDV3_own")
-    plans_file = root / "pre" / "Dataset511_SyntheticCT" / "nnUNetPlansMDV3_own.json"
+    plans_file, _ = default_plans
     properties = json.loads(plans_file.read_text())["foreground_intensity_properties_per_channel"]["0"]
     config = load_config("tiny_stage1", ["data.intensity.kind=nnunet", f"data.intensity.plans={plans_file}"])
     # plain numbers in the run's config (and so in its checkpoints and export), equal to nnU-Net's

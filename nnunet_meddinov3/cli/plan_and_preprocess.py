@@ -28,10 +28,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute the encoder blocks in the backward pass (less memory, so bigger batches "
                              "for big patches, at about a third more encoder compute)")
-    parser.add_argument("--intensity-from", default=recipe.WEIGHTS, metavar="WEIGHTS",
-                        help=f"registry name or file whose recorded pretraining intensity convention the plans' "
-                             f"normalisation follows (default {recipe.WEIGHTS}, the default trainer's weights); "
-                             f"'none' keeps nnU-Net's dataset statistics")
+    parser.add_argument("--intensity-from", default="none", metavar="WEIGHTS",
+                        help="registry name or file whose recorded pretraining intensity convention the plans' "
+                             "normalisation takes its numbers from (e.g. meddinov3-vitb16-ct3m: HU window "
+                             "[-1000, 1000], mean 65.1, std 178.0); default 'none': nnU-Net's dataset statistics, "
+                             "as in the MedDINOv3 paper's fine-tuning")
     parser.add_argument("--plans-name", default=recipe.PLANS_NAME,
                         help=f"plans identifier to write; nnUNetv2_train -p takes it (default {recipe.PLANS_NAME})")
     parser.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 4)),

@@ -5,10 +5,11 @@ all of that and change only what a ViT needs: the patch rounded up to a multiple
 from a ViT memory model instead of the CNN's, the architecture entry, and a ``2d_highres``
 configuration with the same field of view at a finer spacing (the paper's 896x896 setting).
 
-Normalisation stays nnU-Net's own class, but its numbers follow the weights: for CT weights the
-plans' CTNormalization properties are the weights' HU window and statistics, so fine-tuning sees
-the intensities the encoder was pretrained on (``meddinov3_intensity`` in the plans says what was
-matched and how).
+Normalisation is nnU-Net's own, with the dataset's statistics, as in the MedDINOv3 paper's
+fine-tuning. On request (``intensity_weights``) its numbers follow the weights instead: for CT
+weights the plans' CTNormalization properties become the weights' HU window and statistics, so
+fine-tuning sees the intensities the encoder was pretrained on. ``meddinov3_intensity`` in the
+plans says which, per channel.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
     drop_path_rate = recipe.DROP_PATH_RATE
     highres_patch = recipe.HIGHRES_PATCH
     grad_checkpointing = False  # recompute encoder blocks in backward: less memory, bigger batches
-    intensity_weights: str | None = recipe.WEIGHTS  # None: nnU-Net's dataset statistics, as in stock plans
+    # None: nnU-Net's dataset statistics (the paper's fine-tuning); a weights source: its convention
+    intensity_weights: str | None = None
     min_batch_size = 2
     max_batch_size = 64
 

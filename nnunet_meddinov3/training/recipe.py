@@ -9,4 +9,3 @@ DECODER_LR = 3e-4
 WEIGHT_DECAY = 0.05
 HIGHRES_PATCH = 896  # longest side of the 2d_highres patch
 PLANS_NAME = "nnUNetPlansMedDINOv3"
-WEIGHTS = "meddinov3-vitb16-ct3m"  # what nnUNetTrainerMedDINOv3 fine-tunes; the planner matches its intensities

@@ -17,6 +17,18 @@ def encoder_layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
+def group_base_lr(name: str, depth: int, *, encoder_lr: float, decoder_lr: float, layer_decay: float = 1.0) -> float:
+    """The peak LR of a group made by :func:`parameter_groups`, from its name: ``decoder`` or
+    ``encoder_level{L}`` (``encoder_lr * layer_decay ** (depth + 1 - L)``). Used when a resumed run
+    re-applies its recipe to the optimizer state it restored."""
+    if name == "decoder":
+        return decoder_lr
+    match = re.fullmatch(r"encoder_level(\d+)", name)
+    if match is None:
+        raise ValueError(f"not a MedDINOv3 parameter group name: {name!r}")
+    return encoder_lr * layer_decay ** (depth + 1 - int(match.group(1)))
+
+
 def parameter_groups(network: nn.Module, *, encoder_lr: float, decoder_lr: float, weight_decay: float,
                      layer_decay: float = 1.0, freeze_encoder: bool = False) -> list[dict]:
     """AdamW groups for a MedDINOv3Net: the decoder first (nnU-Net logs group 0's LR), then the
@@ -38,8 +50,9 @@ def parameter_groups(network: nn.Module, *, encoder_lr: float, decoder_lr: float
             level = encoder_layer_id(name, depth) if layer_decay != 1.0 else depth + 1
             by_level.setdefault(level, []).append(p)
     for level in sorted(by_level):
-        lr = encoder_lr * layer_decay ** (depth + 1 - level)
-        groups.append({"name": f"encoder_level{level}", "params": by_level[level], "lr": lr, "base_lr": lr,
+        name = f"encoder_level{level}"
+        lr = group_base_lr(name, depth, encoder_lr=encoder_lr, decoder_lr=decoder_lr, layer_decay=layer_decay)
+        groups.append({"name": name, "params": by_level[level], "lr": lr, "base_lr": lr,
                        "weight_decay": weight_decay})
     return groups
 

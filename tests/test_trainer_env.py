@@ -1,27 +1,214 @@
-"""The trainers' environment knobs: bad values name the variable and the expected type."""
-import pytest
+"""The trainers' environment knobs and their recipe as data (real nnU-Net trainers on a tiny plans)."""
+import hashlib
 
+import pytest
+import torch
+
+from nnunet_meddinov3.training import recipe
+from nnunet_meddinov3.training.recipe import RecipeError
 from nnunet_meddinov3.training.trainer import _env, _flag
 
 
-def test_unset_or_empty_gives_the_default(monkeypatch):
-    monkeypatch.delenv("MEDDINOV3_EPOCHS", raising=False)
-    assert _env("MEDDINOV3_EPOCHS", int, 7) == 7
-    monkeypatch.setenv("MEDDINOV3_EPOCHS", "")
-    assert _env("MEDDINOV3_EPOCHS", int, 7) == 7
-    monkeypatch.setenv("MEDDINOV3_EPOCHS", "3")
-    assert _env("MEDDINOV3_EPOCHS", int, 7) == 3
+def test_machine_settings_unset_or_empty_give_the_default(monkeypatch):
+    monkeypatch.delenv("MEDDINOV3_CPU_BF16", raising=False)
+    assert _env("MEDDINOV3_CPU_BF16", _flag, False) is False
+    monkeypatch.setenv("MEDDINOV3_CPU_BF16", "")
+    assert _env("MEDDINOV3_CPU_BF16", _flag, False) is False
+    monkeypatch.setenv("MEDDINOV3_CPU_BF16", "yes")
+    assert _env("MEDDINOV3_CPU_BF16", _flag, False) is True
+    monkeypatch.setenv("MEDDINOV3_CPU_BF16", "maybe")
+    with pytest.raises(ValueError, match=r"MEDDINOV3_CPU_BF16='maybe' is not a valid boolean"):
+        _env("MEDDINOV3_CPU_BF16", _flag, False)
 
 
-def test_bad_values_name_the_variable(monkeypatch):
-    monkeypatch.setenv("MEDDINOV3_EPOCHS", "ten")
-    with pytest.raises(ValueError, match=r"MEDDINOV3_EPOCHS='ten' is not a valid int"):
-        _env("MEDDINOV3_EPOCHS", int, 7)
-    monkeypatch.setenv("MEDDINOV3_FREEZE_ENCODER", "maybe")
-    with pytest.raises(ValueError, match=r"MEDDINOV3_FREEZE_ENCODER='maybe' is not a valid boolean"):
-        _env("MEDDINOV3_FREEZE_ENCODER", _flag, False)
-    monkeypatch.setenv("MEDDINOV3_FREEZE_ENCODER", "yes")
-    assert _env("MEDDINOV3_FREEZE_ENCODER", _flag, False) is True
+def test_recipe_assignments_are_typed_and_bad_ones_say_what_is_wrong():
+    assert recipe.parse_assignments(["epochs=300", "encoder_lr=5e-5", "freeze_encoder=yes"], "--recipe") == {
+        "epochs": 300, "encoder_lr": 5e-5, "freeze_encoder": True}
+    with pytest.raises(RecipeError, match=r"--recipe: unknown recipe key 'epoch'\. Known keys: epochs, "):
+        recipe.parse_assignments(["epoch=3"], "--recipe")
+    with pytest.raises(RecipeError, match=r"--recipe: epochs='ten' is not a valid integer >= 1"):
+        recipe.parse_assignments(["epochs=ten"], "--recipe")
+    with pytest.raises(RecipeError, match=r"layer_decay='1.5' is not a valid number in \(0, 1\]"):
+        recipe.parse_assignments(["layer_decay=1.5"], "--recipe")
+    with pytest.raises(RecipeError, match=r"'epochs' is not KEY=VALUE"):
+        recipe.parse_assignments(["epochs"], "--recipe")
+    # a plans block holds JSON values
+    assert recipe.parse_plans_block({"freeze_encoder": True, "epochs": 3}, "plans") == {"freeze_encoder": True,
+                                                                                       "epochs": 3}
+
+
+def test_override_and_legacy_variables(monkeypatch):
+    environ = {"MEDDINOV3_RECIPE_OVERRIDE": "epochs=3 encoder_lr=1e-4", "MEDDINOV3_EPOCHS": "9",
+               "MEDDINOV3_ITERATIONS": "2"}
+    override = recipe.EnvironmentOverride(environ)
+    assert override.values() == {"epochs": 3, "iterations": 2, "encoder_lr": 1e-4}  # the explicit one wins
+    assert override.source("epochs") == "MEDDINOV3_RECIPE_OVERRIDE"
+    assert override.source("iterations") == "MEDDINOV3_ITERATIONS (legacy)"
+    notice = override.legacy_notice()
+    assert "MEDDINOV3_EPOCHS, MEDDINOV3_ITERATIONS are replaced by" in notice
+    assert "MEDDINOV3_RECIPE_OVERRIDE='iterations=2'" in notice and "--recipe" in notice
+    with pytest.raises(RecipeError, match="MEDDINOV3_RECIPE_OVERRIDE: unknown recipe key 'lr'"):
+        recipe.EnvironmentOverride({"MEDDINOV3_RECIPE_OVERRIDE": "lr=1"})
+    with pytest.raises(RecipeError, match="MEDDINOV3_FREEZE_ENCODER: freeze_encoder='maybe' is not a valid boolean"):
+        recipe.EnvironmentOverride({"MEDDINOV3_FREEZE_ENCODER": "maybe"})
+
+
+# --- real nnU-Net trainers on a tiny hand-written plans (no data is read: initialize() only needs the
+# preprocessed folder to exist with one file, to pick nnU-Net's dataset class) ---------------------------------
+
+DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 2,
+                "file_ending": ".nii.gz"}
+
+
+@pytest.fixture
+def nnunet_folders(tmp_path, monkeypatch):
+    for variable in ["MEDDINOV3_RECIPE_OVERRIDE", "MEDDINOV3_WEIGHTS", *recipe.LEGACY_ENV]:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    data = tmp_path / "preprocessed" / "Dataset999_Tiny" / "nnUNetPlans_2d"
+    data.mkdir(parents=True)
+    (data / "case_000.b2nd").touch()
+    return tmp_path
+
+
+def tiny_plans(block=None, plans_name="nnUNetPlans", continue_training=False):
+    configuration = {"data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor",
+                     "batch_size": 2, "patch_size": [32, 32], "median_image_size_in_voxels": [64, 64],
+                     "spacing": [1.0, 1.0], "normalization_schemes": ["CTNormalization"],
+                     "use_mask_for_norm": [False], "architecture": STOCK_ARCHITECTURE, "batch_dice": True}
+    if block is not None:
+        configuration[recipe.PLANS_KEY] = block
+    return {"dataset_name": "Dataset999_Tiny", "plans_name": plans_name, "configurations": {"2d": configuration},
+            "original_median_spacing_after_transp": [1, 1, 1], "original_median_shape_after_transp": [5, 64, 64],
+            "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
+            "continue_training": continue_training}
+
+
+def make_trainer(cls_name="nnUNetTrainerMedDINOv3_Tiny", block=None, **kwargs):
+    from nnunet_meddinov3.training import trainer as trainers
+
+    return getattr(trainers, cls_name)(tiny_plans(block, **kwargs), "2d", 0, dict(DATASET_JSON),
+                                       device=torch.device("cpu"))
+
+
+def test_recipe_from_class_then_plans_then_override(nnunet_folders, monkeypatch):
+    stock = make_trainer()  # stock plans: the class defaults
+    assert (stock.num_epochs, stock.num_iterations_per_epoch, stock.encoder_lr) == (20, 25, 3e-4)
+    assert set(stock.recipe_sources.values()) == {"trainer nnUNetTrainerMedDINOv3_Tiny"}
+    planned = make_trainer(block={"epochs": 7, "encoder_lr": 5e-5}, plans_name="nnUNetPlansMedDINOv3_short")
+    assert (planned.num_epochs, planned.encoder_lr, planned.decoder_lr) == (7, 5e-5, 1e-3)
+    assert planned.recipe_sources["epochs"] == "plans nnUNetPlansMedDINOv3_short/2d"
+    assert planned.output_folder_base.endswith("nnUNetTrainerMedDINOv3_Tiny__nnUNetPlansMedDINOv3_short__2d")
+    monkeypatch.setenv("MEDDINOV3_RECIPE_OVERRIDE", "epochs=3")
+    overridden = make_trainer(block={"epochs": 7})
+    assert overridden.num_epochs == 3 and overridden.recipe_sources["epochs"] == "MEDDINOV3_RECIPE_OVERRIDE"
+    # recorded where nnU-Net's save_checkpoint takes it from
+    assert overridden.my_init_kwargs[recipe.CHECKPOINT_KEY]["values"]["epochs"] == 3
+    baseline = make_trainer("nnUNetTrainerShortSchedule")
+    assert (baseline.num_epochs, baseline.num_iterations_per_epoch) == (3, 25)
+    with pytest.raises(RecipeError, match=r"unknown recipe key 'encoder_lr'.*Known keys: epochs, iterations, "
+                                          r"val_iterations"):
+        make_trainer("nnUNetTrainerShortSchedule", block={"encoder_lr": 1e-4})
+
+
+def test_a_variant_cannot_be_overridden_into_its_opposite(nnunet_folders, monkeypatch):
+    with pytest.raises(RecipeError, match=r"nnUNetTrainerMedDINOv3_FrozenEncoder is defined by a frozen encoder.*"
+                                          r"freeze_encoder=false from plans nnUNetPlans/2d"):
+        make_trainer("nnUNetTrainerMedDINOv3_FrozenEncoder", block={"freeze_encoder": False})
+    monkeypatch.setenv("MEDDINOV3_FREEZE_ENCODER", "0")  # the issue's example, through the legacy variable
+    with pytest.raises(RecipeError, match=r"freeze_encoder=false from MEDDINOV3_FREEZE_ENCODER \(legacy\)"):
+        make_trainer("nnUNetTrainerMedDINOv3_FrozenEncoder")
+    monkeypatch.delenv("MEDDINOV3_FREEZE_ENCODER")
+    monkeypatch.setenv("MEDDINOV3_RECIPE_OVERRIDE", "layer_decay=1")
+    with pytest.raises(RecipeError, match=r"_LLRD is defined by layer-wise LR decay"):
+        make_trainer("nnUNetTrainerMedDINOv3_LLRD")
+    monkeypatch.delenv("MEDDINOV3_RECIPE_OVERRIDE")
+    assert make_trainer("nnUNetTrainerMedDINOv3_FrozenEncoder", block={"freeze_encoder": True}).freeze_encoder
+    monkeypatch.setenv("MEDDINOV3_WEIGHTS", "meddinov3-vitb16-ct3m")
+    scratch = make_trainer("nnUNetTrainerMedDINOv3_Scratch")
+    with pytest.raises(RecipeError, match=r"_Scratch trains from random initialisation, but MEDDINOV3_WEIGHTS"):
+        scratch.weights_source()
+
+
+def _trained_checkpoint(tmp_path, block=None, epoch=2):
+    """A real checkpoint written by nnU-Net's save_checkpoint, as after ``epoch`` epochs."""
+    trainer = make_trainer(block=block)
+    trainer.initialize()
+    trainer.current_epoch = epoch - 1
+    path = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_resume_restores_the_recipe_and_refuses_a_changed_one(nnunet_folders, monkeypatch):
+    checkpoint = _trained_checkpoint(nnunet_folders, block={"epochs": 7})
+    stored = torch.load(checkpoint, weights_only=False)["init_args"][recipe.CHECKPOINT_KEY]
+    assert stored["values"]["epochs"] == 7 and stored["sources"]["epochs"] == "plans nnUNetPlans/2d"
+
+    resumed = make_trainer(block={"epochs": 7}, continue_training=True)
+    resumed.load_checkpoint(checkpoint)
+    assert resumed.num_epochs == 7 and resumed.current_epoch == 2
+
+    changed = make_trainer(block={"epochs": 9, "encoder_lr": 1e-4}, continue_training=True)
+    with pytest.raises(RecipeError) as refused:
+        changed.load_checkpoint(checkpoint)
+    message = str(refused.value)
+    assert "epochs: checkpoint epochs=7 (plans nnUNetPlans/2d), now epochs=9 (plans nnUNetPlans/2d)" in message
+    assert "encoder_lr: checkpoint encoder_lr=0.0003 (trainer nnUNetTrainerMedDINOv3_Tiny), now encoder_lr=0.0001" \
+        in message
+    assert "MEDDINOV3_RECIPE_OVERRIDE='epochs=9 encoder_lr=0.0001'" in message
+
+    monkeypatch.setenv("MEDDINOV3_EPOCHS", "9")  # a legacy variable cannot change a recorded value
+    with pytest.raises(RecipeError, match=r"now epochs=9 \(MEDDINOV3_EPOCHS \(legacy\)\)"):
+        make_trainer(block={"epochs": 7}, continue_training=True).load_checkpoint(checkpoint)
+    monkeypatch.delenv("MEDDINOV3_EPOCHS")
+
+    # the explicit override forces the change, into the values, the optimizer and the record
+    monkeypatch.setenv("MEDDINOV3_RECIPE_OVERRIDE", "epochs=9 encoder_lr=1e-4")
+    forced = make_trainer(block={"epochs": 9, "encoder_lr": 1e-4}, continue_training=True)
+    forced.load_checkpoint(checkpoint)
+    assert forced.num_epochs == 9 and forced.lr_scheduler.total_epochs == 9
+    encoder_groups = [g for g in forced.optimizer.param_groups if g["name"].startswith("encoder")]
+    assert encoder_groups and all(g["base_lr"] == 1e-4 for g in encoder_groups)
+    record = forced.my_init_kwargs[recipe.CHECKPOINT_KEY]
+    assert record["sources"]["epochs"] == "MEDDINOV3_RECIPE_OVERRIDE"
+    assert record["history"] == [{"epoch": 2, "by": "MEDDINOV3_RECIPE_OVERRIDE",
+                                  "changed": {"epochs": [7, 9], "encoder_lr": [3e-4, 1e-4]}}]
+
+    monkeypatch.setenv("MEDDINOV3_RECIPE_OVERRIDE", "freeze_encoder=true")
+    with pytest.raises(RecipeError, match=r"freeze_encoder cannot change in a resumed run"):
+        make_trainer(block={"epochs": 7}, continue_training=True).load_checkpoint(checkpoint)
+
+
+def test_an_override_stays_with_the_run_it_changed(nnunet_folders, monkeypatch):
+    monkeypatch.setenv("MEDDINOV3_RECIPE_OVERRIDE", "epochs=2 iterations=3")
+    checkpoint = _trained_checkpoint(nnunet_folders)
+    monkeypatch.delenv("MEDDINOV3_RECIPE_OVERRIDE")
+    resumed = make_trainer(continue_training=True)  # the class says 20 x 25; the run was 2 x 3
+    resumed.load_checkpoint(checkpoint)
+    assert (resumed.num_epochs, resumed.num_iterations_per_epoch) == (2, 3)
+
+
+def test_the_weights_source_is_recorded(nnunet_folders, monkeypatch, fixtures, tmp_path):
+    from nnunet_meddinov3.checkpoints.format import convert_checkpoint
+
+    converted = tmp_path / "tiny.safetensors"
+    convert_checkpoint(fixtures / "meddino_tiny_teacher.pth", converted, encoder="meddinov3_tiny")
+    for source in (fixtures / "meddino_tiny_teacher.pth", converted):
+        monkeypatch.setenv("MEDDINOV3_WEIGHTS", str(source))
+        trainer = make_trainer()
+        trainer.initialize()
+        trainer.load_pretrained_encoder()
+        record = trainer.my_init_kwargs[recipe.CHECKPOINT_KEY]["weights"]
+        assert record["from"] == "MEDDINOV3_WEIGHTS" and record["path"] == str(source.resolve())
+        assert record["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert record["layout"] == "meddinov3"
+    assert record["provenance"]["source"]["sha256"] == hashlib.sha256(
+        (fixtures / "meddino_tiny_teacher.pth").read_bytes()).hexdigest()
+    log = open(trainer.log_file).read()
+    assert "Encoder weights source: requested " in log and "provenance" in log
 
 
 def _configuration(architecture: dict):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from nnunet_meddinov3.checkpoints.registry import WEIGHTS_ENV
+from nnunet_meddinov3.training.recipe import LEGACY_ENV
 
 DATASET_ID = 501
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_SyntheticCT"
@@ -54,11 +55,15 @@ def _environment(workdir: Path, args) -> dict:
         nnUNet_results=str(workdir / "nnUNet_results"),
         nnUNet_extTrainer=ext_trainer_value(os.environ.get("nnUNet_extTrainer")),
         nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "2"), nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"),
-        MEDDINOV3_EPOCHS=str(args.epochs), MEDDINOV3_ITERATIONS=str(args.iterations),
-        MEDDINOV3_VAL_ITERATIONS=str(max(1, args.iterations // 5)),
+        # The same budget for every trainer, on stock nnUNetPlans (no recipe block there): an explicit,
+        # recorded recipe override (each run's checkpoint and training log say so).
+        MEDDINOV3_RECIPE_OVERRIDE=f"epochs={args.epochs} iterations={args.iterations} "
+                                  f"val_iterations={max(1, args.iterations // 5)}",
         PYTHONUNBUFFERED="1",  # progress lines reach the console as they happen, not at the end of a step
     )
     env.pop(WEIGHTS_ENV, None)
+    for variable in LEGACY_ENV:  # the old recipe variables of the calling shell would join the override
+        env.pop(variable, None)
     return env
 
 

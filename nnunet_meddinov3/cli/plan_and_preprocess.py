@@ -33,6 +33,10 @@ def add_arguments(parser) -> None:
                              "normalisation takes its numbers from (e.g. meddinov3-vitb16-ct3m: HU window "
                              "[-1000, 1000], mean 65.1, std 178.0); default 'none': nnU-Net's dataset statistics, "
                              "as in the MedDINOv3 paper's fine-tuning")
+    parser.add_argument("--recipe", nargs="+", metavar="KEY=VALUE", default=[],
+                        help="fine-tuning recipe written into the plans (the trainers read it; --c checks it), e.g. "
+                             f"--recipe epochs=300 encoder_lr=5e-5. Keys: {', '.join(recipe.KEYS)}. Give it a "
+                             "--plans-name of its own, so the results folder says which recipe it holds")
     parser.add_argument("--plans-name", default=recipe.PLANS_NAME,
                         help=f"plans identifier to write; nnUNetv2_train -p takes it (default {recipe.PLANS_NAME})")
     parser.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 4)),
@@ -46,6 +50,10 @@ def run(args) -> int:
     if args.target_patch % PATCH_SIZE:
         raise SystemExit(f"--target-patch {args.target_patch} is not a multiple of {PATCH_SIZE} (the ViT patch size); "
                          f"try {round(args.target_patch / PATCH_SIZE) * PATCH_SIZE}")
+    try:
+        fine_tuning = recipe.parse_assignments(args.recipe, "--recipe")
+    except recipe.RecipeError as e:
+        raise SystemExit(str(e)) from None
     missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed") if not os.environ.get(v)]
     if missing:
         raise SystemExit(f"environment variable(s) {', '.join(missing)} not set: nnU-Net needs them to find the "
@@ -71,6 +79,7 @@ def run(args) -> int:
     planner.encoder, planner.decoder, planner.highres_patch = args.vit, args.decoder, args.target_patch
     planner.grad_checkpointing = args.grad_checkpointing
     planner.intensity_weights = None if args.intensity_from.lower() == "none" else args.intensity_from
+    planner.fine_tuning_recipe = fine_tuning
     try:
         plans = planner.plan_experiment()
     except ValueError as e:  # the planner's own checks: say what is wrong, without a traceback
@@ -89,6 +98,12 @@ def run(args) -> int:
         for name in sorted(set(args.configurations) - set(configurations)):
             print(f"{name}: not planned (--target-patch 0), so not preprocessed")
         preprocess_dataset(dataset_id, args.plans_name, configurations, [args.num_processes] * len(configurations))
+    if fine_tuning:
+        print(f"Recipe in {args.plans_name} (each configuration's '{recipe.PLANS_KEY}' block): "
+              f"{recipe.format_assignments(fine_tuning)}")
+        if args.plans_name == recipe.PLANS_NAME:
+            print(f"Note: under the default plans name the results folder does not say which recipe it holds; "
+                  f"--plans-name {recipe.PLANS_NAME}_<tag> gives it a folder of its own")
     print(f"Train with: nnUNetv2_train {dataset_id} 2d FOLD -tr nnUNetTrainerMedDINOv3 -p {args.plans_name}")
     return 0
 

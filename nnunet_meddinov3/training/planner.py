@@ -78,6 +78,7 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
     grad_checkpointing = False  # recompute encoder blocks in backward: less memory, bigger batches
     # None: nnU-Net's dataset statistics (the paper's fine-tuning); a weights source: its convention
     intensity_weights: str | None = None
+    fine_tuning_recipe: dict = {}  # recipe values, written as each configuration's 'meddinov3' block
     min_batch_size = 2
     max_batch_size = 64
 
@@ -185,6 +186,9 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
         else:
             print(f"2d_highres skipped: target patch {self.highres_patch} is not larger than the 2d patch "
                   f"{plan_2d['patch_size']}")
+        if self.fine_tuning_recipe:
+            for configuration in plans["configurations"].values():
+                configuration[recipe.PLANS_KEY] = dict(self.fine_tuning_recipe)
         recursive_fix_for_json_export(plans)
         folder = os.path.join(nnUNet_preprocessed, self.dataset_name)
         maybe_mkdir_p(folder)

@@ -6,6 +6,7 @@ resume with --c, and predict with the pretrained weights file deleted.
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.e2e
 
 DATASET = 501
 TINY = "nnUNetTrainerMedDINOv3_Tiny"
+SHORT = "epochs={epochs} iterations=2 val_iterations=1"  # a recipe short enough for a test
 
 
 def run(cmd, env, cwd, expect_ok=True, timeout=600):
@@ -40,14 +42,15 @@ def workspace(tmp_path_factory, fixtures):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet", "MEDDINOV3"))}
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
                nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", MEDDINOV3_CACHE=str(root / "cache"),
-               OMP_NUM_THREADS="1", MEDDINOV3_EPOCHS="2", MEDDINOV3_ITERATIONS="2", MEDDINOV3_VAL_ITERATIONS="1")
+               OMP_NUM_THREADS="1", MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=2))
     exported = run(["meddinov3", "env", "--export"], env, root).stdout.strip()
     assert exported.startswith("export nnUNet_extTrainer=")
     env["nnUNet_extTrainer"] = exported.split("=", 1)[1].strip("'")
     run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "1"], env, root)
     # with activation checkpointing, so the 2d_highres training below runs it through nnU-Net for real
+    # with a recipe in the plans (the trainings on these plans run without the environment override)
     run(["meddinov3", "plan_and_preprocess", "-d", str(DATASET), "--target-patch", "128", "--grad-checkpointing",
-         "-np", "1"], env, root)
+         "-np", "1", "--recipe", *SHORT.format(epochs=1).split()], env, root)
     return {"root": root, "raw": raw, "env": env, "weights": weights}
 
 
@@ -88,11 +91,16 @@ def test_train_on_stock_plans_resume_and_predict_without_weights(workspace):
 
     # Nothing outside the results folder is needed any more: resume and predict without the weights.
     ws["weights"].unlink()
-    resumed = run(train + ["--c"], dict(env, MEDDINOV3_EPOCHS="3"), ws["root"]).stdout
+    # One more epoch: a change of a resumed run's recipe is asked for explicitly, and recorded.
+    resumed = run(train + ["--c"], dict(env, MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=3)), ws["root"]).stdout
     assert "Epoch 2" in resumed and "Epoch 0\n" not in resumed and "Encoder weights:" not in resumed
+    assert "changed by MEDDINOV3_RECIPE_OVERRIDE: epochs 2 -> 3" in resumed
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["current_epoch"] == 3 and ckpt["trainer_name"] == TINY
     assert "encoder.vit.rope.periods" in ckpt["network_weights"]
+    record = ckpt["init_args"]["meddinov3_recipe"]
+    assert record["values"]["epochs"] == 3 and record["history"][0]["changed"] == {"epochs": [2, 3]}
+    assert record["weights"]["from"] == "MEDDINOV3_WEIGHTS" and len(record["weights"]["sha256"]) == 64
 
     pred = ws["root"] / "pred_stock_plans"
     run(["nnUNetv2_predict", "-i", str(ws["raw"] / "imagesTs"), "-o", str(pred), "-d", str(DATASET), "-c", "2d",
@@ -143,16 +151,42 @@ def test_nnunet_model_selection_ensembling_and_zip_export_take_our_trainer(works
         assert np.array_equal(labels, predictions["installed"][case]), case
 
 
-def test_train_and_predict_on_our_highres_plans(workspace):
+def test_train_resume_and_predict_on_our_highres_plans_with_their_recipe(workspace):
+    """The recipe in our plans (1 epoch) trains, is logged and recorded; --c refuses when the plans'
+    recipe has changed since, and goes on when MEDDINOV3_RECIPE_OVERRIDE names the change."""
     # in bf16 on the CPU (MEDDINOV3_CPU_BF16) and with activation checkpointing (the plans): both real
-    ws, env = workspace, dict(workspace["env"], MEDDINOV3_EPOCHS="1", MEDDINOV3_CPU_BF16="1")
-    run(["nnUNetv2_train", str(DATASET), "2d_highres", "1", "-tr", TINY, "-p", "nnUNetPlansMedDINOv3",
-         "-device", "cpu"], env, ws["root"])
+    ws = workspace
+    env = {k: v for k, v in ws["env"].items() if k != "MEDDINOV3_RECIPE_OVERRIDE"}
+    env["MEDDINOV3_CPU_BF16"] = "1"
+    train = ["nnUNetv2_train", str(DATASET), "2d_highres", "1", "-tr", TINY, "-p", "nnUNetPlansMedDINOv3",
+             "-device", "cpu"]
+    out = run(train, env, ws["root"]).stdout
+    assert "Epoch 0" in out and "Epoch 1" not in out
     folder = results_folder(ws, "nnUNetPlansMedDINOv3", "2d_highres")
     assert (folder / "fold_1" / "checkpoint_final.pth").exists()
     log = next((folder / "fold_1").glob("training_log_*.txt")).read_text()
+    assert re.search(r"epochs +?= 1 +\(plans nnUNetPlansMedDINOv3/2d_highres\)", log), log[-3000:]
     losses = [float(line.split()[-1]) for line in log.splitlines() if "_loss " in line]
     assert losses and all(math.isfinite(v) for v in losses), losses  # train_loss, val_loss in bf16
+
+    plans_file = ws["root"] / "pre" / f"Dataset{DATASET:03d}_SyntheticCT" / "nnUNetPlansMedDINOv3.json"
+    original = plans_file.read_text()
+    plans = json.loads(original)
+    plans["configurations"]["2d_highres"]["meddinov3"]["epochs"] = 2
+    plans_file.write_text(json.dumps(plans))
+    try:
+        refused = run(train + ["--c"], env, ws["root"], expect_ok=False)
+        assert refused.returncode != 0
+        text = refused.stdout + refused.stderr
+        assert "epochs: checkpoint epochs=1 (plans nnUNetPlansMedDINOv3/2d_highres), now epochs=2" in text
+        assert "MEDDINOV3_RECIPE_OVERRIDE='epochs=2'" in text and "Epoch 1" not in text
+        resumed = run(train + ["--c"], dict(env, MEDDINOV3_RECIPE_OVERRIDE="epochs=2"), ws["root"]).stdout
+        assert "Epoch 1" in resumed and "Epoch 0\n" not in resumed
+    finally:
+        plans_file.write_text(original)
+    ckpt = torch.load(folder / "fold_1" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["current_epoch"] == 2
+    assert ckpt["init_args"]["meddinov3_recipe"]["history"][0]["changed"] == {"epochs": [1, 2]}
     pred = ws["root"] / "pred_highres"
     run(["nnUNetv2_predict", "-i", str(ws["raw"] / "imagesTs"), "-o", str(pred), "-d", str(DATASET), "-c",
          "2d_highres", "-p", "nnUNetPlansMedDINOv3", "-tr", TINY, "-f", "1", "-device", "cpu"], env, ws["root"])
@@ -176,7 +210,7 @@ def test_missing_pretrained_weights_stop_training_with_instructions(workspace):
 def test_pretrain_chain_export_then_finetune_by_name(workspace):
     """Unlabelled images -> three pretraining stages -> export -> nnUNetv2_train loads it by name."""
     ws = workspace
-    env = dict(ws["env"], MEDDINOV3_EPOCHS="1")
+    env = dict(ws["env"], MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=1))
     run([sys.executable, "-m", "pretrain", "chain", "--configs", "tiny_stage1", "tiny_stage2_gram",
          "tiny_stage3_highres", "--data", str(ws["raw"]), "--output", str(ws["root"] / "pretrain_run"),
          "--export", "tiny_ct_chain", "1:train.iterations=4", "1:train.checkpoint_every=2",

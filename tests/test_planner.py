@@ -46,6 +46,9 @@ def test_plan_options_are_checked_before_anything_runs(tmp_path):
     assert proc.returncode != 0 and "not a multiple of 16" in proc.stderr and "896" in proc.stderr
     proc = meddinov3(["plan_and_preprocess", "-d", "1"], env, tmp_path)
     assert proc.returncode != 0 and "nnUNet_raw, nnUNet_preprocessed not set" in proc.stderr
+    proc = meddinov3(["plan_and_preprocess", "-d", "1", "--recipe", "epochs=300", "lr=1e-4"], env, tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--recipe: unknown recipe key 'lr'. Known keys: epochs, iterations" in proc.stderr
 
 
 def test_unknown_dataset_and_configuration_are_explained(tmp_path):

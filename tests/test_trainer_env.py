@@ -285,3 +285,14 @@ def test_cpu_bf16_knob_reaches_the_network(monkeypatch):
     monkeypatch.setenv("MEDDINOV3_CPU_BF16", "1")
     monkeypatch.setattr("nnunet_meddinov3.network.meddinov3_net.cpu_has_native_bf16", lambda: True)
     assert nnUNetTrainerMedDINOv3_Tiny.build_network_architecture(None, stock, 1, 3).cpu_autocast
+
+
+def test_the_demo_gives_every_trainer_its_budget_as_the_recorded_override(monkeypatch, tmp_path):
+    import argparse
+
+    from nnunet_meddinov3.cli.demo import _environment
+
+    monkeypatch.setenv("MEDDINOV3_EPOCHS", "99")  # a stale legacy variable of the calling shell
+    env = _environment(tmp_path, argparse.Namespace(epochs=30, iterations=25))
+    assert "MEDDINOV3_EPOCHS" not in env
+    assert recipe.EnvironmentOverride(env).values() == {"epochs": 30, "iterations": 25, "val_iterations": 5}

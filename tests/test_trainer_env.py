@@ -186,9 +186,11 @@ def test_an_override_stays_with_the_run_it_changed(nnunet_folders, monkeypatch):
     monkeypatch.setenv("MEDDINOV3_RECIPE_OVERRIDE", "epochs=2 iterations=3")
     checkpoint = _trained_checkpoint(nnunet_folders)
     monkeypatch.delenv("MEDDINOV3_RECIPE_OVERRIDE")
+    monkeypatch.setenv("MEDDINOV3_WEIGHTS", "somewhere/else.safetensors")  # not read when resuming: said so
     resumed = make_trainer(continue_training=True)  # the class says 20 x 25; the run was 2 x 3
     resumed.load_checkpoint(checkpoint)
     assert (resumed.num_epochs, resumed.num_iterations_per_epoch) == (2, 3)
+    assert "MEDDINOV3_WEIGHTS=somewhere/else.safetensors is not read by --c / --val" in open(resumed.log_file).read()
 
 
 def test_the_weights_source_is_recorded(nnunet_folders, monkeypatch, fixtures, tmp_path):

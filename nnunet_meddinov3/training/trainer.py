@@ -289,6 +289,11 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
             group["weight_decay"] = self.weight_decay
         self.lr_scheduler.total_epochs, self.lr_scheduler.warmup_epochs = self.num_epochs, self.warmup_epochs
         self.lr_scheduler.step(self.current_epoch)
+        requested = os.environ.get(WEIGHTS_ENV)
+        started = (self.weights_record or {}).get("requested")
+        if requested and requested != started:
+            self.print_to_log_file(f"Note: {WEIGHTS_ENV}={requested} is not read by --c / --val: the network comes "
+                                   f"from the checkpoint (this run started from {started or 'random initialisation'})")
 
     def weights_source(self) -> tuple[str | None, str]:
         """(the weights to start from, where that came from)."""
@@ -373,6 +378,8 @@ def describe_weights(requested: str, origin: str, path: Path, layout: str) -> di
     path = Path(path).resolve()
     record = {"requested": str(requested), "from": origin, "path": str(path), "layout": layout,
               "sha256": file_sha256(path) if path.is_file() else None}
+    if path.is_dir() and (path / ".metadata").is_file():  # a dinov3 DCP folder: its index names every shard
+        record["metadata_file_sha256"] = file_sha256(path / ".metadata")
     if path.suffix == ".safetensors":
         import json
 

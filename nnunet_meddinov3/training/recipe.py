@@ -36,7 +36,7 @@ OVERRIDE_ENV = "MEDDINOV3_RECIPE_OVERRIDE"
 CHECKPOINT_KEY = "meddinov3_recipe"  # in the checkpoint's init_args (see trainer.py)
 
 
-def _flag(text: str) -> bool:
+def parse_flag(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -44,7 +44,7 @@ def _flag(text: str) -> bool:
     raise ValueError(text)
 
 
-_flag.__name__ = "boolean (true/false, 1/0)"
+parse_flag.__name__ = "boolean (true/false, 1/0)"
 
 
 def _positive_int(text: str) -> int:
@@ -96,7 +96,7 @@ KEYS = {
     "weight_decay": (_non_negative_float, "AdamW weight decay"),
     "layer_decay": (_decay, "layer-wise LR decay over the encoder blocks"),
     "warmup_epochs": (_non_negative_int, "linear warm-up epochs"),
-    "freeze_encoder": (_flag, "train the decoder only"),
+    "freeze_encoder": (parse_flag, "train the decoder only"),
 }
 
 # The variables that carried the recipe before it was data. Still read (documented commands keep

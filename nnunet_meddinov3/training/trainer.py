@@ -44,7 +44,7 @@ def _env(name: str, cast, default):
         raise ValueError(f"environment variable {name}={value!r} is not a valid {cast.__name__}") from e
 
 
-_flag = recipe._flag
+_flag = recipe.parse_flag
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -106,9 +106,10 @@ class RecipeTrainerBase(nnUNetTrainer):
     # --- what the recipe is and does -------------------------------------------------------------
 
     def recipe_defaults(self) -> dict:
-        defaults = {"epochs": self.num_epochs_default, "iterations": self.iterations_default,
-                    "val_iterations": self.val_iterations_default}
-        return {k: defaults[k] if k in defaults else getattr(self, k) for k in self.recipe_keys}
+        """The class's values of ``recipe_keys`` (class attributes: instance ones hold the resolved recipe)."""
+        cls = type(self)
+        return {"epochs": cls.num_epochs_default, "iterations": cls.iterations_default,
+                "val_iterations": cls.val_iterations_default}
 
     def apply_recipe(self, values: dict) -> None:
         self.num_epochs = values["epochs"]
@@ -266,8 +267,7 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
 
     def recipe_defaults(self) -> dict:
         cls = type(self)
-        return {"epochs": cls.num_epochs_default, "iterations": cls.iterations_default,
-                "val_iterations": cls.val_iterations_default, "encoder_lr": cls.encoder_lr,
+        return {**super().recipe_defaults(), "encoder_lr": cls.encoder_lr,
                 "decoder_lr": cls.decoder_lr, "weight_decay": cls.weight_decay_default,
                 "layer_decay": cls.layer_decay, "warmup_epochs": cls.warmup_epochs,
                 "freeze_encoder": cls.freeze_encoder}

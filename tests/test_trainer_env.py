@@ -298,3 +298,30 @@ def test_the_demo_gives_every_trainer_its_budget_as_the_recorded_override(monkey
     env = _environment(tmp_path, argparse.Namespace(epochs=30, iterations=25))
     assert "MEDDINOV3_EPOCHS" not in env
     assert recipe.EnvironmentOverride(env).values() == {"epochs": 30, "iterations": 25, "val_iterations": 5}
+
+
+def test_the_log_says_whether_the_plans_normalise_as_the_weights_were_pretrained(nnunet_folders, monkeypatch,
+                                                                                   fixtures, tmp_path):
+    from nnunet_meddinov3.checkpoints.format import convert_checkpoint
+    from nnunet_meddinov3.data.intensity import MEDDINOV3_CT, nnunet_ct_properties
+    from nnunet_meddinov3.training import trainer as trainers
+
+    converted = tmp_path / "tiny_ct.safetensors"
+    convert_checkpoint(fixtures / "meddino_tiny_teacher.pth", converted, encoder="meddinov3_tiny",
+                       intensity="ct-meddinov3")
+    monkeypatch.setenv("MEDDINOV3_WEIGHTS", str(converted))
+    dataset_statistics = {"percentile_00_5": 17.0, "percentile_99_5": 176.0, "mean": 70.0, "std": 31.4}
+    for properties, same in ((nnunet_ct_properties(MEDDINOV3_CT), True), (dataset_statistics, False)):
+        plans = tiny_plans()
+        plans["foreground_intensity_properties_per_channel"] = {"0": properties}
+        trainer = trainers.nnUNetTrainerMedDINOv3_Tiny(plans, "2d", 0, dict(DATASET_JSON), device=torch.device("cpu"))
+        trainer.initialize()
+        trainer.load_pretrained_encoder()
+        channel = trainer.my_init_kwargs[recipe.CHECKPOINT_KEY]["weights"]["intensity"]["channels"]
+        assert [c["same"] for c in channel.values()] == [same]
+        log = open(trainer.log_file).read()
+        if same:
+            assert "the same as the weights' pretraining" in log
+        else:
+            assert "window [17, 176]" in log and "pretrained with window [-1000, 1000]" in log
+            assert "--intensity-from" in log and "data.intensity.kind=nnunet" in log

@@ -162,3 +162,31 @@ def preset_from_nnunet_plans(plans: dict[str, Any], channel: int = 0, configurat
     masked = " inside the foreground mask" if scheme == "ZScoreNormalization" else ""
     raise ValueError(f"nnU-Net's {scheme}{masked} (channel {channel}) has no pretraining preset; "
                      f"use data.intensity.kind=ct or kind=mri")
+
+
+def compare_with_nnunet(convention: dict[str, Any] | None, scheme: str, use_mask: bool,
+                        properties: dict[str, Any]) -> tuple[bool, str]:
+    """``(same, description)``: does nnU-Net's normalisation of one channel (its scheme, mask flag and
+    plans properties) compute the weights' recorded pretraining convention?"""
+    kind = (convention or {}).get("kind")
+    if scheme == "CTNormalization" and not all(k in properties for k in NNUNET_CT_KEYS):
+        return False, "nnU-Net's CTNormalization, but the plans record no intensity properties for this channel"
+    if scheme == "CTNormalization":
+        ours = ct_preset_from_nnunet(properties)
+        plans = (f"nnU-Net's CTNormalization: window [{ours.window[0]:g}, {ours.window[1]:g}], mean {ours.mean:.4g}, "
+                 f"std {ours.std:.4g}")
+        if kind == "ct":
+            theirs = CTIntensity.from_dict(convention)
+            same = bool(np.allclose([*theirs.window, theirs.mean, theirs.std], [*ours.window, ours.mean, ours.std],
+                                    rtol=1e-5, atol=1e-4))
+            if same:
+                return True, f"the same as the weights' pretraining ({plans})"
+            return False, (f"{plans}; the weights were pretrained with window [{theirs.window[0]:g}, "
+                           f"{theirs.window[1]:g}], mean {theirs.mean:.4g}, std {theirs.std:.4g}")
+    else:
+        plans = f"nnU-Net's {scheme}" + (" inside the foreground mask" if use_mask else "")
+        if kind == "mri" and scheme == "ZScoreNormalization" and not use_mask:
+            exact = tuple(convention["percentiles"]) == (0.0, 100.0)
+            return exact, f"{plans}" + ("" if exact else f"; the weights also clipped at {convention['percentiles']} "
+                                                          f"percentiles")
+    return False, f"{plans}; the weights were pretrained with {kind or 'an unrecorded'} intensities"

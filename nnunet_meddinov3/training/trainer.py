@@ -24,7 +24,9 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_meddinov3.checkpoints import load_encoder_weights, resolve_weights
+from nnunet_meddinov3.checkpoints.conventions import recorded_intensity
 from nnunet_meddinov3.checkpoints.registry import WEIGHTS_ENV
+from nnunet_meddinov3.data.intensity import compare_with_nnunet
 from nnunet_meddinov3.network import MedDINOv3Net
 from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
 from nnunet_meddinov3.network.encoder import MEDDINOV3_LAYOUT
@@ -368,6 +370,25 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
             f"{k} {v}" for k, v in self.weights_record.items() if k != "provenance"))
         if self.weights_record.get("provenance"):
             self.print_to_log_file(f"Encoder weights provenance (format header): {self.weights_record['provenance']}")
+        self.log_intensity_match(requested, path)
+
+    def log_intensity_match(self, requested: str, path: Path) -> None:
+        """Say, per channel, whether the plans normalise as the weights were pretrained: a silent
+        mismatch is how an encoder ends up seeing other intensities than it learned on."""
+        convention, where = recorded_intensity(path)
+        if convention is None and not Path(str(requested)).exists():
+            convention, where = recorded_intensity(requested)  # a registry entry records it without a file header
+        cm, properties = self.configuration_manager, self.plans_manager.foreground_intensity_properties_per_channel
+        record = {"weights": convention, "recorded_in": where, "channels": {}}
+        for c, name in self.dataset_json["channel_names"].items():
+            same, text = compare_with_nnunet(convention, cm.normalization_schemes[int(c)],
+                                             cm.use_mask_for_norm[int(c)], properties.get(str(c), {}))
+            record["channels"][name] = {"same": same, "plans": text}
+            self.print_to_log_file(f"Intensity of channel '{name}': {text}" + ("" if same else (
+                ". To match, plan with `meddinov3 plan_and_preprocess --intensity-from WEIGHTS`, or pretrain with "
+                "data.intensity.kind=nnunet (pretrain/README.md, 'Intensities')")))
+        self.weights_record["intensity"] = record
+        self.store_recipe_record()
 
 
 def describe_weights(requested: str, origin: str, path: Path, layout: str) -> dict:

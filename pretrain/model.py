@@ -9,12 +9,14 @@ editing the encoder, :class:`MaskableBackbone` runs the timm Eva pieces itself
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nnunet_meddinov3.checkpoints.format import DINOV3_LICENCE, read_checkpoint
+from nnunet_meddinov3.checkpoints.keys import teacher_state
+from nnunet_meddinov3.checkpoints.loading import load_encoder_weights, read_state_dict
+from nnunet_meddinov3.checkpoints.registry import resolve_weights
 from nnunet_meddinov3.network.encoder import DINOv3Encoder, EncoderConfig, resolve_encoder_config
 
 from .configs.schema import ModelConfig
@@ -184,11 +186,6 @@ def load_released_weights(network: SSLNetwork, source: str) -> dict:
     matching shapes (MedDINOv3's training checkpoint has heads; Meta's hub files have a
     ``mask_token`` but no heads). Returns what was loaded and the weights' licence.
     """
-    from nnunet_meddinov3.checkpoints import load_encoder_weights, resolve_weights
-    from nnunet_meddinov3.checkpoints.converters import teacher_state
-    from nnunet_meddinov3.checkpoints.format import DINOV3_LICENCE, read_checkpoint
-    from nnunet_meddinov3.checkpoints.loading import read_state_dict
-
     path = resolve_weights(source)  # the file is read once, here
     if path.suffix == ".safetensors":  # this project's format: encoder keys only, licence recorded
         checkpoint = read_checkpoint(path)
@@ -247,20 +244,6 @@ def encoder_state_from_training_checkpoint(state: dict) -> dict:
     return {k[len(ENCODER_KEY_PREFIX) :]: v for k, v in teacher.items() if k.startswith(ENCODER_KEY_PREFIX)}
 
 
-def load_gram_teacher(gram_teacher: DINOv3Encoder, source: str | Path) -> None:
-    """Load any earlier checkpoint into the Gram teacher: one of our training checkpoints (its
-    EMA teacher's backbone), an export, or released weights (strictly, any DINOv3 layout)."""
-    from nnunet_meddinov3.checkpoints import load_encoder_weights
-
-    from .engine.checkpoint import is_training_checkpoint, read_training_checkpoint
-
-    if is_training_checkpoint(source):
-        state = encoder_state_from_training_checkpoint(read_training_checkpoint(source))
-        load_encoder_weights(gram_teacher, state)
-    else:
-        load_encoder_weights(gram_teacher, str(source))
-
-
 def gram_teacher_patch_features(
     gram_teacher: DINOv3Encoder, crops: torch.Tensor, grid: tuple[int, int]
 ) -> torch.Tensor:
@@ -288,7 +271,6 @@ __all__ = [
     "copy_teacher_into_gram",
     "encoder_state_from_training_checkpoint",
     "gram_teacher_patch_features",
-    "load_gram_teacher",
     "load_released_weights",
     "update_ema",
 ]

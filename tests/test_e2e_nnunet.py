@@ -208,7 +208,7 @@ def test_trainer_fine_tunes_from_every_converter(workspace, fixtures, tmp_path):
     from safetensors.torch import save_file
     from test_converters import dinov3_training_dcp, reference_to_hf, save_dcp
 
-    from nnunet_meddinov3.network import build_encoder
+    from nnunet_meddinov3.checkpoints import build_encoder
     teacher = torch.load(fixtures / "meddino_tiny_teacher.pth", weights_only=True)["teacher"]
     backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
     sources = {"pth": fixtures / "meddino_tiny_teacher.pth", "dcp": tmp_path / "dcp" / "99"}

@@ -22,8 +22,9 @@ from nnunet_meddinov3.checkpoints import (
     to_encoder_layout,
     write_checkpoint,
 )
-from nnunet_meddinov3.checkpoints.format import METADATA_KEY, convert_checkpoint
-from nnunet_meddinov3.network import build_encoder
+from nnunet_meddinov3.checkpoints.conversion import convert_checkpoint
+from nnunet_meddinov3.checkpoints.format import METADATA_KEY
+from nnunet_meddinov3.checkpoints import build_encoder
 from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
 
 CT = {"kind": "ct", "window": [-1000.0, 1000.0], "mean": 65.1084, "std": 178.0166}
@@ -120,7 +121,7 @@ def test_write_is_atomic(tmp_path, written, official_state, monkeypatch):
             f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    monkeypatch.setattr("nnunet_meddinov3.checkpoints.format.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         write_checkpoint(path, official_state, md)
     assert path.read_bytes() == before  # the old file is untouched

@@ -99,7 +99,7 @@ def reference_rope_periods(config: EncoderConfig) -> torch.Tensor:
     return (config.rope_base ** exponents).to(torch.bfloat16).float()
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROPE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ReferenceRotaryEmbedding(RotaryEmbeddingDinoV3):
@@ -226,7 +226,7 @@ class DINOv3Encoder(nn.Module):
             # Same parameters and keys; only forward differs (timm builds its blocks itself).
             block.__class__ = BatchSubsetStochasticDepthBlock
             block.sample_drop_ratio = config.drop_path_rate
-        rope_dtype = _DTYPES[config.rope_dtype]
+        rope_dtype = ROPE_DTYPES[config.rope_dtype]
         self.vit.rope = ReferenceRotaryEmbedding(
             dim=config.head_dim, periods=reference_rope_periods(config), dtype=rope_dtype,
             temperature=config.rope_base, normalize_coords=config.rope_normalize_coords, rotate_half=True)
@@ -287,14 +287,9 @@ class DINOv3Encoder(nn.Module):
 
 
 def build_encoder(name: str | EncoderConfig = "meddinov3_vitb16", in_channels: int = 1,
-                  checkpoint=None, **overrides) -> DINOv3Encoder:
-    """Build a DINOv3 encoder from a named config (see ``ENCODER_CONFIGS``) plus overrides.
-
-    ``checkpoint`` is a path, a registry name or an already loaded state dict in any layout that
-    :func:`nnunet_meddinov3.checkpoints.load_encoder_weights` understands; loading is strict.
-    """
-    encoder = DINOv3Encoder(resolve_encoder_config(name, **overrides), in_channels=in_channels)
-    if checkpoint is not None:
-        from nnunet_meddinov3.checkpoints import load_encoder_weights
-        load_encoder_weights(encoder, checkpoint)
-    return encoder
+                  **overrides) -> DINOv3Encoder:
+    """Build a DINOv3 encoder from a named config (see ``ENCODER_CONFIGS``) plus overrides, with
+    freshly initialised weights. The encoder knows nothing about files: to build one with weights use
+    :func:`nnunet_meddinov3.checkpoints.build_encoder` (``checkpoint=``) or
+    :func:`~nnunet_meddinov3.checkpoints.build_encoder_from_checkpoint`."""
+    return DINOv3Encoder(resolve_encoder_config(name, **overrides), in_channels=in_channels)

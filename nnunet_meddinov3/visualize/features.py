@@ -35,14 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_meddinov3.checkpoints.format import INTENSITY_PRESETS as CHECKPOINT_INTENSITIES
+from nnunet_meddinov3.data.intensity import INTENSITY_PRESETS as CHECKPOINT_INTENSITIES
 from nnunet_meddinov3.data.intensity import preset_from_dict
 
 DEFAULT_INTENSITY = "ct-meddinov3"
 DEFAULT_FOREGROUND_THRESHOLD = 0.1
 
 # Named conventions for checkpoints that record none; a recorded ``intensity`` dict has the same form
-# (nnunet_meddinov3.checkpoints.format.INTENSITY_FIELDS).
+# (nnunet_meddinov3.data.intensity.INTENSITY_FIELDS).
 INTENSITY_PRESETS: dict[str, dict] = {
     # MedDINOv3's: HU window [-1000, 1000], then a global z-score with the authors' statistics.
     "ct-meddinov3": CHECKPOINT_INTENSITIES["ct-meddinov3"],

@@ -28,7 +28,6 @@ from ..model import (
     build_student_and_teacher,
     copy_teacher_into_gram,
     gram_teacher_patch_features,
-    load_gram_teacher,
     load_released_weights,
     update_ema,
 )
@@ -258,7 +257,7 @@ class Trainer:
             raise ConfigError(f"gram.teacher '{source}' refers to the previous stage of a chain; for a single "
                              "stage give a checkpoint path (gram.teacher=RUN/checkpoints/checkpoint_N.pt) or 'ema'")
         else:
-            load_gram_teacher(self.gram_teacher, source)
+            ckpt.load_gram_teacher(self.gram_teacher, source)
             self.gram_source = str(source)
 
     def _warn_config_changes(self, saved: dict) -> None:

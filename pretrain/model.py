@@ -2,16 +2,15 @@
 
 The backbone is the project's own :class:`~nnunet_meddinov3.network.encoder.DINOv3Encoder`, so
 what pretraining produces is exactly what fine-tuning loads. iBOT needs the student to see a
-learnable mask token in place of masked patches *before* the transformer blocks; rather than
-editing the encoder, :class:`MaskableBackbone` runs the timm Eva pieces itself
-(patch_embed -> mask -> prefix tokens and RoPE -> blocks -> norm).
+learnable mask token in place of masked patches *before* the transformer blocks;
+:class:`MaskableBackbone` owns that token and runs the encoder's own token path with it
+(``forward_tokens(x, masks, mask_token)``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from nnunet_meddinov3.checkpoints.format import DINOV3_LICENCE, read_checkpoint
 from nnunet_meddinov3.checkpoints.keys import teacher_state
@@ -43,28 +42,10 @@ class MaskableBackbone(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, encoder.embed_dim))
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x (B, C, H, W); masks (B, H/16 * W/16) bool or None -> x_norm_clstoken (B, D),
-        x_storage_tokens (B, R, D), x_norm_patchtokens (B, P, D). Without masks this equals
-        ``encoder.forward_tokens(x)``."""
-        vit = self.encoder.vit
-        tokens = vit.patch_embed(x)  # (B, h, w, D): the encoder is built with dynamic_img_size
-        if masks is not None:
-            grid_mask = masks.view(*tokens.shape[:3], 1)
-            tokens = torch.where(grid_mask, self.mask_token.to(tokens.dtype).view(1, 1, 1, -1), tokens)
-        tokens, rope = vit._pos_embed(tokens)
-        tokens = vit.norm_pre(tokens)
-        for block in vit.blocks:
-            if vit.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, rope=rope, use_reentrant=False)
-            else:
-                tokens = block(tokens, rope=rope)
-        tokens = vit.norm(tokens)
-        n_prefix = 1 + self.encoder.config.n_storage_tokens
-        return {
-            "x_norm_clstoken": tokens[:, 0],
-            "x_storage_tokens": tokens[:, 1:n_prefix],
-            "x_norm_patchtokens": tokens[:, n_prefix:],
-        }
+        """x (B, C, H, W); masks (B, H/16 * W/16) bool or None -> the encoder's token dict
+        (:meth:`~nnunet_meddinov3.network.encoder.DINOv3Encoder.forward_tokens`), with the mask token
+        in place of the masked patches."""
+        return self.encoder.forward_tokens(x, masks, self.mask_token if masks is not None else None)
 
 
 class SSLNetwork(nn.Module):

@@ -121,7 +121,7 @@ def test_write_is_atomic(tmp_path, written, official_state, monkeypatch):
             f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("nnunet_meddinov3.checkpoints.format.save_file", crash)
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         write_checkpoint(path, official_state, md)
     assert path.read_bytes() == before  # the old file is untouched

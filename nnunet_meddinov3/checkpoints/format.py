@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+import safetensors.torch
 
 from nnunet_meddinov3.checkpoints.keys import (
     ENCODER_PREFIX,
@@ -293,7 +293,7 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict, metadata: Checkp
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: _canonical_json(metadata.to_dict())})
+        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: _canonical_json(metadata.to_dict())})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -357,7 +357,7 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> LoadedCh
     except (CheckpointFormatError, TypeError) as e:
         raise CheckpointFormatError(f"'{path}': {e}") from e
     try:
-        state = load_file(str(path))
+        state = safetensors.torch.load_file(str(path))
     except Exception as e:
         raise CheckpointFormatError(f"'{path}' is not a readable safetensors file (truncated or corrupt?): {e}") from e
     if verify:

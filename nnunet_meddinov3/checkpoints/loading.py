@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+import safetensors.torch
 
 from nnunet_meddinov3.checkpoints.converters import read_dcp_backbone, to_encoder_layout
 from nnunet_meddinov3.checkpoints.format import (
@@ -258,7 +258,7 @@ def read_source(path: str | os.PathLike) -> SourceCheckpoint:
             checkpoint = read_checkpoint(path)
             return SourceCheckpoint(path, "meddinov3", checkpoint.state_dict, dict(checkpoint.state_dict),
                                     checkpoint.metadata)
-        raw = load_file(str(path))
+        raw = safetensors.torch.load_file(str(path))
     else:
         raw = read_state_dict(path)
     state, layout = to_encoder_layout(raw)

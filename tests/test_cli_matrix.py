@@ -346,7 +346,7 @@ def test_every_option_has_help_text():
 
 
 def test_choices_equal_the_registries():
-    from nnunet_meddinov3.benchmark.bench import COMPILE_MODES  # noqa: F401 - imported by bench's parser
+    from nnunet_meddinov3.benchmark.configs import COMPILE_MODES  # noqa: F401 - imported by bench's parser
     from nnunet_meddinov3.data.intensity import INTENSITY_PRESETS
     from nnunet_meddinov3.network import DECODERS, ENCODER_CONFIGS
     from nnunet_meddinov3.network.encoder import PATCH_SIZE

@@ -1,6 +1,7 @@
 """Strict loading of encoder weights from any known layout, with errors that say what would fit."""
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -34,6 +35,9 @@ from nnunet_meddinov3.network.encoder import (
     reference_rope_periods,
     resolve_encoder_config,
 )
+
+logger = logging.getLogger(__name__)
+
 
 class CheckpointMismatchError(RuntimeError):
     """Checkpoint and encoder disagree; the message lists every difference and what would fit."""
@@ -225,8 +229,7 @@ def load_encoder_weights(encoder, source, *, name: str | None = None, verbose: b
     if messages:
         raise CheckpointMismatchError("\n".join(messages))
     encoder.load_state_dict(state, strict=True)
-    if verbose:
-        print(f"loaded encoder weights from {name} (layout: {layout})")
+    logger.log(logging.INFO if verbose else logging.DEBUG, "loaded encoder weights from %s (layout: %s)", name, layout)
     return layout
 
 

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,12 +21,7 @@ DATASET = 501
 TINY = "nnUNetTrainerMedDINOv3_Tiny"
 
 
-def run(cmd, env, cwd, expect_ok=True, timeout=600):
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
+from e2e_helpers import run  # noqa: E402  (shared by the e2e tests; see tests/e2e_helpers.py)
 
 
 @pytest.fixture(scope="module")

@@ -139,3 +139,30 @@ def test_weights_flow_points_one_way():
     format_deps = graph["nnunet_meddinov3.checkpoints.format"]
     assert not format_deps & {"nnunet_meddinov3.checkpoints.loading", "nnunet_meddinov3.checkpoints.conversion",
                               "nnunet_meddinov3.checkpoints.converters"}
+
+
+# Function-level imports of our own modules are allowed only where they are documented lazy imports:
+# the command lines import a subcommand's machinery only when it runs, so `--help` stays fast.
+LAZY_IMPORTS_ALLOWED = {
+    "nnunet_meddinov3/cli/": "subcommand modules import their machinery when they run (cli/main.py)",
+    "pretrain/cli.py": "python -m pretrain imports the engine only for the command that runs",
+    "pretrain/configs/schema.py": "reading a config stays free of torch; validation imports the encoder registry",
+}
+
+
+def test_imports_between_our_modules_are_at_module_top():
+    late = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            where = path.relative_to(ROOT).as_posix()
+            if any(where.startswith(prefix) for prefix in LAZY_IMPORTS_ALLOWED):
+                continue
+            for function in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(function):
+                    ours = (isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PACKAGES))
+                            ) or (isinstance(node, ast.Import) and any(a.name.startswith(PACKAGES) for a in node.names))
+                    if ours:
+                        late.append(f"{where}:{node.lineno}")
+    assert not late, f"function-level imports of our own modules (move them to the top, or document why): {late}"

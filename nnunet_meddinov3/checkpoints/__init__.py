@@ -3,7 +3,8 @@
 Modules, each depending only on those before it (tests/test_import_graph.py checks there is no cycle):
 ``keys`` (key names, layout detection; a leaf), ``registry`` (names -> files; a leaf), ``converters``
 (foreign layouts -> encoder keys), ``format`` (read/write/verify this project's files), ``loading``
-(strict load into an encoder, encoders built from weights), ``conversion`` (anything -> the format).
+(strict load into an encoder, encoders built from weights), ``conversion`` (anything -> the format),
+``conventions`` (a source's recorded intensity convention, read from a header or the registry).
 
 Names are imported lazily (PEP 562, a documented exception to top-level imports), so
 ``registry_entries`` (used by ``meddinov3 weights list``) does not pull in torch.

@@ -62,8 +62,8 @@ fi
 "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/environment.txt" || exit 3
 import importlib, os, sys
 missing = []
-# einops: imported by the MedDINOv3 reference's primus.py
-for name in ("torch", "timm", "nnunetv2", "dynamic_network_architectures") + (
+# einops: imported by the MedDINOv3 reference's primus.py; nnUNetTrainer: the baseline and every loss come from it
+for name in ("torch", "timm", "nnunetv2", "dynamic_network_architectures", "nnunetv2.training.nnUNetTrainer.nnUNetTrainer") + (
         ("einops",) if os.environ.get("MEDDINOV3_REFERENCE_REPO") else ()):
     try:
         module = importlib.import_module(name)

@@ -14,6 +14,7 @@ losses, 4 stopped on suspected collapse.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def _configs(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # the library logs; the CLI shows warnings
     parser = build_parser()
     # overrides may come before and after options (a job script appending --resume, say)
     args, extra = parser.parse_known_args(argv)

@@ -17,12 +17,14 @@ import torch
 from nnunet_meddinov3.checkpoints.format import (
     DINOV3_CITATION,
     MEDDINOV3_CITATION,
-    PATCH_EMBED_KEY,
     CheckpointMetadata,
     file_sha256,
     write_checkpoint,
 )
+from nnunet_meddinov3.checkpoints.keys import PATCH_EMBED_KEY
+from nnunet_meddinov3.checkpoints.loading import load_encoder_weights
 from nnunet_meddinov3.checkpoints.registry import cache_dir
+from nnunet_meddinov3.network.encoder import DINOv3Encoder
 
 from .configs import config_from_dict
 from .engine.checkpoint import read_training_checkpoint
@@ -97,9 +99,6 @@ def export_run(run_or_checkpoint: str | os.PathLike, name: str | None = None,
 def teacher_encoder(run_or_checkpoint: str | os.PathLike):
     """The EMA teacher's backbone of a run folder's latest checkpoint (or of a checkpoint file), as a
     1-channel DINOv3Encoder in eval mode: what an export of it would give, without writing a file."""
-    from nnunet_meddinov3.checkpoints import load_encoder_weights
-    from nnunet_meddinov3.network.encoder import DINOv3Encoder
-
     state = read_training_checkpoint(run_or_checkpoint)
     config = config_from_dict(state["config"])
     encoder = DINOv3Encoder(encoder_config(config.model, 0.0), in_channels=1)

@@ -2,19 +2,20 @@
 
 The backbone is the project's own :class:`~nnunet_meddinov3.network.encoder.DINOv3Encoder`, so
 what pretraining produces is exactly what fine-tuning loads. iBOT needs the student to see a
-learnable mask token in place of masked patches *before* the transformer blocks; rather than
-editing the encoder, :class:`MaskableBackbone` runs the timm Eva pieces itself
-(patch_embed -> mask -> prefix tokens and RoPE -> blocks -> norm).
+learnable mask token in place of masked patches *before* the transformer blocks;
+:class:`MaskableBackbone` owns that token and runs the encoder's own token path with it
+(``forward_tokens(x, masks, mask_token)``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from nnunet_meddinov3.checkpoints.format import DINOV3_LICENCE, read_checkpoint
+from nnunet_meddinov3.checkpoints.keys import teacher_state
+from nnunet_meddinov3.checkpoints.loading import load_encoder_weights, read_state_dict
+from nnunet_meddinov3.checkpoints.registry import resolve_weights
 from nnunet_meddinov3.network.encoder import DINOv3Encoder, EncoderConfig, resolve_encoder_config
 
 from .configs.schema import ModelConfig
@@ -41,28 +42,10 @@ class MaskableBackbone(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, encoder.embed_dim))
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x (B, C, H, W); masks (B, H/16 * W/16) bool or None -> x_norm_clstoken (B, D),
-        x_storage_tokens (B, R, D), x_norm_patchtokens (B, P, D). Without masks this equals
-        ``encoder.forward_tokens(x)``."""
-        vit = self.encoder.vit
-        tokens = vit.patch_embed(x)  # (B, h, w, D): the encoder is built with dynamic_img_size
-        if masks is not None:
-            grid_mask = masks.view(*tokens.shape[:3], 1)
-            tokens = torch.where(grid_mask, self.mask_token.to(tokens.dtype).view(1, 1, 1, -1), tokens)
-        tokens, rope = vit._pos_embed(tokens)
-        tokens = vit.norm_pre(tokens)
-        for block in vit.blocks:
-            if vit.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, rope=rope, use_reentrant=False)
-            else:
-                tokens = block(tokens, rope=rope)
-        tokens = vit.norm(tokens)
-        n_prefix = 1 + self.encoder.config.n_storage_tokens
-        return {
-            "x_norm_clstoken": tokens[:, 0],
-            "x_storage_tokens": tokens[:, 1:n_prefix],
-            "x_norm_patchtokens": tokens[:, n_prefix:],
-        }
+        """x (B, C, H, W); masks (B, H/16 * W/16) bool or None -> the encoder's token dict
+        (:meth:`~nnunet_meddinov3.network.encoder.DINOv3Encoder.forward_tokens`), with the mask token
+        in place of the masked patches."""
+        return self.encoder.forward_tokens(x, masks, self.mask_token if masks is not None else None)
 
 
 class SSLNetwork(nn.Module):
@@ -184,11 +167,6 @@ def load_released_weights(network: SSLNetwork, source: str) -> dict:
     matching shapes (MedDINOv3's training checkpoint has heads; Meta's hub files have a
     ``mask_token`` but no heads). Returns what was loaded and the weights' licence.
     """
-    from nnunet_meddinov3.checkpoints import load_encoder_weights, resolve_weights
-    from nnunet_meddinov3.checkpoints.converters import teacher_state
-    from nnunet_meddinov3.checkpoints.format import DINOV3_LICENCE, read_checkpoint
-    from nnunet_meddinov3.checkpoints.loading import read_state_dict
-
     path = resolve_weights(source)  # the file is read once, here
     if path.suffix == ".safetensors":  # this project's format: encoder keys only, licence recorded
         checkpoint = read_checkpoint(path)
@@ -247,20 +225,6 @@ def encoder_state_from_training_checkpoint(state: dict) -> dict:
     return {k[len(ENCODER_KEY_PREFIX) :]: v for k, v in teacher.items() if k.startswith(ENCODER_KEY_PREFIX)}
 
 
-def load_gram_teacher(gram_teacher: DINOv3Encoder, source: str | Path) -> None:
-    """Load any earlier checkpoint into the Gram teacher: one of our training checkpoints (its
-    EMA teacher's backbone), an export, or released weights (strictly, any DINOv3 layout)."""
-    from nnunet_meddinov3.checkpoints import load_encoder_weights
-
-    from .engine.checkpoint import is_training_checkpoint, read_training_checkpoint
-
-    if is_training_checkpoint(source):
-        state = encoder_state_from_training_checkpoint(read_training_checkpoint(source))
-        load_encoder_weights(gram_teacher, state)
-    else:
-        load_encoder_weights(gram_teacher, str(source))
-
-
 def gram_teacher_patch_features(
     gram_teacher: DINOv3Encoder, crops: torch.Tensor, grid: tuple[int, int]
 ) -> torch.Tensor:
@@ -288,7 +252,6 @@ __all__ = [
     "copy_teacher_into_gram",
     "encoder_state_from_training_checkpoint",
     "gram_teacher_patch_features",
-    "load_gram_teacher",
     "load_released_weights",
     "update_ema",
 ]

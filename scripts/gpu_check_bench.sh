@@ -16,10 +16,13 @@
 #
 # Results go to $OUT when set (the device tool's folder), else ./bench_out.
 #
-# Needs python3 with CUDA torch, timm>=1.0.20, nnunetv2 and dynamic-network-architectures (pure Python).
+# Needs python3 with CUDA torch, timm (the pyproject range), nnunetv2 and the packages its trainer imports
+# (the baseline is planned and built by nnU-Net's own planner and trainer: dynamic-network-architectures,
+# batchgenerators, batchgeneratorsv2, acvl_utils, SimpleITK, Pillow, ...; all but SimpleITK/Pillow pure Python).
 # A bare machine gets them as a carried .whl/ folder of wheels (the device README's recipe), installed
 # to /tmp/site, or as a carried folder of the installed packages:
-#   here, once:   mkdir -p .pydeps && for p in nnunetv2 dynamic_network_architectures timm; do
+#   here, once:   mkdir -p .pydeps && for p in nnunetv2 dynamic_network_architectures timm batchgenerators \
+#                     batchgeneratorsv2 acvl_utils; do
 #                   cp -r "$(python -c "import $p, os; print(os.path.dirname($p.__file__))")" .pydeps/; done
 #                 find .pydeps -name __pycache__ -prune -exec rm -rf {} +; echo /.pydeps/ >> .git/info/exclude
 #   device run:   carry [".whl"] or [".pydeps"], command "bash scripts/gpu_check_bench.sh"
@@ -59,8 +62,8 @@ fi
 "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/environment.txt" || exit 3
 import importlib, os, sys
 missing = []
-# einops: imported by the MedDINOv3 reference's primus.py
-for name in ("torch", "timm", "nnunetv2", "dynamic_network_architectures") + (
+# einops: imported by the MedDINOv3 reference's primus.py; nnUNetTrainer: the baseline and every loss come from it
+for name in ("torch", "timm", "nnunetv2", "dynamic_network_architectures", "nnunetv2.training.nnUNetTrainer.nnUNetTrainer") + (
         ("einops",) if os.environ.get("MEDDINOV3_REFERENCE_REPO") else ()):
     try:
         module = importlib.import_module(name)

@@ -23,16 +23,16 @@ from nnunet_meddinov3.benchmark.bench import (
     ReferenceRepoError,
     add_reference_ratios,
     build_configs,
-    build_meddinov3_network,
-    build_nnunet_network,
-    deep_supervision_targets,
     format_table,
     grad_scaler_report,
     measure,
     nnunet_2d_arch_kwargs,
+    plan_2d,
     reference_parameter_groups,
     resolve_reference_repo,
 )
+from nnunet_meddinov3.benchmark.baseline import NNUNetParts
+from nnunet_meddinov3.benchmark.factories import build_meddinov3_network, build_nnunet_network
 from nnunet_meddinov3.cli.main import main
 
 TINY = ["--encoders", "tiny", "--patch-sizes", "64", "--batch-size", "1", "--repeats", "2", "--warmup", "1"]
@@ -189,38 +189,54 @@ def test_grad_scaler_report_counts_halvings():
 
 def test_baseline_is_nnunets_2d_plan():
     arch = nnunet_2d_arch_kwargs(512)["arch_kwargs"]
-    # 512 -> 4: seven poolings, eight stages, 32 features doubling up to 512
+    # 512 -> 4: seven poolings, eight stages, 32 features doubling up to 512 (lists, as in plans.json)
     assert arch["n_stages"] == 8
-    assert arch["features_per_stage"] == (32, 64, 128, 256, 512, 512, 512, 512)
-    assert [list(s) for s in arch["strides"]] == [[1, 1]] + [[2, 2]] * 7
-    assert arch["n_conv_per_stage"] == (2,) * 8 and arch["n_conv_per_stage_decoder"] == (2,) * 7
+    assert arch["features_per_stage"] == [32, 64, 128, 256, 512, 512, 512, 512]
+    assert arch["strides"] == [[1, 1]] + [[2, 2]] * 7
+    assert arch["n_conv_per_stage"] == [2] * 8 and arch["n_conv_per_stage_decoder"] == [2] * 7
     assert arch["norm_op"].endswith("InstanceNorm2d") and arch["nonlin"] == "torch.nn.LeakyReLU"
     with pytest.raises(ValueError, match="nnU-Net would plan"):
         nnunet_2d_arch_kwargs(144)  # nnU-Net's topology would grow it to 160
+    # a large patch is kept: the planner's VRAM loop does not shrink it
+    assert plan_2d(896)["plans"]["configurations"]["2d"]["patch_size"] == [896, 896]
 
 
 def test_baseline_is_built_like_get_network_from_plans():
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     arch = nnunet_2d_arch_kwargs(64)
+    parts = NNUNetParts.build(plan_2d(64, num_classes=3), torch.device("cpu"))
     torch.manual_seed(0)
-    ours = build_nnunet_network(BenchConfig(network=BASELINE, patch_size=64, num_classes=3))
+    ours = build_nnunet_network(BenchConfig(network=BASELINE, patch_size=64, num_classes=3), parts)
     torch.manual_seed(0)
     nnunets = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                                      1, 3, allow_init=True, deep_supervision=True)
     assert str(ours) == str(nnunets)
     for a, b in zip(ours.state_dict().values(), nnunets.state_dict().values()):
         assert torch.equal(a, b)
+    # nnU-Net's loss: deep-supervision weights 1/2^i, the lowest resolution 0, normalised
+    weights = parts.loss.weight_factors
+    assert len(weights) == 4 and weights[-1] == 0 and sum(weights) == pytest.approx(1)
+    assert weights[0] == pytest.approx(2 * weights[1])
+    optimizer = parts.build_optimizer(ours)
+    assert type(optimizer).__name__ == "SGD" and optimizer.defaults["momentum"] == 0.99
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["lr"] == 1e-2
 
 
 def test_deep_supervision_targets_match_the_outputs():
     config = BenchConfig(network=BASELINE, patch_size=64, num_classes=3)
-    model = build_nnunet_network(config)
-    outputs = model(torch.zeros(1, 1, 64, 64))
-    labels = torch.randint(0, 3, (1, 1, 64, 64))
-    targets = deep_supervision_targets(labels, nnunet_2d_arch_kwargs(64)["arch_kwargs"]["strides"])
-    assert [t.shape[-2:] for t in targets] == [o.shape[-2:] for o in outputs]
-    assert targets[0] is labels
+    parts = NNUNetParts.build(plan_2d(64, num_classes=3), torch.device("cpu"))
+    model = build_nnunet_network(config, parts)
+    outputs = model(torch.zeros(2, 1, 64, 64))
+    labels = torch.randint(0, 3, (2, 1, 64, 64))
+    targets = parts.deep_supervision_targets(labels)
+    assert [t.shape for t in targets] == [(2, 1, *o.shape[-2:]) for o in outputs]
+    assert torch.equal(targets[0], labels) and targets[1].dtype == labels.dtype
+    # nnU-Net's data loader downsamples with 'nearest-exact': the centre pixel of each 2x2 block
+    assert torch.equal(targets[1], labels[..., 1::2, 1::2])
+    # our network is trained without deep supervision, with nnU-Net's loss on its one output
+    single = NNUNetParts.build(plan_2d(64, num_classes=3), torch.device("cpu"), deep_supervision=False)
+    assert type(single.loss).__name__ == "DC_and_CE_loss"
 
 
 def test_bad_patch_size_is_refused(capsys):

@@ -13,7 +13,7 @@ from nnunet_meddinov3.checkpoints import (
     resolve_weights,
     to_encoder_layout,
 )
-from nnunet_meddinov3.network import build_encoder
+from nnunet_meddinov3.checkpoints import build_encoder
 
 
 @pytest.fixture()

@@ -57,7 +57,7 @@ def layouts(tmp_path_factory, fixtures) -> dict:
     """One tiny checkpoint per layout (the 64-dim, 4-block fixtures, saved by the real libraries)."""
     from timm.models.eva import checkpoint_filter_fn
 
-    from nnunet_meddinov3.checkpoints.format import convert_checkpoint
+    from nnunet_meddinov3.checkpoints.conversion import convert_checkpoint
 
     root = tmp_path_factory.mktemp("weights") / "my weights"
     root.mkdir()
@@ -346,8 +346,8 @@ def test_every_option_has_help_text():
 
 
 def test_choices_equal_the_registries():
-    from nnunet_meddinov3.benchmark.bench import COMPILE_MODES  # noqa: F401 - imported by bench's parser
-    from nnunet_meddinov3.checkpoints.format import INTENSITY_PRESETS
+    from nnunet_meddinov3.benchmark.configs import COMPILE_MODES  # noqa: F401 - imported by bench's parser
+    from nnunet_meddinov3.data.intensity import INTENSITY_PRESETS
     from nnunet_meddinov3.network import DECODERS, ENCODER_CONFIGS
     from nnunet_meddinov3.network.encoder import PATCH_SIZE
     from nnunet_meddinov3.visualize import features

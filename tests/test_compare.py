@@ -1,7 +1,8 @@
 """``meddinov3 compare`` on fabricated nnU-Net result folders, plus its pure functions.
 
-The CLI runs in a subprocess because nnU-Net's path variables come from the environment; expected numbers are
-computed here with numpy/scipy from the same Dice tables that are written into nnU-Net's summary.json format.
+The CLI runs in a subprocess because nnU-Net's path variables come from the environment. The result folders hold
+predictions and references as NIfTI, and nnU-Net's own ``compute_metrics_on_folder`` writes each fold's
+summary.json from them; expected numbers are computed here with numpy/scipy from the Dice values in those files.
 """
 from __future__ import annotations
 
@@ -34,20 +35,15 @@ BASELINE, OTHER = "nnUNetTrainer", "nnUNetTrainerMedDINOv3"
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
 NAN = float("nan")
 
-# Dice per case for classes 1, 2, 3. case_04 has no spleen in reference or prediction (nnU-Net writes NaN);
-# kidney is identical for both trainers (all-zero differences -> p = 1). Fold 1 of OTHER is missing.
-DICE = {
-    BASELINE: {
-        0: {"case_00": (0.80, 0.70, 0.90), "case_01": (0.82, 0.72, 0.90), "case_02": (0.78, 0.65, 0.90),
-            "case_03": (0.85, 0.75, 0.90), "case_04": (0.81, NAN, 0.90), "case_05": (0.79, 0.68, 0.90)},
-        1: {"case_06": (0.60, 0.60, 0.60), "case_07": (0.61, 0.62, 0.63), "case_08": (0.50, 0.55, 0.58)},
-    },
-    OTHER: {
-        0: {"case_00": (0.85, 0.71, 0.90), "case_01": (0.86, 0.70, 0.90), "case_02": (0.84, 0.69, 0.90),
-            "case_03": (0.88, 0.74, 0.90), "case_04": (0.83, NAN, 0.90), "case_05": (0.86, 0.70, 0.90)},
-    },
+# Cases per trainer and fold. The references hold three 4x4 squares (liver, spleen, kidney); case_04 has no spleen
+# in reference or prediction (nnU-Net writes NaN). Baseline predictions equal the references in fold 0 and have the
+# liver one pixel off in fold 1; OTHER's liver is one pixel off (Dice 0.75, NSD 0.5 at 0 mm) and its kidney equals the
+# baseline's (all-zero differences -> p = 1). Fold 1 of OTHER is missing.
+CASES = {
+    BASELINE: {0: [f"case_{i:02d}" for i in range(6)], 1: ["case_06", "case_07", "case_08"]},
+    OTHER: {0: [f"case_{i:02d}" for i in range(6)]},
 }
-COMMON_CASES = sorted(DICE[OTHER][0])
+COMMON_CASES = sorted(CASES[OTHER][0])
 
 
 def _squares(shift_liver: int, with_spleen: bool) -> np.ndarray:
@@ -67,19 +63,25 @@ def _write_nifti(array: np.ndarray, path: Path) -> None:
     sitk.WriteImage(image, str(path))
 
 
-def _summary_json(cases: dict, prediction_dir: str, reference_dir: str) -> dict:
-    """The structure nnU-Net's compute_metrics_on_folder writes (only the fields that matter plus a few counts)."""
-    per_case = []
-    for case_id, dices in cases.items():
-        metrics = {str(label): {"Dice": dice, "IoU": dice / (2 - dice) if dice == dice else NAN, "FN": 1, "FP": 1,
-                                "TP": 10, "TN": 100, "n_pred": 11, "n_ref": 11}
-                   for label, dice in zip((1, 2, 3), dices)}
-        per_case.append({"metrics": metrics, "prediction_file": f"{prediction_dir}/{case_id}.nii.gz",
-                         "reference_file": f"{reference_dir}/{case_id}.nii.gz"})
-    mean = {str(label): {"Dice": float(np.nanmean([d[i] for d in cases.values()]))}
-            for i, label in enumerate((1, 2, 3))}
-    return {"foreground_mean": {"Dice": float(np.mean([m["Dice"] for m in mean.values()]))}, "mean": mean,
-            "metric_per_case": per_case}
+def _nnunet_summary(reference_dir: Path, prediction_dir: Path, output_file: Path) -> None:
+    """summary.json as nnU-Net's evaluation writes it after validation (labels 1, 2, 3)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    compute_metrics_on_folder(str(reference_dir), str(prediction_dir), str(output_file), SimpleITKIO(), ".nii.gz",
+                              [1, 2, 3], num_processes=1)
+
+
+def _dice_tables(results: Path) -> dict:
+    """{trainer: {case: (Dice liver, spleen, kidney)}} of fold 0, read back from the summary.json files nnU-Net wrote."""
+    tables = {}
+    for trainer in (BASELINE, OTHER):
+        summary = json.loads((results / DATASET / f"{trainer}__nnUNetPlans__2d" / "fold_0" / "validation" /
+                              "summary.json").read_text())
+        tables[trainer] = {case_identifier(c["prediction_file"]): tuple(float(c["metrics"][k]["Dice"])
+                                                                       for k in ("1", "2", "3"))
+                           for c in summary["metric_per_case"]}
+    return tables
 
 
 @pytest.fixture
@@ -87,27 +89,29 @@ def nnunet_dirs(tmp_path):
     raw, preprocessed, results = tmp_path / "raw", tmp_path / "preprocessed", tmp_path / "results"
     raw.mkdir()
     gt_dir = preprocessed / DATASET / "gt_segmentations"
-    for case_id in COMMON_CASES:
+    all_cases = sorted({c for folds in CASES.values() for cases in folds.values() for c in cases})
+    for case_id in all_cases:
         _write_nifti(_squares(0, with_spleen=case_id != "case_04"), gt_dir / f"{case_id}.nii.gz")
-    for trainer, folds in DICE.items():
+    for trainer, folds in CASES.items():
         trainer_dir = results / DATASET / f"{trainer}__nnUNetPlans__2d"
         for fold, cases in folds.items():
             validation = trainer_dir / f"fold_{fold}" / "validation"
             validation.mkdir(parents=True)
-            # OTHER's summary records paths from "another machine": they must be found locally by file name.
-            prediction_dir = (str(validation) if trainer == BASELINE
-                              else f"/cluster/old/{trainer}/fold_{fold}/validation")
-            summary = _summary_json(cases, prediction_dir, str(gt_dir))
-            (validation / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-            if fold == 0:  # predictions for NSD: the baseline is perfect, OTHER shifts the liver by one pixel
+            # OTHER was validated on "another machine": its summary records prediction paths that do not exist
+            # here, and compare must find the files locally by name.
+            predicted_in = tmp_path / "other_machine" / trainer / f"fold_{fold}" if trainer == OTHER else validation
+            shift = 1 if trainer == OTHER or fold == 1 else 0
+            for case_id in cases:
+                _write_nifti(_squares(shift, with_spleen=case_id != "case_04"), predicted_in / f"{case_id}.nii.gz")
+            _nnunet_summary(gt_dir, predicted_in, validation / "summary.json")
+            if predicted_in != validation:
                 for case_id in cases:
-                    _write_nifti(_squares(0 if trainer == BASELINE else 1, with_spleen=case_id != "case_04"),
-                                 validation / f"{case_id}.nii.gz")
+                    (predicted_in / f"{case_id}.nii.gz").rename(validation / f"{case_id}.nii.gz")
     (results / DATASET / f"{BASELINE}__nnUNetPlans__2d" / "dataset.json").write_text(
         json.dumps({"labels": LABELS, "file_ending": ".nii.gz", "numTraining": 9, "channel_names": {"0": "CT"}}))
     env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed),
            "nnUNet_results": str(results), "PYTHONPATH": str(REPO_ROOT)}
-    return {"results": results, "env": env}
+    return {"results": results, "env": env, "dice": _dice_tables(results)}
 
 
 def _compare(env, *arguments) -> subprocess.CompletedProcess:
@@ -129,8 +133,7 @@ def _expected_row(values_by_trainer: dict[str, list[float]]) -> dict:
             "diff": other.mean() - base.mean(), "p": float(p)}
 
 
-def _expected_dice_rows() -> dict[str, dict]:
-    dice = {t: {c: DICE[t][0][c] for c in COMMON_CASES} for t in (BASELINE, OTHER)}
+def _expected_dice_rows(dice: dict) -> dict[str, dict]:
     rows = {}
     for index, name in enumerate(("1 liver", "2 spleen", "3 kidney")):
         cases = [c for c in COMMON_CASES if not math.isnan(dice[BASELINE][c][index])]
@@ -161,13 +164,14 @@ def test_compare_cli_on_nnunet_result_folders(nnunet_dirs):
     assert f"Cases: 6 present for every trainer are compared, 3 dropped ({BASELINE}: 3" in out
 
     # Dice table against numbers computed here
-    expected = _expected_dice_rows()
+    expected = _expected_dice_rows(nnunet_dirs["dice"])
+    assert {d[0] for d in nnunet_dirs["dice"][OTHER].values()} == {0.75}  # a 4x4 square one pixel off
     printed = _table_lines(out, "Dice")
     assert set(printed) == set(expected)
     for name, row in expected.items():
         _assert_row_printed(printed[name], row)
     assert expected["3 kidney"]["p"] == 1.0 and expected["2 spleen"]["n"] == 5
-    assert 0 < expected["1 liver"]["p"] < 0.05
+    assert 0 < expected["1 liver"]["p"] < 0.05 and expected["1 liver"]["diff"] == pytest.approx(-0.25)
 
     # NSD at 0 mm: baseline predictions equal the references; OTHER's liver is one pixel off -> NSD 0.5 (see the
     # hand computation in test_nsd_two_squares_offset_by_one_pixel); NaN spleen of case_04 is left out.

@@ -19,8 +19,8 @@ from nnunet_meddinov3.checkpoints import (
     read_checkpoint,
     read_dcp_backbone,
 )
-from nnunet_meddinov3.checkpoints.format import convert_checkpoint
-from nnunet_meddinov3.network import build_encoder
+from nnunet_meddinov3.checkpoints.conversion import convert_checkpoint
+from nnunet_meddinov3.checkpoints import build_encoder
 from nnunet_meddinov3.network.encoder import reference_rope_periods, resolve_encoder_config
 
 LAYERS = [0, 1, 2, 3]
@@ -299,10 +299,10 @@ def test_own_format_round_trip(fixtures, tmp_path, x, meddino_features):
 
 
 def test_an_unreadable_hf_config_next_to_the_weights_is_reported(tmp_path):
-    from nnunet_meddinov3.checkpoints.format import _hf_config_hints
+    from nnunet_meddinov3.checkpoints.conversion import hf_config_hints
 
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.warns(UserWarning, match="ignoring unreadable .*config.json"):
-        assert _hf_config_hints(weights) == {}
+        assert hf_config_hints(weights) == {}

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,12 +23,7 @@ TINY = "nnUNetTrainerMedDINOv3_Tiny"
 SHORT = "epochs={epochs} iterations=2 val_iterations=1"  # a recipe short enough for a test
 
 
-def run(cmd, env, cwd, expect_ok=True, timeout=600):
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
+from e2e_helpers import run  # noqa: E402  (shared by the e2e tests; see tests/e2e_helpers.py)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +236,7 @@ def test_trainer_fine_tunes_from_every_converter(workspace, fixtures, tmp_path):
     from safetensors.torch import save_file
     from test_converters import dinov3_training_dcp, reference_to_hf, save_dcp
 
-    from nnunet_meddinov3.network import build_encoder
+    from nnunet_meddinov3.checkpoints import build_encoder
     teacher = torch.load(fixtures / "meddino_tiny_teacher.pth", weights_only=True)["teacher"]
     backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
     sources = {"pth": fixtures / "meddino_tiny_teacher.pth", "dcp": tmp_path / "dcp" / "99"}

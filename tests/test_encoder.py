@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from nnunet_meddinov3.network import ENCODER_CONFIGS, build_encoder, default_feature_layers
+from nnunet_meddinov3.checkpoints import build_encoder
+from nnunet_meddinov3.network import ENCODER_CONFIGS, default_feature_layers
 
 LAYERS = [0, 1, 2, 3]
 TOKEN_KEYS = ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens")

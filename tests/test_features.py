@@ -85,7 +85,7 @@ def test_slice_out_of_range(monkeypatch, capsys, tmp_path, fixtures, volume_path
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, fixtures):
     """Both fixtures in this project's safetensors format: the header records encoder and intensity."""
-    from nnunet_meddinov3.checkpoints.format import convert_checkpoint
+    from nnunet_meddinov3.checkpoints.conversion import convert_checkpoint
 
     folder = tmp_path_factory.mktemp("converted")
     convert_checkpoint(fixtures / "meddino_tiny_teacher.pth", folder / "meddino_tiny.safetensors",

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 
@@ -26,18 +27,43 @@ def test_memory_model_grows_with_batch_patch_and_model():
     assert checkpointed < base - 1.5
 
 
-def test_planner_with_activation_checkpointing_fits_bigger_batches():
+def _planner_for_a_tiny_dataset(tmp_path, monkeypatch, gpu_memory_gb: float):
+    """nnUNetPlannerMedDINOv3 built as ``meddinov3 plan_and_preprocess`` builds it: a raw dataset on disk
+    (two 64 x 64 PNG cases), its fingerprint extracted by nnU-Net, then the planner's own constructor."""
+    import numpy as np
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
+    from PIL import Image
+
     from nnunet_meddinov3.training.planner import nnUNetPlannerMedDINOv3
 
+    raw = tmp_path / "raw" / "Dataset042_Tiny"
+    for folder in ("imagesTr", "labelsTr"):
+        (raw / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for case in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(raw / "imagesTr" / f"{case}_0000.png")
+        Image.fromarray((rng.random((64, 64)) > 0.5).astype(np.uint8)).save(raw / "labelsTr" / f"{case}.png")
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1},
+                                                  "numTraining": 2, "file_ending": ".png"}))
+    for name in ("raw", "preprocessed", "results"):
+        monkeypatch.setenv(f"nnUNet_{name}", str(tmp_path / name))  # nnU-Net 2.8 reads these on every use
+    extract_fingerprint_dataset(42, num_processes=1, check_dataset_integrity=True, clean=True, verbose=False)
+    return nnUNetPlannerMedDINOv3(42, gpu_memory_target_in_gb=gpu_memory_gb)
+
+
+def test_planner_with_activation_checkpointing_fits_bigger_batches(tmp_path, monkeypatch):
+    planner = _planner_for_a_tiny_dataset(tmp_path, monkeypatch, gpu_memory_gb=40)
     batches = {}
     for checkpointing in (False, True):
-        planner = nnUNetPlannerMedDINOv3.__new__(nnUNetPlannerMedDINOv3)
-        planner.dataset_json = {"labels": {"background": 0, "organ": 1}, "channel_names": {"0": "CT"}}
-        planner.UNet_vram_target_GB, planner.max_dataset_covered = 40, 1.0
+        # the options as `meddinov3 plan_and_preprocess --vit vitl16 [--grad-checkpointing]` sets them
         planner.encoder, planner.decoder, planner.grad_checkpointing = "vitl16", "multiscale", checkpointing
         batches[checkpointing] = planner.vit_batch_size([896, 896], 1e12)
         assert planner.architecture()["arch_kwargs"]["grad_checkpointing"] is checkpointing
     assert batches[True] > batches[False] >= 2
+    # and the plans nnU-Net's flow writes carry the option
+    plans = planner.plan_experiment()
+    assert plans["configurations"]["2d"]["architecture"]["arch_kwargs"]["grad_checkpointing"] is True
+    assert plans["configurations"]["2d"]["patch_size"] == [64, 64]
 
 
 def test_plan_options_are_checked_before_anything_runs(tmp_path):

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -23,13 +22,7 @@ MODEL_ARGS = ["-d", str(DATASET), "-c", "2d", "-tr", TINY, "-f", "0", "-device",
 STUDY_UID = "1.2.826.0.1.3680043.8.498.502"
 
 
-def run(cmd, env, cwd, expect_ok=True):
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, encoding="utf-8",
-                          errors="replace", timeout=600)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
+from e2e_helpers import run  # noqa: E402  (shared by the e2e tests; see tests/e2e_helpers.py)
 
 
 @pytest.fixture(scope="module")

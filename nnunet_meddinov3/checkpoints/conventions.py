@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from nnunet_meddinov3.checkpoints.format import METADATA_KEY, read_safetensors_header
 from nnunet_meddinov3.checkpoints.registry import registry_entries
 
 
@@ -28,8 +29,6 @@ def recorded_intensity(source: str) -> tuple[dict | None, str]:
         return (dict(intensity), f"registry entry '{text}'") if intensity else (None, f"registry entry '{text}' "
                                                                                      "records no intensity")
     if path.suffix == ".safetensors":
-        from nnunet_meddinov3.checkpoints.format import METADATA_KEY, read_safetensors_header
-
         header, _ = read_safetensors_header(path)
         if METADATA_KEY in header:
             intensity = json.loads(header[METADATA_KEY]).get("intensity")

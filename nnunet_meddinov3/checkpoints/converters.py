@@ -2,7 +2,8 @@
 
 The encoder's keys are those of :class:`~nnunet_meddinov3.network.encoder.DINOv3Encoder`
 (timm ``Eva`` names under ``vit.``). Each converter takes a flat ``{key: tensor}`` dict and returns
-one in that layout; :func:`to_encoder_layout` detects which converter applies.
+one in that layout; :func:`to_encoder_layout` detects which converter applies
+(:func:`~nnunet_meddinov3.checkpoints.keys.detect_layout`).
 
 Layouts (name -> where such files come from):
 
@@ -25,60 +26,18 @@ from pathlib import Path
 
 import torch
 
-ENCODER_PREFIX = "vit."
-PATCH_EMBED_KEY = f"{ENCODER_PREFIX}patch_embed.proj.weight"
-PERIODS_KEY = f"{ENCODER_PREFIX}rope.periods"
+from nnunet_meddinov3.checkpoints.keys import (  # noqa: F401  (LayoutError, detect_layout: part of this API)
+    ENCODER_PREFIX,
+    PERIODS_KEY,
+    LayoutError,
+    describe_checkpoint,
+    detect_layout,
+    teacher_state,
+)
+from nnunet_meddinov3.network.encoder import EncoderConfig
 
 # Keys of the reference model that have no counterpart when fine-tuning.
 _REFERENCE_ONLY = ("mask_token", "local_cls_norm.")
-
-
-class LayoutError(ValueError):
-    """The checkpoint is not in any DINOv3 layout this project knows."""
-
-
-def _what_it_looks_like(keys: list[str]) -> str:
-    """A guess at a non-DINOv3 dict, so the error says more than 'unknown'."""
-    if any(k in ("model", "state_dict", "module", "network_weights") for k in keys):
-        nested = [k for k in keys if k in ("model", "state_dict", "module", "network_weights")]
-        return (f"the weights seem to be nested under {nested} (a training checkpoint of some other "
-                "program); extract that dict first")
-    if any(k.startswith(("layer1.", "conv1.")) for k in keys) or any(".downsample." in k for k in keys):
-        return "this looks like a ResNet/CNN state dict, not a vision transformer"
-    if any(k.startswith(("encoder.layer.", "vit.embeddings.")) for k in keys):
-        return "this looks like a Hugging Face ViT/DINOv2 model, not DINOv3"
-    if any("pos_embed" in k for k in keys) and not any("rope" in k for k in keys):
-        return "this looks like a ViT with absolute position embeddings (e.g. DINOv2), not a DINOv3 RoPE ViT"
-    return ""
-
-
-def teacher_state(state: dict) -> dict:
-    """The ``'teacher'`` dict of a dinov3 training checkpoint (``{'teacher': {'backbone.*', heads}}``),
-    else ``state`` itself."""
-    teacher = state.get("teacher")
-    return teacher if isinstance(teacher, dict) else state
-
-
-def detect_layout(state: dict) -> str:
-    """Name the layout of a (possibly nested) checkpoint dict (only key names are looked at)."""
-    if teacher_state(state) is not state:
-        return "dinov3_training"  # MedDINOv3 release / dinov3 trainer: {'teacher': {'backbone.*', heads}}
-    keys = list(state)
-    if any(k.startswith(ENCODER_PREFIX) for k in keys) and f"{ENCODER_PREFIX}cls_token" in state:
-        return "encoder"
-    if "storage_tokens" in state or "rope_embed.periods" in state:
-        return "dinov3_reference"  # Meta's hub .pth: plain state dict of DinoVisionTransformer
-    if "reg_token" in state and any(k.endswith("gamma_1") for k in keys):
-        return "timm"
-    if "embeddings.cls_token" in state or "embeddings.patch_embeddings.weight" in state:
-        return "hf_transformers"
-    if any(k.startswith("backbone.") for k in keys):
-        return "dinov3_backbone_prefixed"
-    guess = _what_it_looks_like(keys)
-    raise LayoutError(
-        "not a DINOv3 checkpoint: found none of the keys 'storage_tokens', 'rope_embed.periods' "
-        "(Meta's layout), 'teacher' (MedDINOv3/dinov3 training), 'reg_token' (timm), "
-        f"'embeddings.cls_token' (Hugging Face). First keys: {keys[:8]}" + (f". {guess}" if guess else ""))
 
 
 def from_dinov3_training(state: dict) -> dict:
@@ -231,9 +190,6 @@ def infer_encoder_config(state: dict, layout: str, **known):
     and RoPE dtype; the layout gives what no tensor shows (LayerNorm eps, RoPE dtype when no
     periods are stored). ``known`` (e.g. from a Hugging Face ``config.json``) overrides all of it.
     """
-    from nnunet_meddinov3.checkpoints.loading import PERIODS_KEY, describe_checkpoint
-    from nnunet_meddinov3.network.encoder import EncoderConfig
-
     if layout not in LAYOUT_NUMERICS:
         raise LayoutError(f"'{layout}' weights carry no architecture information beyond shapes; "
                           "name the encoder config explicitly (e.g. --encoder meddinov3_vitb16)")

@@ -9,6 +9,10 @@ never runs code.
 Integrity: the header stores ``tensor_sha256`` (:func:`tensor_sha256`) and ``metadata_sha256`` (the
 sha256 of the canonical JSON of every other header field); :func:`read_checkpoint` recomputes both,
 so a flipped tensor byte and an edited header are each a clear error.
+
+This module reads, writes and verifies files only; turning other layouts into this format is
+:mod:`~nnunet_meddinov3.checkpoints.conversion`, loading into an encoder
+:mod:`~nnunet_meddinov3.checkpoints.loading`.
 """
 from __future__ import annotations
 
@@ -23,15 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+import safetensors.torch
 
-from nnunet_meddinov3.checkpoints.converters import (
+from nnunet_meddinov3.checkpoints.keys import (
     ENCODER_PREFIX,
+    LAYOUT_NAMES,
     PATCH_EMBED_KEY,
     PERIODS_KEY,
     LayoutError,
+    describe_checkpoint,
     detect_layout,
 )
-from nnunet_meddinov3.data.intensity import MEDDINOV3_CT
+from nnunet_meddinov3.data.intensity import IntensityError
+from nnunet_meddinov3.data.intensity import validate_intensity as validate_intensity_schema
+from nnunet_meddinov3.network.encoder import EncoderConfig
 
 FORMAT_VERSION = 1
 METADATA_KEY = "meddinov3"  # safetensors metadata is str -> str: the whole header is one JSON string here
@@ -41,21 +51,6 @@ SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
-}
-
-# Intensity conventions a checkpoint can have been pretrained with: kind -> required fields.
-INTENSITY_FIELDS = {
-    "ct": ("window", "mean", "std"),      # clip to an HU window, then one global z-score
-    "mri": ("percentiles",),              # per-volume percentile clip, then per-volume z-score
-    "nnunet": (),                         # whatever nnU-Net's plans say (per-dataset normalisation)
-    "imagenet": ("mean", "std"),          # natural RGB images: per-channel mean/std (Meta's weights)
-    "unknown": (),
-}
-INTENSITY_PRESETS = {
-    "ct-meddinov3": MEDDINOV3_CT.to_dict(),  # MedDINOv3's CT release (window, mean, std: see MEDDINOV3_CT)
-    "nnunet": {"kind": "nnunet"},
-    "imagenet": {"kind": "imagenet", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-    "unknown": {"kind": "unknown"},
 }
 
 DINOV3_LICENCE = "DINOv3 License (https://ai.meta.com/resources/models-and-libraries/dinov3-license/)"
@@ -120,23 +115,11 @@ def _is_number(x) -> bool:
 
 
 def validate_intensity(intensity) -> dict:
-    _check(isinstance(intensity, dict), f"intensity must be a dict, got {intensity!r}")
-    kind = intensity.get("kind")
-    _check(kind in INTENSITY_FIELDS, f"intensity kind {kind!r} is not one of {sorted(INTENSITY_FIELDS)}")
-    required = set(INTENSITY_FIELDS[kind])
-    present = set(intensity) - {"kind"}
-    _check(required <= present, f"intensity kind '{kind}' needs {sorted(required)}, missing {sorted(required - present)}")
-    if kind == "ct":
-        window = intensity["window"]
-        _check(isinstance(window, (list, tuple)) and len(window) == 2 and all(map(_is_number, window))
-               and window[0] < window[1], f"ct window must be [low, high] with low < high, got {window!r}")
-        _check(_is_number(intensity["mean"]), "ct mean must be a number")
-        _check(_is_number(intensity["std"]) and intensity["std"] > 0, "ct std must be a positive number")
-    if kind == "mri":
-        p = intensity["percentiles"]
-        _check(isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_is_number, p)) and 0 <= p[0] < p[1] <= 100,
-               f"mri percentiles must be [low, high] within 0..100, got {p!r}")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in intensity.items()}
+    """The header's ``intensity``, checked against the schema of :mod:`nnunet_meddinov3.data.intensity`."""
+    try:
+        return validate_intensity_schema(intensity)
+    except IntensityError as e:
+        raise CheckpointFormatError(f"invalid checkpoint metadata: {e}") from e
 
 
 @dataclass
@@ -164,13 +147,10 @@ class CheckpointMetadata:
     tensor_sha256: str | None = None
     metadata_sha256: str | None = None
 
-    def encoder_config(self):
-        from nnunet_meddinov3.network.encoder import EncoderConfig
+    def encoder_config(self) -> EncoderConfig:
         return EncoderConfig(**self.architecture)
 
     def validate(self) -> "CheckpointMetadata":
-        from nnunet_meddinov3.network.encoder import EncoderConfig
-
         _check(isinstance(self.format_version, int) and not isinstance(self.format_version, bool),
                "format_version must be an integer")
         _check(self.format_version <= FORMAT_VERSION,
@@ -269,8 +249,6 @@ def _check_encoder_keys(state_dict: dict) -> None:
 
 def check_state_matches_metadata(state_dict: dict, metadata: CheckpointMetadata) -> None:
     """The tensors must be the encoder's keys and agree with the architecture in the header."""
-    from nnunet_meddinov3.checkpoints.loading import describe_checkpoint
-
     _check_encoder_keys(state_dict)
     arch = metadata.architecture
     facts = describe_checkpoint(state_dict)
@@ -298,8 +276,6 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict, metadata: Checkp
     Empty ``rope_periods`` are taken from the tensor. The file appears complete or not at all:
     it is written to a temporary file in the same folder, then renamed over ``path``.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors = {k: _owned(v) for k, v in state_dict.items()}
     _check_encoder_keys(tensors)
@@ -317,7 +293,7 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict, metadata: Checkp
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: _canonical_json(metadata.to_dict())})
+        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: _canonical_json(metadata.to_dict())})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -332,19 +308,10 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict, metadata: Checkp
 
 # --- read --------------------------------------------------------------------------------------
 
-_LAYOUT_NAMES = {
-    "hf_transformers": "Hugging Face transformers DINOv3ViTModel weights",
-    "timm": "timm DINOv3 (Eva) weights",
-    "encoder": "this project's encoder keys without the 'meddinov3' header (a bare save_file of encoder.state_dict()?)",
-    "dinov3_reference": "Meta's DINOv3 reference layout (DinoVisionTransformer.state_dict())",
-    "dinov3_backbone_prefixed": "a dinov3 training teacher/student dict",
-}
-
-
 def _foreign_file_message(path: Path, keys: list[str]) -> str:
     try:
         layout = detect_layout(dict.fromkeys(keys))
-        what = f"it looks like {_LAYOUT_NAMES.get(layout, layout)}"
+        what = f"it looks like {LAYOUT_NAMES.get(layout, layout)}"
         fix = (f"Convert it once with `meddinov3 weights convert {path} OUT.safetensors` "
                "(add --encoder NAME if the architecture cannot be inferred)")
     except LayoutError as e:
@@ -355,8 +322,6 @@ def _foreign_file_message(path: Path, keys: list[str]) -> str:
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, list[str]]:
     """(safetensors metadata, tensor names) without reading any tensor; clear error if unreadable."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
@@ -379,8 +344,6 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, list[str]]:
 
 def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> LoadedCheckpoint:
     """Read a file in this project's format, checking both hashes (``verify=False`` skips them)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     header, keys = read_safetensors_header(path)
     if METADATA_KEY not in header:
@@ -394,7 +357,7 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> LoadedCh
     except (CheckpointFormatError, TypeError) as e:
         raise CheckpointFormatError(f"'{path}': {e}") from e
     try:
-        state = load_file(str(path))
+        state = safetensors.torch.load_file(str(path))
     except Exception as e:
         raise CheckpointFormatError(f"'{path}' is not a readable safetensors file (truncated or corrupt?): {e}") from e
     if verify:
@@ -409,133 +372,3 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> LoadedCh
                 "weights were modified or corrupted after writing. Re-download or re-convert the file.")
     check_state_matches_metadata(state, metadata)
     return LoadedCheckpoint(state_dict=state, metadata=metadata, path=path)
-
-
-def build_encoder_from_checkpoint(path: str | os.PathLike | LoadedCheckpoint, in_channels: int = 1,
-                                  **overrides):
-    """Rebuild the encoder from the file's metadata, then load its weights strictly.
-
-    ``path`` may also be a checkpoint already read (and hash-checked) by :func:`read_checkpoint`.
-    ``overrides`` change training-only settings (e.g. ``drop_path_rate``); anything that would
-    change the numerics is refused by the strict load's architecture check.
-    """
-    from nnunet_meddinov3.checkpoints.loading import load_encoder_weights
-    from nnunet_meddinov3.network.encoder import DINOv3Encoder
-
-    checkpoint = path if isinstance(path, LoadedCheckpoint) else read_checkpoint(path)
-    config = checkpoint.metadata.encoder_config()
-    if overrides:
-        config = config.replace(**overrides)
-    encoder = DINOv3Encoder(config, in_channels=in_channels)
-    load_encoder_weights(encoder, checkpoint)
-    return encoder
-
-
-# --- convert anything into the format ----------------------------------------------------------
-
-def _hf_config_hints(path: Path) -> dict:
-    """Architecture facts from a Hugging Face ``config.json`` next to the weights, if there is one."""
-    config_file = path.parent / "config.json"
-    if path.is_dir() or not config_file.is_file():
-        return {}
-    try:
-        cfg = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        import warnings
-
-        # the architecture is then inferred from the tensors alone: say so rather than guess silently
-        warnings.warn(f"ignoring unreadable {config_file} ({e}); inferring the architecture from the weights")
-        return {}
-    if cfg.get("model_type") != "dinov3_vit":
-        return {}
-    hints = {"num_heads": cfg.get("num_attention_heads"), "norm_eps": cfg.get("layer_norm_eps"),
-             "rope_base": cfg.get("rope_theta")}
-    return {k: v for k, v in hints.items() if v is not None}
-
-
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, encoder: str | None = None,
-                       intensity: dict | str | None = None, licence: str | None = None,
-                       citation: str | None = None, pretraining_resolution: int | None = None,
-                       source_extra: dict | None = None) -> CheckpointMetadata:
-    """Convert any supported checkpoint (file or DCP directory) into this project's format at ``dst``.
-
-    The architecture is ``encoder`` (a named config) if given, else the one recorded (our format)
-    or inferred from the layout and shapes. The source's file name and sha256 are recorded. The
-    tensors are loaded strictly into an encoder built from that architecture before anything is
-    written, and the written file is read back with its hashes checked.
-    """
-    from nnunet_meddinov3.checkpoints.converters import infer_encoder_config
-    from nnunet_meddinov3.checkpoints.loading import read_source, with_reference_periods, without_zero_qkv_biases
-    from nnunet_meddinov3.network.encoder import resolve_encoder_config
-
-    src = Path(src)
-    source = read_source(src)
-    state = dict(source.state)
-    previous = source.metadata
-    if encoder is not None:
-        config = resolve_encoder_config(encoder)
-    elif previous is not None:
-        config = previous.encoder_config()
-    else:
-        config = infer_encoder_config(state, source.layout, **_hf_config_hints(src))
-
-    state = without_zero_qkv_biases(with_reference_periods(state, config), config)
-
-    if isinstance(intensity, str):
-        if intensity not in INTENSITY_PRESETS:
-            raise ValueError(f"unknown intensity preset '{intensity}'; known: {', '.join(INTENSITY_PRESETS)}")
-        intensity = INTENSITY_PRESETS[intensity]
-    if intensity is None:
-        if previous is not None:
-            intensity = previous.intensity
-        elif source.layout in ("dinov3_reference", "timm", "hf_transformers"):
-            intensity = INTENSITY_PRESETS["imagenet"]  # Meta's released weights: natural RGB images
-        else:
-            intensity = INTENSITY_PRESETS["unknown"]
-
-    if src.is_dir():
-        source_info = {"file": src.name, "kind": "dcp_directory",
-                       "metadata_file_sha256": file_sha256(src / ".metadata"), **source.details}
-    else:
-        source_info = {"file": src.name, "sha256": file_sha256(src)}
-    source_info["layout"] = source.layout
-    if previous is not None and previous.source:
-        source_info["converted_from"] = previous.source
-    source_info.update(source_extra or {})
-
-    kernel = state.get(PATCH_EMBED_KEY)
-    metadata = CheckpointMetadata(
-        architecture=config.to_dict(),
-        intensity=intensity,
-        in_channels=int(kernel.shape[1]) if kernel is not None else 3,
-        pretraining_resolution=pretraining_resolution or (previous.pretraining_resolution if previous else None),
-        stages=list(previous.stages) if previous else [],
-        data_manifest_sha256=previous.data_manifest_sha256 if previous else None,
-        licence=licence or (previous.licence if previous else "")
-        or f"{DINOV3_LICENCE}; derived from Meta's DINOv3 weights",
-        citation=citation or (previous.citation if previous else "") or DINOV3_CITATION,
-        source=source_info,
-    )
-    _check_loads(state, config)  # strict load into an encoder built from the config, before writing anything
-    written = write_checkpoint(dst, state, metadata)
-    read_checkpoint(dst)  # and the file on disk reads back with both hashes intact
-    return written
-
-
-def _check_loads(state: dict, config) -> None:
-    """The strict load (keys, shapes, architecture) into an encoder of ``config``, without copying values.
-
-    The encoder is built on the meta device: nothing is allocated or initialised, so checking a
-    ViT-L costs no more than checking the tiny model.
-    """
-    import warnings
-
-    from nnunet_meddinov3.checkpoints.loading import load_encoder_weights
-    from nnunet_meddinov3.network.encoder import DINOv3Encoder
-
-    kernel = state.get(PATCH_EMBED_KEY)
-    with torch.device("meta"):
-        encoder = DINOv3Encoder(config, in_channels=int(kernel.shape[1]) if kernel is not None else 3)
-    with warnings.catch_warnings():  # copying into meta tensors is the intended no-op
-        warnings.filterwarnings("ignore", message=".*meta parameter.*")
-        load_encoder_weights(encoder, state)

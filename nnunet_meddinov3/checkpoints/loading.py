@@ -1,6 +1,7 @@
 """Strict loading of encoder weights from any known layout, with errors that say what would fit."""
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -8,15 +9,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import safetensors.torch
 
-from nnunet_meddinov3.checkpoints.converters import (
+from nnunet_meddinov3.checkpoints.converters import read_dcp_backbone, to_encoder_layout
+from nnunet_meddinov3.checkpoints.format import (
+    METADATA_KEY,
+    CheckpointMetadata,
+    LoadedCheckpoint,
+    read_checkpoint,
+    read_safetensors_header,
+)
+from nnunet_meddinov3.checkpoints.keys import (  # noqa: F401  (describe_checkpoint: part of this API)
     PATCH_EMBED_KEY,
     PERIODS_KEY,
-    ENCODER_PREFIX,
-    read_dcp_backbone,
-    to_encoder_layout,
+    QKV_BIAS_SUFFIXES,
+    describe_checkpoint,
+    has_nonzero_qkv_bias,
+)
+from nnunet_meddinov3.checkpoints.registry import resolve_weights
+from nnunet_meddinov3.network.encoder import (
+    ENCODER_CONFIGS,
+    ROPE_DTYPES,
+    DINOv3Encoder,
+    EncoderConfig,
+    reference_rope_periods,
+    resolve_encoder_config,
 )
 
+logger = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -35,7 +55,6 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if path.suffix == ".safetensors":
-        from nnunet_meddinov3.checkpoints.format import read_checkpoint
         return read_checkpoint(path).state_dict
     if path.is_dir():
         return read_dcp_backbone(path)[0]  # refuses a folder that is not a DCP checkpoint
@@ -75,13 +94,6 @@ def adapt_patch_embed(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return (summed / in_channels).repeat(1, in_channels, 1, 1)
 
 
-QKV_BIAS_SUFFIXES = ("attn.q_bias", "attn.v_bias")
-
-
-def has_nonzero_qkv_bias(state: dict) -> bool:
-    return any(bool(v.abs().max() > 0) for k, v in state.items() if k.endswith(QKV_BIAS_SUFFIXES))
-
-
 def without_zero_qkv_biases(state: dict, config) -> dict:
     """``state`` without its q/v biases when ``config`` has none and they are all zero (Meta's
     distilled B/L/H files carry such biases): dropping them is exact."""
@@ -94,32 +106,12 @@ def with_reference_periods(state: dict, config) -> dict:
     """``state`` with the RoPE periods the reference computes for ``config`` (bf16-rounded, in its
     RoPE dtype) when it stores none: timm and Hugging Face files never do, and the weights were
     trained with those."""
-    from nnunet_meddinov3.network.encoder import _DTYPES, reference_rope_periods
-
     if PERIODS_KEY in state:
         return state
-    return {**state, PERIODS_KEY: reference_rope_periods(config).to(_DTYPES[config.rope_dtype])}
-
-
-def describe_checkpoint(state: dict) -> dict:
-    """Architecture facts readable from encoder-layout tensor shapes alone."""
-    facts = {}
-    if f"{ENCODER_PREFIX}cls_token" in state:
-        facts["embed_dim"] = state[f"{ENCODER_PREFIX}cls_token"].shape[-1]
-    blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(ENCODER_PREFIX)}blocks\.(\d+)\.", k))}
-    if blocks:
-        facts["depth"] = max(blocks) + 1
-    reg = state.get(f"{ENCODER_PREFIX}reg_token")
-    facts["n_storage_tokens"] = 0 if reg is None else reg.shape[1]
-    facts["qkv_bias"] = has_nonzero_qkv_bias(state)
-    if PERIODS_KEY in state and "embed_dim" in facts:
-        head_dim = 4 * state[PERIODS_KEY].numel()
-        facts["num_heads"] = facts["embed_dim"] // head_dim
-    return facts
+    return {**state, PERIODS_KEY: reference_rope_periods(config).to(ROPE_DTYPES[config.rope_dtype])}
 
 
 def fitting_configs(facts: dict) -> list[str]:
-    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
     names = []
     for name, cfg in ENCODER_CONFIGS.items():
         if all(getattr(cfg, k) == v for k, v in facts.items() if hasattr(cfg, k)):
@@ -174,7 +166,6 @@ def architecture_differences(recorded: dict, config, state: dict | None = None) 
 
 
 def _architecture_message(diffs: dict, recorded: dict, name: str) -> str:
-    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
     fits = [n for n, cfg in ENCODER_CONFIGS.items()
             if all(getattr(cfg, k) == recorded.get(k) for k in ARCHITECTURE_FIELDS)]
     lines = [f"encoder weights from {name} were pretrained with a different architecture than this encoder "
@@ -189,12 +180,10 @@ def _architecture_message(diffs: dict, recorded: dict, name: str) -> str:
 def _read_source(source, name: str | None = None):
     """(raw state dict, recorded architecture or None, display name, layout name or None); ``name``
     names a state dict the caller read from a file."""
-    from nnunet_meddinov3.checkpoints.format import LoadedCheckpoint, read_checkpoint
     if isinstance(source, LoadedCheckpoint):
         return source.state_dict, source.metadata.architecture, f"'{source.path}'", "meddinov3"
     if isinstance(source, dict):
         return source, None, name or "the given state dict", None
-    from nnunet_meddinov3.checkpoints.registry import resolve_weights
     path = resolve_weights(source)
     if path.suffix == ".safetensors":
         checkpoint = read_checkpoint(path)
@@ -240,8 +229,7 @@ def load_encoder_weights(encoder, source, *, name: str | None = None, verbose: b
     if messages:
         raise CheckpointMismatchError("\n".join(messages))
     encoder.load_state_dict(state, strict=True)
-    if verbose:
-        print(f"loaded encoder weights from {name} (layout: {layout})")
+    logger.log(logging.INFO if verbose else logging.DEBUG, "loaded encoder weights from %s (layout: %s)", name, layout)
     return layout
 
 
@@ -253,15 +241,13 @@ class SourceCheckpoint:
     layout: str                   # a converters.CONVERTERS name, 'dinov3_dcp' or 'meddinov3' (ours)
     raw: dict                     # as stored (for DCP: the consolidated reference-layout backbone)
     state: dict                   # encoder layout ('vit.*' keys)
-    metadata: object | None = None  # CheckpointMetadata for our format
+    metadata: CheckpointMetadata | None = None  # for our format
     details: dict = field(default_factory=dict)
 
 
 def read_source(path: str | os.PathLike) -> SourceCheckpoint:
     """Read a checkpoint of any supported layout: our format, a foreign ``.safetensors`` (timm, Hugging
     Face, bare encoder keys), a ``.pth``/``.pt``/``.bin`` pickle of tensors, or a dinov3 DCP directory."""
-    from nnunet_meddinov3.checkpoints.format import METADATA_KEY, read_checkpoint, read_safetensors_header
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
@@ -275,9 +261,40 @@ def read_source(path: str | os.PathLike) -> SourceCheckpoint:
             checkpoint = read_checkpoint(path)
             return SourceCheckpoint(path, "meddinov3", checkpoint.state_dict, dict(checkpoint.state_dict),
                                     checkpoint.metadata)
-        from safetensors.torch import load_file
-        raw = load_file(str(path))
+        raw = safetensors.torch.load_file(str(path))
     else:
         raw = read_state_dict(path)
     state, layout = to_encoder_layout(raw)
     return SourceCheckpoint(path, layout, raw, state)
+
+
+# --- encoders built from weights ---------------------------------------------------------------
+# The encoder (nnunet_meddinov3.network) knows nothing about files; these put the two together.
+
+def build_encoder_from_checkpoint(path: str | os.PathLike | LoadedCheckpoint, in_channels: int = 1,
+                                  **overrides) -> DINOv3Encoder:
+    """Rebuild the encoder from the file's metadata, then load its weights strictly.
+
+    ``path`` may also be a checkpoint already read (and hash-checked) by
+    :func:`~nnunet_meddinov3.checkpoints.format.read_checkpoint`. ``overrides`` change training-only
+    settings (e.g. ``drop_path_rate``); anything that would change the numerics is refused by the
+    strict load's architecture check.
+    """
+    checkpoint = path if isinstance(path, LoadedCheckpoint) else read_checkpoint(path)
+    config = checkpoint.metadata.encoder_config()
+    if overrides:
+        config = config.replace(**overrides)
+    encoder = DINOv3Encoder(config, in_channels=in_channels)
+    load_encoder_weights(encoder, checkpoint)
+    return encoder
+
+
+def build_encoder(name: str | EncoderConfig = "meddinov3_vitb16", in_channels: int = 1,
+                  checkpoint=None, **overrides) -> DINOv3Encoder:
+    """:func:`nnunet_meddinov3.network.build_encoder` (a named config plus overrides), then, when
+    ``checkpoint`` is given, a strict :func:`load_encoder_weights` of it: a path, a registry name or a
+    state dict in any layout that function understands."""
+    encoder = DINOv3Encoder(resolve_encoder_config(name, **overrides), in_channels=in_channels)
+    if checkpoint is not None:
+        load_encoder_weights(encoder, checkpoint)
+    return encoder

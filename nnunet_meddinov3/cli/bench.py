@@ -22,7 +22,7 @@ REFERENCE_REPO_ENV = "MEDDINOV3_REFERENCE_REPO"
 
 
 def add_arguments(parser) -> None:
-    from nnunet_meddinov3.benchmark.bench import COMPILE_MODES  # imports nothing heavy
+    from nnunet_meddinov3.benchmark.configs import COMPILE_MODES  # imports nothing heavy
     from nnunet_meddinov3.cli.choices import DECODERS, ENCODERS
 
     parser.add_argument("--encoders", nargs="+", default=["vitb16"], choices=ENCODERS,

@@ -2,7 +2,7 @@
 ``--help``) imports neither torch nor timm.
 
 The real registries live with the code that builds the things (``network.ENCODER_CONFIGS``,
-``network.DECODERS``, ``checkpoints.format.INTENSITY_PRESETS``,
+``network.DECODERS``, ``data.intensity.INTENSITY_PRESETS``,
 ``visualize.features.INTENSITY_PRESETS``); ``tests/test_cli_matrix.py`` checks that these tuples
 equal them, so a new encoder or decoder that is not added here fails a test instead of going unnoticed.
 """
@@ -13,7 +13,7 @@ ENCODERS = ("meddinov3_tiny", "meddinov3_vitb16", "meddinov3_vitl16", "meddinov3
 VIT_SIZES = tuple(name for name in ENCODERS if "_" not in name)
 DECODERS = ("bottleneck", "multiscale", "single")
 PATCH_SIZE = 16  # pixels per ViT patch (network.encoder.PATCH_SIZE)
-# intensity conventions a converted checkpoint can record (checkpoints.format.INTENSITY_PRESETS)
+# intensity conventions a converted checkpoint can record (data.intensity.INTENSITY_PRESETS)
 CHECKPOINT_INTENSITIES = ("ct-meddinov3", "nnunet", "imagenet", "unknown")
 # intensity conventions `meddinov3 features` can apply (visualize.features.INTENSITY_PRESETS)
 FEATURE_INTENSITIES = ("ct-meddinov3", "minmax", "zscore")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     # environment is left alone
     quiet_third_party_warnings(children=argv is None)
     argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # the library logs; the CLI shows warnings
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     prefix = f"meddinov3 {command}" if command else "meddinov3"
     try:

@@ -166,7 +166,7 @@ def _sizes(state: dict) -> str:
 
 def cmd_info(args) -> int:
     from nnunet_meddinov3.checkpoints.converters import LayoutError, infer_encoder_config
-    from nnunet_meddinov3.checkpoints.format import _hf_config_hints
+    from nnunet_meddinov3.checkpoints.conversion import hf_config_hints as _hf_config_hints
     from nnunet_meddinov3.checkpoints.loading import describe_checkpoint, fitting_configs, read_source
 
     path = checkpoint_path(args.file)
@@ -212,7 +212,7 @@ def cmd_info(args) -> int:
 # --- convert / verify --------------------------------------------------------------------------
 
 def cmd_convert(args) -> int:
-    from nnunet_meddinov3.checkpoints.format import convert_checkpoint
+    from nnunet_meddinov3.checkpoints.conversion import convert_checkpoint
 
     checkpoint_path(args.src)
     dst = Path(args.dst)
@@ -238,7 +238,7 @@ def cmd_convert(args) -> int:
 def cmd_verify(args) -> int:
     import torch
 
-    from nnunet_meddinov3.checkpoints.format import build_encoder_from_checkpoint, read_checkpoint
+    from nnunet_meddinov3.checkpoints import build_encoder_from_checkpoint, read_checkpoint
     from nnunet_meddinov3.network.encoder import default_feature_layers
 
     path = checkpoint_path(args.file, folder_ok=False)
@@ -353,7 +353,7 @@ def cmd_fetch(args) -> int:
         raise FetchError(f"'{args.name}' has no encoder config this project can build ({entry.get('description', '')})")
 
     downloaded = download_from_hub(entry["hf_repo"], entry["hf_filename"], entry.get("hf_revision"))
-    from nnunet_meddinov3.checkpoints.format import convert_checkpoint, file_sha256
+    from nnunet_meddinov3.checkpoints import convert_checkpoint, file_sha256
 
     actual = file_sha256(downloaded)
     expected = entry.get("sha256")

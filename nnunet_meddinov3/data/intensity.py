@@ -1,11 +1,16 @@
-"""Intensity normalisation presets, recorded as plain dicts in exported checkpoints.
+"""Intensity conventions: the schema checkpoints record, and the presets that apply it.
 
-Pretraining normalises with them and ``meddinov3 features`` applies a checkpoint's recorded one,
-so both run this one implementation; :data:`MEDDINOV3_CT` is the only place its numbers live.
+The one place the conventions are defined: :data:`INTENSITY_FIELDS` (kind -> required fields),
+:func:`validate_intensity`, the named :data:`INTENSITY_PRESETS`, and the CT/MR presets that
+normalise arrays. Pretraining normalises with them, exported checkpoints record them as plain
+dicts (the header of :mod:`nnunet_meddinov3.checkpoints.format` is validated here), and
+``meddinov3 features`` applies a checkpoint's recorded one, so all run this one implementation;
+:data:`MEDDINOV3_CT` is the only place its numbers live. numpy only: parsing a preset needs no torch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -101,10 +106,59 @@ def merge_preset_dict(base: dict[str, Any], update: dict[str, Any]) -> dict[str,
     return {**start, **update}
 
 
+# Intensity conventions a checkpoint can have been pretrained with: kind -> required fields.
+INTENSITY_FIELDS = {
+    "ct": ("window", "mean", "std"),      # clip to an HU window, then one global z-score
+    "mri": ("percentiles",),              # per-volume percentile clip, then per-volume z-score
+    "nnunet": (),                         # whatever nnU-Net's plans say (per-dataset normalisation)
+    "imagenet": ("mean", "std"),          # natural RGB images: per-channel mean/std (Meta's weights)
+    "unknown": (),
+}
+# Named conventions (``meddinov3 weights convert --intensity NAME``).
+INTENSITY_PRESETS = {
+    "ct-meddinov3": MEDDINOV3_CT.to_dict(),  # MedDINOv3's CT release (window, mean, std: see MEDDINOV3_CT)
+    "nnunet": {"kind": "nnunet"},
+    "imagenet": {"kind": "imagenet", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "unknown": {"kind": "unknown"},
+}
+
+
+class IntensityError(ValueError):
+    """An intensity convention dict that breaks the schema (:data:`INTENSITY_FIELDS`)."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise IntensityError(message)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_intensity(intensity) -> dict:
+    """``intensity`` checked against the schema, tuples as lists; :class:`IntensityError` names what is wrong."""
+    _check(isinstance(intensity, dict), f"intensity must be a dict, got {intensity!r}")
+    kind = intensity.get("kind")
+    _check(kind in INTENSITY_FIELDS, f"intensity kind {kind!r} is not one of {sorted(INTENSITY_FIELDS)}")
+    required = set(INTENSITY_FIELDS[kind])
+    present = set(intensity) - {"kind"}
+    _check(required <= present, f"intensity kind '{kind}' needs {sorted(required)}, missing {sorted(required - present)}")
+    if kind == "ct":
+        window = intensity["window"]
+        _check(isinstance(window, (list, tuple)) and len(window) == 2 and all(map(_is_number, window))
+               and window[0] < window[1], f"ct window must be [low, high] with low < high, got {window!r}")
+        _check(_is_number(intensity["mean"]), "ct mean must be a number")
+        _check(_is_number(intensity["std"]) and intensity["std"] > 0, "ct std must be a positive number")
+    if kind == "mri":
+        p = intensity["percentiles"]
+        _check(isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_is_number, p)) and 0 <= p[0] < p[1] <= 100,
+               f"mri percentiles must be [low, high] within 0..100, got {p!r}")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in intensity.items()}
+
+
 def preset_from_dict(d: dict[str, Any]) -> IntensityPreset:
     """Rebuild a preset from its :meth:`to_dict` form (dispatching on ``kind``)."""
-    from nnunet_meddinov3.checkpoints.format import validate_intensity
-
     cls = _PRESETS.get(d.get("kind")) if isinstance(d, dict) else None
     if cls is None:
         raise ValueError(f"unknown intensity preset {d!r}")

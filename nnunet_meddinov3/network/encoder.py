@@ -8,12 +8,12 @@ timm's DINOv3 port matches the reference ``DinoVisionTransformer`` exactly only 
 
 MedDINOv3 additionally computes RoPE in bf16; ``rope_dtype="bf16"`` reproduces that bit for bit.
 Everything here is built from hyperparameters only; weights are loaded by
-:mod:`nnunet_meddinov3.checkpoints`.
+:mod:`nnunet_meddinov3.checkpoints`. timm internals are used only through
+:mod:`nnunet_meddinov3.network.timm_adapter`.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Sequence
@@ -21,8 +21,16 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm
-from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from timm.models.eva import Eva, EvaBlock
+from torch.utils.checkpoint import checkpoint
+
+from nnunet_meddinov3.network.timm_adapter import (
+    PeriodsRotaryEmbedding,
+    embed_tokens,
+    replace_block_class,
+    replace_qk_norm,
+    replace_rope,
+)
 
 PATCH_SIZE = 16
 
@@ -99,45 +107,18 @@ def reference_rope_periods(config: EncoderConfig) -> torch.Tensor:
     return (config.rope_base ** exponents).to(torch.bfloat16).float()
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROPE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ReferenceRotaryEmbedding(RotaryEmbeddingDinoV3):
+class ReferenceRotaryEmbedding(PeriodsRotaryEmbedding):
     """timm's DINOv3 RoPE, but with the reference's numerics.
 
     The periods are a persistent buffer, so fine-tuned nnU-Net checkpoints carry the exact values
     the weights were trained with and inference needs no other file. Coordinates are computed in
     the RoPE dtype from the start, as the reference does (timm computes them in fp32 and casts),
-    which matters when that dtype is bf16.
+    which matters when that dtype is bf16. ``set_coordinate_rescaling`` is DINOv3's RoPE box
+    augmentation (Meta's later-stage configs use 2). The implementation is in the timm adapter.
     """
-
-    def __init__(self, dim: int, periods: torch.Tensor, dtype: torch.dtype, **kwargs):
-        super().__init__(dim=dim, **kwargs)
-        self.register_buffer("periods", periods.to(dtype), persistent=True)
-
-    def set_coordinate_rescaling(self, factor: float | None) -> None:
-        """DINOv3's RoPE box augmentation: in training mode, scale all coordinates by one factor drawn
-        log-uniformly from [1/factor, factor] per forward pass (Meta's later-stage configs use 2;
-        None turns it off). Evaluation mode never augments, so a teacher in eval mode is unaffected."""
-        if factor is not None and not factor >= 1:
-            raise ValueError(f"RoPE coordinate rescaling factor must be >= 1 or None, got {factor}")
-        self.rescale_coords = factor
-        self.aug_active = any(a is not None for a in (self.shift_coords, self.jitter_coords, self.rescale_coords))
-
-    def _create_embed(self, feat_shape, no_aug: bool = False) -> torch.Tensor:
-        if self.normalize_coords != "separate":
-            return super()._create_embed(feat_shape, no_aug=no_aug)
-        H, W = feat_shape
-        dd = dict(device=self.periods.device, dtype=self.periods.dtype)
-        coords_h = torch.arange(0.5, H, **dd) / H
-        coords_w = torch.arange(0.5, W, **dd) / W
-        coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)
-        coords = 2.0 * coords - 1.0
-        if not no_aug:
-            coords = self._apply_coord_augs(coords)
-        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]
-        angles = angles.flatten(1).tile(2)
-        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
 class RoundToDtype(nn.Module):
@@ -222,18 +203,16 @@ class DINOv3Encoder(nn.Module):
             use_fc_norm=False,
             dynamic_img_size=True,
         )
+        # Same parameters and keys; only forward differs (timm builds its blocks itself).
+        replace_block_class(self.vit, BatchSubsetStochasticDepthBlock)
         for block in self.vit.blocks:
-            # Same parameters and keys; only forward differs (timm builds its blocks itself).
-            block.__class__ = BatchSubsetStochasticDepthBlock
             block.sample_drop_ratio = config.drop_path_rate
-        rope_dtype = _DTYPES[config.rope_dtype]
-        self.vit.rope = ReferenceRotaryEmbedding(
+        rope_dtype = ROPE_DTYPES[config.rope_dtype]
+        replace_rope(self.vit, ReferenceRotaryEmbedding(
             dim=config.head_dim, periods=reference_rope_periods(config), dtype=rope_dtype,
-            temperature=config.rope_base, normalize_coords=config.rope_normalize_coords, rotate_half=True)
+            temperature=config.rope_base, normalize_coords=config.rope_normalize_coords, rotate_half=True))
         if rope_dtype != torch.float32:
-            for block in self.vit.blocks:
-                block.attn.q_norm = RoundToDtype(rope_dtype)
-                block.attn.k_norm = RoundToDtype(rope_dtype)
+            replace_qk_norm(self.vit, lambda: RoundToDtype(rope_dtype))
 
     @property
     def depth(self) -> int:
@@ -272,9 +251,35 @@ class DINOv3Encoder(nn.Module):
             x, indices=list(layers), norm=True, output_fmt=output_fmt, intermediates_only=True,
             stop_early=True)
 
-    def forward_tokens(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reference ``forward_features``: normalised cls, storage and patch tokens."""
-        tokens = self.vit.forward_features(x)
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Reference ``forward_features``: normalised cls, storage and patch tokens.
+
+        x (B, C, H, W) -> ``x_norm_clstoken`` (B, D), ``x_storage_tokens`` (B, R, D),
+        ``x_norm_patchtokens`` (B, H/16 * W/16, D). With ``masks`` (B, H/16 * W/16) bool, the
+        embeddings of the masked patches are replaced by ``mask_token`` (D,) before the blocks, as
+        iBOT pretraining needs; without, this is timm's ``forward_features``, op for op.
+        """
+        vit = self.vit
+        hook = None
+        if masks is not None:
+            if mask_token is None:
+                raise ValueError("masks need a mask_token to put in place of the masked patches")
+
+            def hook(patches: torch.Tensor) -> torch.Tensor:
+                grid_mask = masks.view(*patches.shape[:3], 1)
+                return torch.where(grid_mask, mask_token.to(patches.dtype).view(1, 1, 1, -1), patches)
+
+        tokens, rope = embed_tokens(vit, x, hook)
+        for block in vit.blocks:
+            if vit.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, rope=rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, rope=rope)
+        return self.token_dict(vit.norm(tokens))
+
+    def token_dict(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The reference's token dict from normalised (B, 1 + R + P, D) tokens; built here only."""
         n_prefix = 1 + self.config.n_storage_tokens
         return {
             "x_norm_clstoken": tokens[:, 0],
@@ -287,14 +292,9 @@ class DINOv3Encoder(nn.Module):
 
 
 def build_encoder(name: str | EncoderConfig = "meddinov3_vitb16", in_channels: int = 1,
-                  checkpoint=None, **overrides) -> DINOv3Encoder:
-    """Build a DINOv3 encoder from a named config (see ``ENCODER_CONFIGS``) plus overrides.
-
-    ``checkpoint`` is a path, a registry name or an already loaded state dict in any layout that
-    :func:`nnunet_meddinov3.checkpoints.load_encoder_weights` understands; loading is strict.
-    """
-    encoder = DINOv3Encoder(resolve_encoder_config(name, **overrides), in_channels=in_channels)
-    if checkpoint is not None:
-        from nnunet_meddinov3.checkpoints import load_encoder_weights
-        load_encoder_weights(encoder, checkpoint)
-    return encoder
+                  **overrides) -> DINOv3Encoder:
+    """Build a DINOv3 encoder from a named config (see ``ENCODER_CONFIGS``) plus overrides, with
+    freshly initialised weights. The encoder knows nothing about files: to build one with weights use
+    :func:`nnunet_meddinov3.checkpoints.build_encoder` (``checkpoint=``) or
+    :func:`~nnunet_meddinov3.checkpoints.build_encoder_from_checkpoint`."""
+    return DINOv3Encoder(resolve_encoder_config(name, **overrides), in_channels=in_channels)

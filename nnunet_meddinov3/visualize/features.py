@@ -35,14 +35,21 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_meddinov3.checkpoints.format import INTENSITY_PRESETS as CHECKPOINT_INTENSITIES
+from nnunet_meddinov3.checkpoints.conversion import hf_config_hints
+from nnunet_meddinov3.checkpoints.converters import infer_encoder_config
+from nnunet_meddinov3.checkpoints.format import METADATA_KEY, CheckpointMetadata, read_safetensors_header
+from nnunet_meddinov3.checkpoints.keys import LayoutError, describe_checkpoint
+from nnunet_meddinov3.checkpoints.loading import fitting_configs, load_encoder_weights, read_source
+from nnunet_meddinov3.checkpoints.registry import registry_entries, resolve_weights
+from nnunet_meddinov3.data.intensity import INTENSITY_PRESETS as CHECKPOINT_INTENSITIES
 from nnunet_meddinov3.data.intensity import preset_from_dict
+from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, PATCH_SIZE, EncoderConfig, build_encoder
 
 DEFAULT_INTENSITY = "ct-meddinov3"
 DEFAULT_FOREGROUND_THRESHOLD = 0.1
 
 # Named conventions for checkpoints that record none; a recorded ``intensity`` dict has the same form
-# (nnunet_meddinov3.checkpoints.format.INTENSITY_FIELDS).
+# (nnunet_meddinov3.data.intensity.INTENSITY_FIELDS).
 INTENSITY_PRESETS: dict[str, dict] = {
     # MedDINOv3's: HU window [-1000, 1000], then a global z-score with the authors' statistics.
     "ct-meddinov3": CHECKPOINT_INTENSITIES["ct-meddinov3"],
@@ -140,12 +147,8 @@ def recorded_metadata(checkpoint: str) -> tuple[dict, str]:
     """What a checkpoint records (``architecture`` or ``encoder``, ``intensity``) and where from:
     the header of a file in this project's safetensors format, else the registry entry of a name.
     ({}, "") when neither records anything."""
-    from nnunet_meddinov3.checkpoints.registry import registry_entries, resolve_weights
-
     path = resolve_weights(checkpoint)
     if path.suffix == ".safetensors":
-        from nnunet_meddinov3.checkpoints.format import METADATA_KEY, CheckpointMetadata, read_safetensors_header
-
         header, _ = read_safetensors_header(path)  # the header only: the weights are read once, by the load
         if METADATA_KEY in header:
             metadata = CheckpointMetadata.from_dict(json.loads(header[METADATA_KEY]))
@@ -158,8 +161,6 @@ def recorded_metadata(checkpoint: str) -> tuple[dict, str]:
 
 def _encoder_from_metadata(metadata: dict):
     """An EncoderConfig (recorded architecture), a config name (registry), or None."""
-    from nnunet_meddinov3.network.encoder import EncoderConfig
-
     if isinstance(metadata.get("architecture"), dict):
         return EncoderConfig(**metadata["architecture"])
     return metadata.get("encoder") or None
@@ -167,8 +168,6 @@ def _encoder_from_metadata(metadata: dict):
 
 def encoder_label(encoder) -> str:
     """A config name, or for a recorded architecture the name of the equal named config if any."""
-    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
-
     if isinstance(encoder, str):
         return encoder
     same = [name for name, config in ENCODER_CONFIGS.items() if config == encoder]
@@ -178,16 +177,10 @@ def encoder_label(encoder) -> str:
 def architecture_from_weights(checkpoint: str):
     """(EncoderConfig, where it came from, the SourceCheckpoint read) for weights that record no architecture:
     inferred from the layout and the tensor shapes, as ``meddinov3 weights info`` does."""
-    from nnunet_meddinov3.checkpoints.converters import LayoutError, infer_encoder_config
-    from nnunet_meddinov3.checkpoints.format import _hf_config_hints
-    from nnunet_meddinov3.checkpoints.loading import describe_checkpoint, fitting_configs, read_source
-    from nnunet_meddinov3.checkpoints.registry import resolve_weights
-    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
-
     path = resolve_weights(checkpoint)
     weights = read_source(path)
     try:
-        config = infer_encoder_config(weights.state, weights.layout, **_hf_config_hints(path))
+        config = infer_encoder_config(weights.state, weights.layout, **hf_config_hints(path))
     except LayoutError as e:
         fits = fitting_configs(describe_checkpoint(weights.state))
         raise FeaturePictureError(
@@ -200,8 +193,6 @@ def architecture_from_weights(checkpoint: str):
 def resolve_conventions(checkpoint: str, encoder: str | None, intensity: str | None) -> Conventions:
     """Recorded conventions first, then the options; an architecture nothing records or names is inferred
     from the weights themselves (never a default guess, which fails on the shapes of any other size)."""
-    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
-
     metadata, source = recorded_metadata(checkpoint)
     recorded_encoder = _encoder_from_metadata(metadata)
     recorded_intensity = metadata.get("intensity")
@@ -330,9 +321,6 @@ def feature_picture(image: str | Path, checkpoint: str, out: str | Path, *, slic
     Raises :class:`FeaturePictureError` for bad inputs and
     :class:`~nnunet_meddinov3.checkpoints.CheckpointMismatchError` when the weights do not fit.
     """
-    from nnunet_meddinov3.checkpoints import load_encoder_weights
-    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, PATCH_SIZE, build_encoder
-
     if size <= 0 or size % PATCH_SIZE:
         raise FeaturePictureError(f"--size {size} is not a positive multiple of {PATCH_SIZE} (the ViT patch); "
                                   f"try {max(PATCH_SIZE, round(size / PATCH_SIZE) * PATCH_SIZE)}")

@@ -267,7 +267,7 @@ class PretrainConfig:
         return self.crops.gram_teacher_sizes or [2 * s for s in self.crops.global_sizes]
 
     def validate(self) -> PretrainConfig:
-        from nnunet_meddinov3.checkpoints.format import INTENSITY_FIELDS, validate_intensity
+        from nnunet_meddinov3.data.intensity import INTENSITY_FIELDS, validate_intensity
         from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
 
         def check(ok: bool, message: str) -> None:

@@ -18,6 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunet_meddinov3.checkpoints.loading import load_encoder_weights
+from nnunet_meddinov3.network.encoder import DINOv3Encoder
+
+from ..model import encoder_state_from_training_checkpoint
+
 CHECKPOINT_FORMAT = "nnunet-meddinov3-pretrain/1"
 _NAME = re.compile(r"^checkpoint_(\d{8})\.pt$")
 
@@ -170,3 +175,13 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, st
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(module, optimizer, state, options=_options())
+
+
+def load_gram_teacher(gram_teacher: DINOv3Encoder, source: str | os.PathLike) -> None:
+    """Load any earlier checkpoint into the Gram teacher: one of our training checkpoints (its
+    EMA teacher's backbone), an export, or released weights (strictly, any DINOv3 layout)."""
+    if is_training_checkpoint(source):
+        state = encoder_state_from_training_checkpoint(read_training_checkpoint(source))
+        load_encoder_weights(gram_teacher, state)
+    else:
+        load_encoder_weights(gram_teacher, str(source))

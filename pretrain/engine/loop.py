@@ -10,6 +10,7 @@ sub-network, and AdamW steps; the teacher follows by EMA.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import signal
@@ -28,7 +29,6 @@ from ..model import (
     build_student_and_teacher,
     copy_teacher_into_gram,
     gram_teacher_patch_features,
-    load_gram_teacher,
     load_released_weights,
     update_ema,
 )
@@ -49,6 +49,8 @@ from .head_warmup import HeadWarmup
 from .monitors import CollapseMonitor, collapse_statistics
 from .probe_curve import ProbeCurve
 from .progress import ProgressReporter
+
+logger = logging.getLogger(__name__)
 
 FINISHED = "finished"  # reached train.iterations
 PAUSED = "paused"  # stopped early by train.max_iterations or SIGTERM, with a checkpoint to resume from
@@ -258,7 +260,7 @@ class Trainer:
             raise ConfigError(f"gram.teacher '{source}' refers to the previous stage of a chain; for a single "
                              "stage give a checkpoint path (gram.teacher=RUN/checkpoints/checkpoint_N.pt) or 'ema'")
         else:
-            load_gram_teacher(self.gram_teacher, source)
+            ckpt.load_gram_teacher(self.gram_teacher, source)
             self.gram_source = str(source)
 
     def _warn_config_changes(self, saved: dict) -> None:
@@ -266,8 +268,8 @@ class Trainer:
         now, saved = _flatten(self.config.to_dict()), _flatten(saved)
         changed = [k for k, v in now.items() if k not in volatile and saved.get(k) != v]
         if changed and self.context.is_main:
-            print(f"warning: resuming with a config that differs from the checkpoint's in {', '.join(changed)}; "
-                  "the run will not reproduce an uninterrupted one", flush=True)
+            logger.warning("resuming with a config that differs from the checkpoint's in %s; the run will not "
+                           "reproduce an uninterrupted one", ", ".join(changed))
 
     def _load_state(self, state: dict) -> None:
         ckpt.load_model_state(self.student, state["student"])
@@ -288,8 +290,8 @@ class Trainer:
         if len(rng) == self.context.world_size:
             ckpt.restore_rng_state(rng[self.context.rank])
         elif self.context.is_main:
-            print(f"warning: the checkpoint was written by {len(rng)} processes, this run has "
-                  f"{self.context.world_size}; RNG states are re-seeded (not bit-exact)", flush=True)
+            logger.warning("the checkpoint was written by %d processes, this run has %d; RNG states are re-seeded "
+                           "(not bit-exact)", len(rng), self.context.world_size)
 
     # --- checkpoints -----------------------------------------------------------------------------
 

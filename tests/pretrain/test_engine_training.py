@@ -208,7 +208,7 @@ def test_losses_are_computed_in_fp32_under_bf16_autocast():
         torch.testing.assert_close(terms[key], value, rtol=1e-6, atol=1e-6)
 
 
-def test_loss_plot_drawn_once_per_occasion_and_resume_names_changed_settings(data, tmp_path, monkeypatch, capsys):
+def test_loss_plot_drawn_once_per_occasion_and_resume_names_changed_settings(data, tmp_path, monkeypatch, caplog):
     from pretrain.engine.progress import ProgressReporter
 
     drawn = []
@@ -220,11 +220,12 @@ def test_loss_plot_drawn_once_per_occasion_and_resume_names_changed_settings(dat
     assert (tmp_path / "run" / "loss_curves.png").is_file()
 
     drawn.clear()
-    capsys.readouterr()
-    resumed = train(tiny(data, *run, "optim.lr=0.5", "data.num_workers=1"), tmp_path / "run", resume=True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pretrain.engine.loop"):
+        resumed = train(tiny(data, *run, "optim.lr=0.5", "data.num_workers=1"), tmp_path / "run", resume=True)
     assert resumed.status == FINISHED
     assert len(drawn) == 1
-    warning = next(line for line in capsys.readouterr().out.splitlines() if "differs from the checkpoint" in line)
+    warning = next(r.getMessage() for r in caplog.records if "differs from the checkpoint" in r.getMessage())
     assert "optim.lr" in warning and "train.max_iterations" not in warning and "data.num_workers" not in warning
 
 

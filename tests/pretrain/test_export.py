@@ -6,7 +6,7 @@ import torch
 from pretrain_synthetic import ct_volume, write_nifti
 
 from nnunet_meddinov3.checkpoints import read_checkpoint, registry_entries
-from nnunet_meddinov3.network.encoder import build_encoder
+from nnunet_meddinov3.checkpoints import build_encoder
 from pretrain.cli import main
 from pretrain.data import SliceDataset
 from pretrain.engine.checkpoint import list_checkpoints, read_training_checkpoint

@@ -1,0 +1,254 @@
+"""Measurement, worker side: peak memory, step times and FLOPs of one configuration, in its own process.
+
+What one step is, for each network as its trainer runs it:
+
+- training: ``zero_grad``, forward, the loss, backward, ``clip_grad_norm_(12)``, optimiser step,
+  ``loss.item()``: the step of nnU-Net's ``nnUNetTrainer.train_step`` (which our trainer keeps),
+  run the same way for all three networks so that they are timed alike. The nnU-Net network trains
+  with deep supervision against targets made once outside the timing, as nnU-Net's data loader
+  makes them; the other two have one output.
+- inference: ``eval()``, ``torch.no_grad()`` forward; the nnU-Net network without deep
+  supervision, as nnU-Net's predictor builds it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch.utils import flop_counter
+
+from nnunet_meddinov3.benchmark.baseline import NNUNetParts, plan_2d
+from nnunet_meddinov3.benchmark.configs import BenchConfig
+from nnunet_meddinov3.benchmark.factories import CompiledBlocks, build_network, build_optimizer
+from nnunet_meddinov3.benchmark.reference import REFERENCE_EFFECTIVE_DTYPE_CUDA, import_reference
+
+GRAD_CLIP_NORM = 12.0  # nnUNetTrainer.train_step: clip_grad_norm_(..., 12)
+
+
+def _current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA allocator peak, or CPU peak-RSS growth since ``start()``."""
+
+    def __init__(self, device):
+        self.device = device
+        self.rss_start = 0
+
+    def start(self) -> None:
+        if self.device.type == "cpu":
+            current = _current_rss_bytes()
+            self.rss_start = current if current is not None else _peak_rss_bytes()
+
+    def new_phase(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return max(0, _peak_rss_bytes() - self.rss_start)
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], object], device, warmup: int, repeats: int,
+               after_warmup: Callable[[], object] | None = None) -> list[float]:
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    if after_warmup is not None:
+        after_warmup()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def count_flops(step: Callable[[], object]) -> int:
+    """FLOPs of one call of ``step`` (matmuls, convolutions and attention; not elementwise ops)."""
+    # The CPU fused attention kernels have no registered formula; give them the SDPA ones.
+    custom = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    cpu_sdpa_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if cpu_sdpa is not None:
+        custom[cpu_sdpa] = lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v)
+    if cpu_sdpa_backward is not None:
+        custom[cpu_sdpa_backward] = (lambda g, q, k, v, *a, out_shape=None, **kw:
+                                     flop_counter.sdpa_backward_flop_count(g, q, k, v))
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def grad_scaler_report(scale_before: float, scale_after: float) -> dict:
+    """GradScaler scale around the timed steps. Each step with inf/NaN gradients halves the scale and
+    skips the optimiser step (a cheaper step); the scale grows only after 2000 clean steps, so over
+    fewer timed steps the halvings count the skipped ones."""
+    skipped = round(math.log2(scale_before / scale_after)) if 0 < scale_after < scale_before else 0
+    return {"scale_before_timing": scale_before, "scale_after_timing": scale_after, "skipped_timed_steps": skipped}
+
+
+def _phase_result(times: list[float], batch_size: int, peak: int) -> dict:
+    median = statistics.median(times)
+    return {"median_step_s": median, "step_times_s": times, "images_per_s": batch_size / median,
+            "peak_memory_bytes": peak, "flops_per_step": None}
+
+
+def _out_of_memory(error: BaseException) -> dict:
+    return {"error": f"out of memory: {str(error).splitlines()[0]}"}
+
+
+def measure(config: BenchConfig, nnunet_plan: dict | None = None) -> dict:
+    """Build the configuration's network and time inference then training; one process per call.
+
+    ``nnunet_plan`` is :func:`~nnunet_meddinov3.benchmark.baseline.plan_2d`'s answer for the
+    configuration (planned here when not given; the parent plans once per patch size).
+    """
+    if config.is_reference:
+        import_reference(config.reference_repo)
+    device = torch.device(config.device)
+    if nnunet_plan is None:
+        nnunet_plan = plan_2d(config.patch_size, config.num_classes, config.input_channels,
+                              require_patch=config.is_baseline)
+    # nnU-Net's trainer (loss, optimiser, targets), built before the memory baseline: it holds no tensors
+    parts = NNUNetParts.build(nnunet_plan, device, deep_supervision=config.is_baseline)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training and predictor set it
+    memory = PeakMemory(device)
+    memory.start()
+
+    model = build_network(config, parts).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    images = torch.randn(config.batch_size, config.input_channels, config.patch_size, config.patch_size,
+                         device=device)
+    labels = torch.randint(0, config.num_classes, (config.batch_size, 1, config.patch_size, config.patch_size),
+                           device=device)
+    # as nnU-Net's data loader makes them, once, outside the timing
+    targets = parts.deep_supervision_targets(labels) if config.is_baseline else labels
+    loss_fn = parts.loss
+
+    # MedDINOv3Net autocasts itself; the other two need the caller's autocast, as in nnU-Net's train_step.
+    # The reference on CUDA: fp16 autocast + GradScaler, as its nnU-Net trainer, whatever config.dtype says.
+    on_cuda = device.type == "cuda"
+    autocast_dtype, scaler = None, None
+    if config.is_reference:
+        effective_dtype = REFERENCE_EFFECTIVE_DTYPE_CUDA if on_cuda else "fp32"
+        if on_cuda:
+            autocast_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
+    else:
+        use_bf16 = on_cuda and config.dtype == "bf16"
+        effective_dtype = "bf16" if use_bf16 or config.runs_cpu_bf16 else "fp32"
+        if use_bf16 and config.is_baseline:
+            autocast_dtype = torch.bfloat16
+
+    def precision():
+        return torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+
+    eager_model, run_model, compiled_blocks = model, model, None
+    if config.compile == "network":
+        run_model = torch.compile(model)
+    elif config.compile == "encoder" and config.is_reference:
+        compiled_blocks = CompiledBlocks(model.dino_encoder)
+    elif config.compile == "encoder" and not config.is_baseline:
+        compiled_blocks = CompiledBlocks(model.encoder.vit)
+
+    def set_deep_supervision(enabled: bool) -> None:
+        if config.is_baseline:
+            model.decoder.deep_supervision = enabled
+
+    def infer_step(net=None):
+        with precision():
+            return (run_model if net is None else net)(images)
+
+    optimizer = None
+
+    def train_step(net=None):
+        optimizer.zero_grad(set_to_none=True)
+        with precision():
+            loss = loss_fn((run_model if net is None else net)(images), targets)
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+            optimizer.step()
+        else:  # nnUNetTrainer.train_step with its GradScaler
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+            scaler.step(optimizer)
+            scaler.update()
+        return loss.item()
+
+    result = {"label": config.label, "config": dataclasses.asdict(config), "parameters": n_params,
+              "effective_dtype": effective_dtype}
+
+    # Inference first: on CPU the peak RSS only grows, and training's peak is the larger one.
+    model.eval()
+    set_deep_supervision(False)
+    memory.new_phase()
+    try:
+        with torch.no_grad():
+            times = time_steps(infer_step, device, config.warmup, config.repeats)
+        result["inference"] = _phase_result(times, config.batch_size, memory.peak_bytes())
+    except torch.OutOfMemoryError as e:
+        result["inference"] = _out_of_memory(e)
+
+    model.train()
+    set_deep_supervision(True)
+    memory.new_phase()
+    try:
+        optimizer = build_optimizer(model, config, parts)
+        scale_before = []
+        times = time_steps(train_step, device, config.warmup, config.repeats,
+                           after_warmup=(lambda: scale_before.append(scaler.get_scale())) if scaler else None)
+        result["training"] = _phase_result(times, config.batch_size, memory.peak_bytes())
+        if scaler is not None:
+            result["training"]["grad_scaler"] = grad_scaler_report(scale_before[0], scaler.get_scale())
+    except torch.OutOfMemoryError as e:
+        result["training"] = _out_of_memory(e)
+
+    # FLOPs last (the counting step allocates like a real one), on the eager modules.
+    peak_tflops = config.peak_tflops if device.type == "cuda" else None
+    with compiled_blocks.eager() if compiled_blocks else contextlib.nullcontext():
+        for phase, step, training in (("inference", infer_step, False), ("training", train_step, True)):
+            if "error" in result[phase]:
+                continue
+            model.train(training)
+            set_deep_supervision(training)
+            try:
+                with torch.enable_grad() if training else torch.no_grad():
+                    flops = count_flops(lambda: step(eager_model))
+            except torch.OutOfMemoryError:
+                continue
+            result[phase]["flops_per_step"] = flops
+            if peak_tflops:
+                result[phase]["mfu"] = flops / result[phase]["median_step_s"] / (peak_tflops * 1e12)
+    return result

@@ -1,0 +1,132 @@
+"""The results: ratios between entries, the environment, the JSON report and the table."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+import torch
+
+from nnunet_meddinov3.benchmark.configs import BASELINE, OURS, REFERENCE
+
+def _ratio(numerator, denominator):
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def add_baseline_ratios(results: list[dict]) -> None:
+    """Each MedDINOv3Net or reference entry gets throughput and memory ratios to the baseline of its
+    patch/batch/device/dtype."""
+    def key(r):
+        c = r["config"]
+        return c["patch_size"], c["batch_size"], c["device"], c["dtype"]
+
+    baselines = {key(r): r for r in results if r["config"]["network"] == BASELINE}
+    for r in results:
+        base = baselines.get(key(r))
+        if r["config"]["network"] == BASELINE or base is None:
+            continue
+        ratios = {}
+        for phase in ("training", "inference"):
+            ours, theirs = r.get(phase, {}), base.get(phase, {})
+            ratios[f"{phase}_throughput"] = _ratio(ours.get("images_per_s"), theirs.get("images_per_s"))
+            ratios[f"{phase}_memory"] = _ratio(ours.get("peak_memory_bytes"), theirs.get("peak_memory_bytes"))
+        r["ratios_to_baseline"] = ratios
+
+
+def add_reference_ratios(results: list[dict]) -> None:
+    """Each of our entries with a reference entry of the same encoder, decoder, patch, batch and device
+    gets ``ratios_to_reference``, ours / the reference's: throughput (>1: ours faster), training step
+    time (<1: ours faster) and peak memory (>1: ours uses more)."""
+    def key(r):
+        c = r["config"]
+        return c["encoder"], c["decoder"], c["patch_size"], c["batch_size"], c["device"]
+
+    references = {key(r): r for r in results if r["config"]["network"] == REFERENCE}
+    for r in results:
+        reference = references.get(key(r))
+        if r["config"]["network"] != OURS or reference is None:
+            continue
+        ours, theirs = {p: r.get(p, {}) for p in ("training", "inference")}, \
+            {p: reference.get(p, {}) for p in ("training", "inference")}
+        r["ratios_to_reference"] = {
+            "training_throughput": _ratio(ours["training"].get("images_per_s"),
+                                          theirs["training"].get("images_per_s")),
+            "training_step_time": _ratio(ours["training"].get("median_step_s"),
+                                         theirs["training"].get("median_step_s")),
+            "training_memory": _ratio(ours["training"].get("peak_memory_bytes"),
+                                      theirs["training"].get("peak_memory_bytes")),
+            "inference_throughput": _ratio(ours["inference"].get("images_per_s"),
+                                           theirs["inference"].get("images_per_s")),
+            "inference_memory": _ratio(ours["inference"].get("peak_memory_bytes"),
+                                       theirs["inference"].get("peak_memory_bytes")),
+        }
+
+
+def environment(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads()}
+    for module in ("timm", "nnunetv2"):
+        try:
+            info[module] = __import__(module).__version__
+        except (ImportError, AttributeError):
+            pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def write_report(path: str | os.PathLike, results: list[dict], meta: dict) -> None:
+    """Write the JSON report; replaced in one step, so a run killed mid-write leaves the last one."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    os.replace(partial, path)
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_table(results: list[dict]) -> str:
+    header = ("network", "patch", "bs", "train img/s", "x nnU", "x ref", "train MiB", "x nnU", "infer img/s",
+              "x nnU", "infer MiB", "x nnU", "GFLOP/img", "MFU train")
+    rows = []
+    for r in results:
+        c = r["config"]
+        train, infer = r.get("training", {}), r.get("inference", {})
+        ratios = r.get("ratios_to_baseline", {})
+        flops = train.get("flops_per_step")
+        mib = 1024 ** 2
+        rows.append((
+            r["label"], str(c["patch_size"]), str(c["batch_size"]),
+            _fmt(train.get("images_per_s"), ".2f", "ERR" if "error" in train else "-"),
+            _fmt(ratios.get("training_throughput"), ".2f"),
+            _fmt(r.get("ratios_to_reference", {}).get("training_throughput"), ".2f"),
+            _fmt(None if train.get("peak_memory_bytes") is None else train["peak_memory_bytes"] / mib, ".0f"),
+            _fmt(ratios.get("training_memory"), ".2f"),
+            _fmt(infer.get("images_per_s"), ".2f", "ERR" if "error" in infer else "-"),
+            _fmt(ratios.get("inference_throughput"), ".2f"),
+            _fmt(None if infer.get("peak_memory_bytes") is None else infer["peak_memory_bytes"] / mib, ".0f"),
+            _fmt(ratios.get("inference_memory"), ".2f"),
+            _fmt(None if flops is None else flops / c["batch_size"] / 1e9, ".1f"),
+            _fmt(None if train.get("mfu") is None else 100 * train["mfu"], ".1f"),
+        ))
+        if "error" in r:
+            rows[-1] = (r["label"], str(c["patch_size"]), str(c["batch_size"]),
+                        "ERROR: " + r["error"].splitlines()[0], *[""] * (len(header) - 4))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    lines.append("x nnU: ratio to the nnU-Net PlainConvUNet of the same patch and batch (throughput: >1 is "
+                 "faster; memory: >1 is more). GFLOP/img: training step (fwd+bwd) per image. MFU: CUDA only.")
+    lines.append("x ref: our training throughput over the MedDINOv3 reference's (--reference-repo) of the same "
+                 "encoder, decoder, patch and batch (>1: ours faster); on CUDA the reference runs fp16 autocast + "
+                 "GradScaler, as its trainer.")
+    return "\n".join(lines)

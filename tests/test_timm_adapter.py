@@ -1,0 +1,134 @@
+"""The timm adapter's assumptions hold for the installed timm (run on every timm the pin allows).
+
+Each test pins down one thing the adapter takes from timm's internals; a timm release that changes
+it fails here, by name, rather than as a silent numerical drift somewhere else.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from packaging.specifiers import SpecifierSet
+from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+from timm.models.eva import EvaBlock
+
+from nnunet_meddinov3.network import timm_adapter
+from nnunet_meddinov3.network.encoder import BatchSubsetStochasticDepthBlock, RoundToDtype, build_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_installed_timm_is_in_the_tested_range_and_pyproject_pins_that_range():
+    assert timm.__version__ in SpecifierSet(timm_adapter.TESTED_TIMM)
+    dependencies = re.search(r"dependencies = \[(.*?)\n\]", (ROOT / "pyproject.toml").read_text(), re.S).group(1)
+    pins = re.findall(r'"timm([^"]*)"', dependencies)
+    assert pins == [timm_adapter.TESTED_TIMM]
+
+
+def test_no_private_timm_name_outside_the_adapter():
+    """Attribute names with a leading underscore read off timm objects, and class swaps, appear
+    only in the adapter. The check is lexical: ``x._name`` where the file imports timm."""
+    offenders = []
+    for package in ("nnunet_meddinov3", "pretrain"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name == "timm_adapter.py":
+                continue
+            text = path.read_text(encoding="utf-8")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.Attribute) and node.attr in ("_pos_embed", "_create_embed",
+                                                                     "_apply_coord_augs", "_compute_periods"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+                if isinstance(node, ast.Attribute) and node.attr == "__class__" and isinstance(node.ctx, ast.Store):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} __class__ assignment")
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("config", ["tiny", "meddinov3_tiny"])  # fp32 and bf16 RoPE
+def test_the_token_path_is_timms_forward_features_bit_for_bit(config):
+    torch.manual_seed(0)
+    encoder = build_encoder(config, in_channels=1).eval()
+    x = torch.randn(2, 1, 48, 32)
+    with torch.no_grad():
+        ours = encoder.forward_tokens(x)
+        timms = encoder.vit.forward_features(x)
+    n_prefix = 1 + encoder.config.n_storage_tokens
+    assert torch.equal(ours["x_norm_clstoken"], timms[:, 0])
+    assert torch.equal(ours["x_storage_tokens"], timms[:, 1:n_prefix])
+    assert torch.equal(ours["x_norm_patchtokens"], timms[:, n_prefix:])
+
+
+def test_embed_tokens_hook_sees_the_patch_grid_and_changes_only_patches():
+    encoder = build_encoder("tiny", in_channels=1).eval()
+    x = torch.randn(1, 1, 32, 48)
+    seen = []
+
+    def hook(patches):
+        seen.append(tuple(patches.shape))
+        return torch.zeros_like(patches)
+
+    with torch.no_grad():
+        plain, rope = timm_adapter.embed_tokens(encoder.vit, x)
+        zeroed, rope_again = timm_adapter.embed_tokens(encoder.vit, x, hook)
+    assert seen == [(1, 2, 3, encoder.embed_dim)]
+    n_prefix = 1 + encoder.config.n_storage_tokens
+    assert plain.shape == (1, n_prefix + 6, encoder.embed_dim)
+    assert torch.equal(plain[:, :n_prefix], zeroed[:, :n_prefix]) and not zeroed[:, n_prefix:].any()
+    assert torch.equal(rope, rope_again) and rope.shape[0] == 6
+
+
+def test_block_class_swap_keeps_parameters_and_refuses_foreign_classes():
+    encoder = build_encoder("tiny", in_channels=1)
+    assert all(type(b) is BatchSubsetStochasticDepthBlock for b in encoder.vit.blocks)
+    fresh = build_encoder("tiny", in_channels=1)
+    assert fresh.state_dict().keys() == encoder.state_dict().keys()
+    with pytest.raises(TypeError, match="EvaBlock"):
+        timm_adapter.replace_block_class(encoder.vit, torch.nn.Identity)
+    assert issubclass(BatchSubsetStochasticDepthBlock, EvaBlock)
+    block = encoder.vit.blocks[0]
+    for name in ("attn", "norm1", "norm2", "mlp", "gamma_1", "gamma_2"):  # what the subclass's forward uses
+        assert hasattr(block, name), name
+
+
+def test_qk_norm_is_applied_by_timms_attention():
+    """RoundToDtype only works if timm's attention calls q_norm/k_norm: a bf16 RoPE encoder must
+    then differ from the same weights with identity norms."""
+    torch.manual_seed(0)
+    # layer scale 1 so that attention shows in the output (the default 1e-5 hides it at fp32 precision)
+    bf16 = build_encoder("meddinov3_tiny", in_channels=1, layer_scale_init=1.0).eval()
+    assert all(isinstance(b.attn.q_norm, RoundToDtype) and isinstance(b.attn.k_norm, RoundToDtype)
+               for b in bf16.vit.blocks)
+    plain = build_encoder("meddinov3_tiny", in_channels=1, layer_scale_init=1.0).eval()
+    plain.load_state_dict(bf16.state_dict())
+    timm_adapter.replace_qk_norm(plain.vit, torch.nn.Identity)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(bf16.forward_tokens(x)["x_norm_patchtokens"], plain.forward_tokens(x)["x_norm_patchtokens"])
+
+
+def test_periods_rope_matches_timms_layout_with_timms_periods():
+    """With timm's own fp32 periods our ``_create_embed`` gives timm's table: same sin/cos layout."""
+    timms = RotaryEmbeddingDinoV3(dim=16, temperature=100.0, normalize_coords="separate", rotate_half=True)
+    ours = timm_adapter.PeriodsRotaryEmbedding(dim=16, periods=timms.periods.clone(), dtype=torch.float32,
+                                               temperature=100.0, normalize_coords="separate", rotate_half=True)
+    assert "periods" in dict(ours.named_buffers()) and "periods" in ours.state_dict()
+    torch.testing.assert_close(ours.get_embed(shape=(3, 5)), timms.get_embed(shape=(3, 5)), rtol=1e-6, atol=1e-6)
+
+
+def test_coordinate_rescaling_uses_timms_augmentation_in_training_only():
+    rope = build_encoder("tiny", in_channels=1).vit.rope
+    rope.set_coordinate_rescaling(2.0)
+    assert rope.aug_active and rope.rescale_coords == 2.0
+    rope.eval()
+    assert torch.equal(rope.get_embed(shape=(4, 4)), rope.get_embed(shape=(4, 4)))
+    rope.train()
+    torch.manual_seed(0)
+    tables = [rope.get_embed(shape=(4, 4)) for _ in range(3)]
+    assert not torch.equal(tables[0], tables[1])
+    rope.set_coordinate_rescaling(None)
+    assert not rope.aug_active
+    with pytest.raises(ValueError, match=">= 1"):
+        rope.set_coordinate_rescaling(0.5)

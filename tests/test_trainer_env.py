@@ -194,7 +194,7 @@ def test_an_override_stays_with_the_run_it_changed(nnunet_folders, monkeypatch):
 
 
 def test_the_weights_source_is_recorded(nnunet_folders, monkeypatch, fixtures, tmp_path):
-    from nnunet_meddinov3.checkpoints.format import convert_checkpoint
+    from nnunet_meddinov3.checkpoints.conversion import convert_checkpoint
 
     converted = tmp_path / "tiny.safetensors"
     convert_checkpoint(fixtures / "meddino_tiny_teacher.pth", converted, encoder="meddinov3_tiny")
@@ -302,7 +302,7 @@ def test_the_demo_gives_every_trainer_its_budget_as_the_recorded_override(monkey
 
 def test_the_log_says_whether_the_plans_normalise_as_the_weights_were_pretrained(nnunet_folders, monkeypatch,
                                                                                    fixtures, tmp_path):
-    from nnunet_meddinov3.checkpoints.format import convert_checkpoint
+    from nnunet_meddinov3.checkpoints.conversion import convert_checkpoint
     from nnunet_meddinov3.data.intensity import MEDDINOV3_CT, nnunet_ct_properties
     from nnunet_meddinov3.training import trainer as trainers
 

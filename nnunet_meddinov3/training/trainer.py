@@ -17,6 +17,7 @@ sha256 are recorded) and for the recorded recipe override.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_meddinov3.checkpoints import load_encoder_weights, resolve_weights
 from nnunet_meddinov3.checkpoints.conventions import recorded_intensity
+from nnunet_meddinov3.checkpoints.format import METADATA_KEY, file_sha256, read_safetensors_header
 from nnunet_meddinov3.checkpoints.registry import WEIGHTS_ENV
 from nnunet_meddinov3.data.intensity import compare_with_nnunet
 from nnunet_meddinov3.network import MedDINOv3Net
@@ -394,16 +396,12 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
 def describe_weights(requested: str, origin: str, path: Path, layout: str) -> dict:
     """What a run's encoder started from: the name as given, where it came from, the resolved file,
     its sha256 (a DCP folder has none), and for this project's format the header's provenance."""
-    from nnunet_meddinov3.checkpoints.format import METADATA_KEY, file_sha256, read_safetensors_header
-
     path = Path(path).resolve()
     record = {"requested": str(requested), "from": origin, "path": str(path), "layout": layout,
               "sha256": file_sha256(path) if path.is_file() else None}
     if path.is_dir() and (path / ".metadata").is_file():  # a dinov3 DCP folder: its index names every shard
         record["metadata_file_sha256"] = file_sha256(path / ".metadata")
     if path.suffix == ".safetensors":
-        import json
-
         header, _ = read_safetensors_header(path)
         if METADATA_KEY in header:
             meta = json.loads(header[METADATA_KEY])

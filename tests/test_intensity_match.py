@@ -50,7 +50,7 @@ def nnunet_env(tmp_path_factory):
 def _plan(env, root, *extra, plans_name):
     proc = subprocess.run(["meddinov3", "plan_and_preprocess", "-d", "511", "-c", "2d", "-np", "1",
                            "--target-patch", "0", "--plans-name", plans_name, *extra],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+                          env=env, cwd=root, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     plans = json.loads((root / "pre" / "Dataset511_SyntheticCT" / f"{plans_name}.json").read_text())
     return proc.stdout, plans
@@ -99,7 +99,7 @@ def test_planner_keeps_nnunet_statistics_by_default_or_when_nothing_matches(nnun
 
     proc = subprocess.run(["meddinov3", "plan_and_preprocess", "-d", "511", "--no-preprocess",
                            "--intensity-from", str(tmp_path / "missing.safetensors")],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+                          env=env, cwd=root, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--intensity-from none" in proc.stderr
 

@@ -148,7 +148,10 @@ def run(args) -> int:
         code = _step("Pretrain the tiny encoder", [
             sys.executable, "-m", "pretrain", "train", "--config", "tiny_stage1", "--data", str(raw), "--output",
             str(run_dir), "--resume", f"train.iterations={args.pretrain_iterations}", "train.checkpoint_every=0",
-            f"data.exclude_test_images_of=[{raw}]", f"data.exclude_case_ids=[{', '.join(validation)}]"], env, logs,
+            f"data.exclude_test_images_of=[{raw}]", f"data.exclude_case_ids=[{', '.join(validation)}]",
+            # nnU-Net's normalisation of this dataset, so fine-tuning sees what pretraining saw
+            "data.intensity.kind=nnunet",
+            f"data.intensity.plans={Path(env['nnUNet_preprocessed']) / DATASET_NAME / 'nnUNetPlans.json'}"], env, logs,
             ok_codes=(0, PRETRAIN_STOPPED_COLLAPSE))
         if code == PRETRAIN_STOPPED_COLLAPSE:
             print("    the collapse monitor stopped pretraining (see the log); the demo goes on with the checkpoint "

@@ -27,15 +27,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from nnunet_meddinov3.cli.datasets import NO_TRAINED_DATASETS, DatasetNotFound, find_dataset, is_dataset_reference
+    from nnunet_meddinov3.cli.datasets import trained_dataset_is_known
     from nnunet_meddinov3.evaluation.compare import CompareError, compare_trainers, format_report, write_outputs
 
-    if not is_dataset_reference(args.dataset):  # 'Liver': say which trained datasets exist
-        try:
-            find_dataset(args.dataset, ("nnUNet_results",), NO_TRAINED_DATASETS)
-        except DatasetNotFound as e:
-            print(f"meddinov3 compare: error: {e}", file=sys.stderr)
-            return 1
+    if not trained_dataset_is_known("compare", args.dataset):  # 'Liver': the trained datasets are named
+        return 1
 
     if args.nsd_tolerance is not None and args.nsd_tolerance < 0:
         print("meddinov3 compare: error: --nsd-tolerance must be >= 0 mm", file=sys.stderr)

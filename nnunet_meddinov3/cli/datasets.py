@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 DATASET_FOLDER = re.compile(r"Dataset(\d{3})_.+")
@@ -44,3 +45,16 @@ def find_dataset(value: str, folder_envs: tuple[str, ...], none_found: str = NO_
             f"'{text}' is neither a dataset id (e.g. 501) nor a full dataset name (DatasetXXX_Name)")
     there = f"datasets there: {', '.join(known)}" if known else none_found
     raise DatasetNotFound(f"{what} ({where}); {there}")
+
+
+def trained_dataset_is_known(command: str, dataset: str) -> bool:
+    """False, after saying which trained datasets exist, when ``dataset`` is neither an id nor a
+    DatasetXXX_Name ('Liver') and names none of them; True otherwise (nnU-Net resolves the rest)."""
+    if is_dataset_reference(dataset):
+        return True
+    try:
+        find_dataset(dataset, ("nnUNet_results",), NO_TRAINED_DATASETS)
+    except DatasetNotFound as e:
+        print(f"meddinov3 {command}: error: {e}", file=sys.stderr)
+        return False
+    return True

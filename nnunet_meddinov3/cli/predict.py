@@ -76,16 +76,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from nnunet_meddinov3.cli.datasets import NO_TRAINED_DATASETS, DatasetNotFound, find_dataset, is_dataset_reference
+    from nnunet_meddinov3.cli.datasets import trained_dataset_is_known
     from nnunet_meddinov3.cli.env import ext_trainer_value
     from nnunet_meddinov3.inference.clinical import PredictError, find_model_folder, predict_cases
 
-    if not is_dataset_reference(args.dataset):  # 'Liver': say which trained datasets exist
-        try:
-            find_dataset(args.dataset, ("nnUNet_results",), NO_TRAINED_DATASETS)
-        except DatasetNotFound as e:
-            print(f"meddinov3 predict: error: {e}", file=sys.stderr)
-            return 2
+    if not trained_dataset_is_known("predict", args.dataset):  # 'Liver': the trained datasets are named
+        return 2
 
     # nnU-Net finds our trainers only through nnUNet_extTrainer: add our folder for this process.
     os.environ["nnUNet_extTrainer"] = ext_trainer_value(os.environ.get("nnUNet_extTrainer"))

@@ -47,34 +47,21 @@ def parse_flag(text: str) -> bool:
 parse_flag.__name__ = "boolean (true/false, 1/0)"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
+def _at_least(cast, low, name: str):
+    """A parser of ``cast`` values >= ``low`` (``not >=`` also refuses nan), named for error messages."""
+    def parse(text: str):
+        value = cast(text)
+        if not value >= low:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-_positive_int.__name__ = "integer >= 1"
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-_non_negative_int.__name__ = "integer >= 0"
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise ValueError(text)
-    return value
-
-
-_non_negative_float.__name__ = "number >= 0"
+_positive_int = _at_least(int, 1, "integer >= 1")
+_non_negative_int = _at_least(int, 0, "integer >= 0")
+_non_negative_float = _at_least(float, 0, "number >= 0")
 
 
 def _decay(text: str) -> float:

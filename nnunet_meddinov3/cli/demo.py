@@ -38,8 +38,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iterations", type=int, default=25, help="iterations per epoch (default 25)")
     parser.add_argument("--num-train", type=int, default=16, help="synthetic training cases (default 16)")
     parser.add_argument("--num-test", type=int, default=6, help="synthetic held-out test cases (default 6)")
-    parser.add_argument("--pretrain-iterations", type=int, default=600,
-                        help="iterations of the tiny self-distillation pretraining (default 600; 0 skips pretraining)")
+    parser.add_argument("--pretrain-iterations", type=int, default=1500,
+                        help="iterations of the tiny self-distillation pretraining (default 1500; 0 skips pretraining)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="device for pretraining, training and prediction (default cpu)")
     parser.add_argument("--quick", action="store_true",

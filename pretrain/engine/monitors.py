@@ -26,9 +26,10 @@ from ..configs.schema import MonitorConfig
 HINTS = {
     "uniform": "the teacher's targets are uniform and the student only matches them, so DINO and iBOT teach "
                "nothing more from here (the features may still be of use: meddinov3 probe on the saved checkpoint "
-               "tells). Try a longer optim.warmup_iterations and optim.freeze_last_layer_iterations, keep the teacher sharp "
-               "for longer (loss.teacher_temp_warmup_iterations), check that the images differ more between slices "
-               "than between two crops of one slice, or start from released weights (init.weights=...)",
+               "tells). Try a sharper teacher (loss.teacher_temp_start/end; tiny_stage1 holds 0.01) and keep it sharp for "
+               "longer (loss.teacher_temp_warmup_iterations), milder views (crops.global_scale, augment.*), a longer "
+               "optim.warmup_iterations and optim.freeze_last_layer_iterations; check that the images differ more "
+               "between slices than between two crops of one slice, or start from released weights (init.weights=...)",
     "constant": "every image gets almost the same CLS feature. Check that the slices are not all alike (data.roots, "
                 "the intensity preset), or raise model.layer_scale_init",
     "concentration": "the teacher puts the batch on a few prototypes. Check loss.sinkhorn_iterations and the "

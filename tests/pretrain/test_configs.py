@@ -153,10 +153,15 @@ def test_crop_sizes_are_checked_against_the_encoders_patch_size(monkeypatch):
 def test_augmentation_is_configurable_and_checked():
     from pretrain.engine.data import build_augmentations
 
-    config = load_config("tiny_stage1", ["augment.window_p=0", "augment.contrast=[0.8, 1.2]", "augment.solarize_p=0"])
+    augmentation = build_augmentations(load_config("tiny_stage1"))[0]
+    # the tiny recipe: crops only (tiny_stage1.yaml says why)
+    assert augmentation.flip_p == augmentation.window_p == augmentation.contrast_p == augmentation.solarize_p == 0
+    assert tuple(augmentation.blur_p) == (0, 0, 0) and augmentation.global_scale == (0.6, 1.0)
+    config = load_config("tiny_stage1", ["augment.window_p=0.8", "augment.window_width=[0.5, 1.0]",
+                                         "augment.contrast=[0.8, 1.2]"])
     augmentation = build_augmentations(config)[0]
-    assert augmentation.window_p == 0 and augmentation.contrast == (0.8, 1.2) and augmentation.solarize_p == 0
-    assert augmentation.window_width == (0.6, 1.0)  # the tiny recipe's milder CT window
+    assert augmentation.window_p == 0.8 and augmentation.window_width == (0.5, 1.0)
+    assert augmentation.contrast == (0.8, 1.2)
     for override, words in (("augment.window_p=1.5", "augment probabilities must be in [0, 1]"),
                             ("augment.window_width=[0, 1]", "augment.window_width"),
                             ("augment.blur_p=[1, 0.1]", "augment.blur_p must have 3 entries")):

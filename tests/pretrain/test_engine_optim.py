@@ -75,10 +75,10 @@ def test_parameter_groups_layer_decay_and_no_weight_decay():
     assert settings["backbone.encoder.vit.blocks.0.mlp.fc1.weight"]["lr_multiplier"] == pytest.approx(decay**4)
     assert settings["backbone.encoder.vit.patch_embed.proj.weight"]["lr_multiplier"] == pytest.approx(decay**5 * 0.2)
     assert settings["backbone.encoder.vit.norm.weight"]["lr_multiplier"] == 1.0
-    assert settings["dino_head.mlp.0.weight"]["lr_multiplier"] == 1.0
+    assert settings["dino_head.mlp.weight"]["lr_multiplier"] == 1.0
     assert layer_id("backbone.encoder.vit.cls_token", depth) == 0
     for name in ("backbone.encoder.vit.blocks.1.norm1.weight", "backbone.encoder.vit.blocks.1.gamma_1",
-                 "backbone.encoder.vit.cls_token", "backbone.mask_token", "dino_head.mlp.0.bias"):
+                 "backbone.encoder.vit.cls_token", "backbone.mask_token", "dino_head.mlp.bias"):
         assert settings[name]["wd_multiplier"] == 0.0, name
     assert settings["backbone.encoder.vit.blocks.1.attn.qkv.weight"]["wd_multiplier"] == 1.0
     assert settings["ibot_head.last_layer.weight"]["is_last_layer"]

@@ -67,6 +67,42 @@ def test_tiny_recipe_learns_on_textures(tmp_path):
     assert mean("teacher_sample_entropy") < 0.98 and mean("teacher_logit_std") > 0.01
 
 
+def test_tiny_recipe_learns_on_the_demo_phantoms(tmp_path):
+    """The demo's own data and intensities: its 16 training volumes (``meddinov3 demo``'s generator and
+    seed) less fold 0's validation cases, normalised as nnU-Net's CTNormalization does (foreground
+    percentiles 0.5/99.5, mean, std). In 800 iterations the DINO loss leaves ln K and the head's logit
+    spread grows, and the default monitors let the run finish. Measured: DINO 5.451 in the last 100
+    iterations (ln K = 5.545), logit spread 0.013 -> 0.032; with the demo's nnU-Net plans, seeds 0, 1,
+    2: 5.370 / 5.404 / 5.477. Before this recipe (teacher 0.04, 3-layer heads, flips, CT windowing) it
+    stayed at 5.5452 with the spread falling below 0.001."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
+
+    raw = write_nnunet_raw_dataset(tmp_path / "raw", num_train=16, num_test=6, shape=(12, 96, 96))
+    foreground = np.concatenate([
+        sitk.GetArrayFromImage(sitk.ReadImage(str(image)))[
+            sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / image.name.replace("_0000", "")))) > 0]
+        for image in sorted((raw / "imagesTr").glob("*.nii.gz"))]).astype(np.float64)
+    low, high = np.percentile(foreground, [0.5, 99.5])
+    config = load_config("tiny_stage1", [
+        f"data.roots=[{raw}]", f"data.cache_dir={tmp_path / 'cache'}", f"data.exclude_test_images_of=[{raw}]",
+        "data.exclude_case_ids=[case_000, case_007, case_008, case_011]",
+        f"data.intensity.window=[{low}, {high}]", f"data.intensity.mean={foreground.mean()}",
+        f"data.intensity.std={foreground.std()}", "train.iterations=800", "train.checkpoint_every=0"])
+    result = train(config, tmp_path / "run")
+    assert result.status == FINISHED, result.message
+    metrics = read_metrics(tmp_path / "run")
+
+    def mean(key, part):
+        return sum(m[key] for m in part) / len(part)
+
+    first, last = metrics[:100], metrics[-100:]
+    assert mean("dino_loss", last) < math.log(256) - 0.03, mean("dino_loss", last)
+    assert mean("teacher_logit_std", last) > 1.5 * mean("teacher_logit_std", first)
+
+
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data, tmp_path):
     run = ["train.iterations=8", "train.checkpoint_every=2", "train.keep_last=2"]
     assert train(tiny(data, *run), tmp_path / "straight").status == FINISHED
@@ -168,7 +204,8 @@ def test_head_warmup_freezes_released_backbone_then_warms_it_up(data, tmp_path):
         assert torch.equal(at_2["student"][f"backbone.encoder.{key}"], value), key
     assert not torch.equal(at_4["student"]["backbone.encoder.vit.blocks.0.attn.qkv.weight"],
                            initial["vit.blocks.0.attn.qkv.weight"])
-    assert not torch.equal(at_2["student"]["dino_head.mlp.0.weight"], at_4["student"]["dino_head.mlp.0.weight"])
+    head_weight = next(k for k in at_2["student"] if k.startswith("dino_head.mlp") and k.endswith("weight"))
+    assert not torch.equal(at_2["student"][head_weight], at_4["student"][head_weight])  # the heads train
     assert at_4["provenance"]["init"]["kind"] == "weights" and "DINOv3 License" in at_4["provenance"]["licence"]
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -377,6 +378,20 @@ def test_console_script_no_traceback_no_third_party_warnings(layouts, bad, image
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "FutureWarning" not in result.stderr
     assert result.stderr.startswith("meddinov3 features: error:") and "is not a PyTorch checkpoint" in result.stderr
+
+
+def test_python_m_pretrain_shows_no_third_party_warnings(tmp_path):
+    from nnunet_meddinov3.data.synthetic_ct import synthetic_case
+
+    image, _ = synthetic_case(np.random.default_rng(0), shape=(8, 64, 64))
+    (tmp_path / "data").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.int16)), str(tmp_path / "data" / "ct.nii.gz"))
+    result = subprocess.run([sys.executable, "-m", "pretrain", "train", "--config", "tiny_stage1", "--data",
+                             str(tmp_path / "data"), "--output", str(tmp_path / "run"), "train.iterations=1",
+                             "train.checkpoint_every=0"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert result.returncode == 0, result.stderr
+    assert "FutureWarning" not in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_console_script_debug_shows_the_traceback(bad):

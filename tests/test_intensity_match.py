@@ -102,6 +102,7 @@ def test_planner_keeps_nnunet_statistics_by_default_or_when_nothing_matches(nnun
                           env=env, cwd=root, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--intensity-from none" in proc.stderr
+    assert "missing.safetensors" in proc.stderr and "U-Net configuration" not in proc.stdout  # before planning
 
 
 def test_pretraining_adopts_the_normalisation_of_nnunet_plans(default_plans, tmp_path):

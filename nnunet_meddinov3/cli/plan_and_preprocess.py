@@ -59,6 +59,14 @@ def run(args) -> int:
         raise SystemExit(f"environment variable(s) {', '.join(missing)} not set: nnU-Net needs them to find the "
                          f"raw dataset and to write plans (see `meddinov3 env`)")
 
+    intensity_weights = None if args.intensity_from.lower() == "none" else args.intensity_from
+    if intensity_weights is not None:  # before nnU-Net fingerprints and plans: a typo costs seconds, not minutes
+        from nnunet_meddinov3.checkpoints.conventions import recorded_intensity
+        try:
+            recorded_intensity(intensity_weights)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--intensity-from: {e}; or pass --intensity-from none") from None
+
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprint_dataset,
         preprocess_dataset,
@@ -78,7 +86,7 @@ def run(args) -> int:
                                      plans_name=args.plans_name)
     planner.encoder, planner.decoder, planner.highres_patch = args.vit, args.decoder, args.target_patch
     planner.grad_checkpointing = args.grad_checkpointing
-    planner.intensity_weights = None if args.intensity_from.lower() == "none" else args.intensity_from
+    planner.intensity_weights = intensity_weights
     planner.fine_tuning_recipe = fine_tuning
     try:
         plans = planner.plan_experiment()

@@ -12,6 +12,7 @@ script; the full logs are kept in the work folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,6 +104,28 @@ def _dice_table(summaries: dict[str, dict], labels: dict[str, int]) -> str:
     return "\n".join(rows)
 
 
+def _pretraining_summary(run_dir: Path) -> dict | None:
+    """The DINO loss and the teacher head's logit spread over the first and last 100 iterations: whether
+    self-distillation left ln K (uniform targets) or sat there (pretrain/README.md, "Does it learn?")."""
+    import yaml
+
+    from pretrain.engine.progress import read_metrics
+
+    metrics = [m for m in read_metrics(run_dir) if m.get("finite", True)]
+    if not metrics:
+        return None
+    window = min(100, max(1, len(metrics) // 4))
+
+    def mean(key, part):
+        return sum(m[key] for m in part) / len(part)
+
+    prototypes = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["dino_head"]["prototypes"]
+    first, last = metrics[:window], metrics[-window:]
+    return {"iterations": metrics[-1]["iteration"], "window": window, "ln_k": math.log(prototypes),
+            "dino_loss": [mean("dino_loss", first), mean("dino_loss", last)],
+            "teacher_logit_std": [mean("teacher_logit_std", first), mean("teacher_logit_std", last)]}
+
+
 def _train_predict_evaluate(tag: str, trainer: str, env: dict, raw: Path, workdir: Path, logs: Path, args) -> dict:
     """Train fold 0, predict the held-out cases and evaluate them; ``tag`` names the logs and predictions."""
     _step(f"Train {tag}", ["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", args.device],
@@ -139,7 +162,7 @@ def run(args) -> int:
     _step("Plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d",
                                   "-np", env["nnUNet_def_n_proc"]], env, logs)
 
-    export = None
+    export = pretraining = None
     if args.pretrain_iterations > 0:
         from nnunet_meddinov3.evaluation.probe import preprocessed_split
         validation = preprocessed_split(DATASET_NAME, "2d", "nnUNetPlans", 0,
@@ -156,6 +179,12 @@ def run(args) -> int:
         if code == PRETRAIN_STOPPED_COLLAPSE:
             print("    the collapse monitor stopped pretraining (see the log); the demo goes on with the checkpoint "
                   "it saved, and the probe below says whether its features are of use", flush=True)
+        pretraining = _pretraining_summary(run_dir)
+        if pretraining:
+            (d0, d1), (s0, s1) = pretraining["dino_loss"], pretraining["teacher_logit_std"]
+            print(f"    DINO loss {d0:.3f} -> {d1:.3f} (ln K = {pretraining['ln_k']:.3f}: uniform targets), teacher "
+                  f"logit spread {s0:.3f} -> {s1:.3f}: mean of the first and last {pretraining['window']} "
+                  f"iterations", flush=True)
         _step("Export the pretrained encoder", [sys.executable, "-m", "pretrain", "export", "--run", str(run_dir),
                                                 "--output", str(export)], env, logs)
 
@@ -190,7 +219,7 @@ def run(args) -> int:
           "paper's gains need." if not args.quick else "\nA --quick run checks that every step works; its numbers "
           "mean nothing.")
     (workdir / "demo_results.json").write_text(json.dumps(
-        {"budget": budget, "pretrain_iterations": args.pretrain_iterations,
+        {"budget": budget, "pretrain_iterations": args.pretrain_iterations, "pretraining": pretraining,
          "dice": {k: {"mean": v["mean"], "foreground_mean": v["foreground_mean"]} for k, v in summaries.items()},
          "probe": None if probe is None else {k: v["dice"] for k, v in probe["results"].items()}}, indent=2))
     print(f"\nTotal time {(time.time() - start) / 60:.1f} min. Results: {workdir / 'demo_results.json'}")

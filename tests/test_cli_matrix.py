@@ -349,6 +349,7 @@ def test_every_option_has_help_text():
 def test_choices_equal_the_registries():
     from nnunet_meddinov3.benchmark.configs import COMPILE_MODES  # noqa: F401 - imported by bench's parser
     from nnunet_meddinov3.data.intensity import INTENSITY_PRESETS
+    from nnunet_meddinov3.evaluation.probe import PROBE_METHODS
     from nnunet_meddinov3.network import DECODERS, ENCODER_CONFIGS
     from nnunet_meddinov3.network.encoder import PATCH_SIZE
     from nnunet_meddinov3.visualize import features
@@ -360,6 +361,7 @@ def test_choices_equal_the_registries():
     assert sorted(choices.FEATURE_INTENSITIES) == sorted(features.INTENSITY_PRESETS)
     assert choices.FEATURE_DEFAULT_INTENSITY == features.DEFAULT_INTENSITY
     assert choices.FEATURE_FOREGROUND_THRESHOLD == features.DEFAULT_FOREGROUND_THRESHOLD
+    assert choices.PROBE_METHODS == PROBE_METHODS
 
 
 # ------------------------------------------------------------------------------------------- console script

@@ -84,6 +84,16 @@ def test_probe_ranks_a_class_separating_checkpoint_above_random_init(nnunet_env,
     assert first["results"][str(trained)]["layers"] == [0, 1, 2, 3]
     assert (tmp_path / "a" / "probe.png").stat().st_size > 5000
 
+    # the k-NN variant trains nothing and ranks the same way
+    proc = probe(nnunet_env, "--weights", "random:meddinov3_tiny,layer_scale_init=1.0", str(trained), "--method", "knn",
+                 "-o", str(tmp_path / "knn"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "k-NN probe Dice (k = 20), fold 0 validation" in proc.stdout
+    record = json.loads((tmp_path / "knn" / "probe.json").read_text())
+    assert record["method"] == "knn" and record["k"] == 20 and "steps" not in record
+    knn = {source: r["dice"]["mean"] for source, r in record["results"].items()}
+    assert knn[str(trained)] > knn["random:meddinov3_tiny,layer_scale_init=1.0"] + 0.05, knn
+
 
 def test_probe_takes_a_pretraining_run_folder(nnunet_env, tmp_path):
     """A run folder is probed through its EMA teacher (the weights an export would hold)."""
@@ -106,6 +116,7 @@ def test_probe_takes_a_pretraining_run_folder(nnunet_env, tmp_path):
     (["--weights", "random:meddinov3_tiny,layerscale=1"], ["unknown encoder option(s) ['layerscale']"]),
     (["--weights", "random:meddinov3_tiny", "--layers", "1", "4"], ["layers [4] are out of range", "0-3"]),
     (["--weights", "random:meddinov3_tiny", "-f", "7"], ["fold 7 does not exist"]),
+    (["--weights", "random:meddinov3_tiny", "--method", "knn", "--k", "0"], ["k must be at least 1"]),
     (["--weights", "empty run"], ["is neither a pretraining run folder with checkpoints"]),
     (["--weights", "random:meddinov3_tiny", "-p", "nnUNetPlansOther"], ["no plans 'nnUNetPlansOther'",
                                                                        "nnUNetv2_plan_and_preprocess"]),

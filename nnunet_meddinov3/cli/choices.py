@@ -3,7 +3,7 @@
 
 The real registries live with the code that builds the things (``network.ENCODER_CONFIGS``,
 ``network.DECODERS``, ``data.intensity.INTENSITY_PRESETS``,
-``visualize.features.INTENSITY_PRESETS``); ``tests/test_cli_matrix.py`` checks that these tuples
+``visualize.features.INTENSITY_PRESETS``, ``evaluation.probe.PROBE_METHODS``); ``tests/test_cli_matrix.py`` checks that these tuples
 equal them, so a new encoder or decoder that is not added here fails a test instead of going unnoticed.
 """
 
@@ -19,3 +19,4 @@ CHECKPOINT_INTENSITIES = ("ct-meddinov3", "nnunet", "imagenet", "unknown")
 FEATURE_INTENSITIES = ("ct-meddinov3", "minmax", "zscore")
 FEATURE_DEFAULT_INTENSITY = "ct-meddinov3"     # visualize.features.DEFAULT_INTENSITY
 FEATURE_FOREGROUND_THRESHOLD = 0.1             # visualize.features.DEFAULT_FOREGROUND_THRESHOLD
+PROBE_METHODS = ("linear", "knn")  # evaluation.probe.PROBE_METHODS

@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from nnunet_meddinov3.cli.choices import PROBE_METHODS
+
 RANDOM_PREFIX = "random:"
 
 
@@ -29,6 +31,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--layers", nargs="+", type=int, default=None, metavar="BLOCK",
                         help="0-based blocks whose normed patch tokens are concatenated (default: 4 evenly spaced "
                              "blocks ending at the last, as the MedDINOv3 decoder)")
+    parser.add_argument("--method", choices=PROBE_METHODS, default="linear",
+                        help="linear: one trained 1x1 convolution; knn: each validation patch takes the label shares "
+                             "of its --k most similar training patches (nothing trained) (default linear)")
+    parser.add_argument("--k", type=int, default=20, help="neighbours of the k-NN probe (default 20)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of the linear layer (default 300)")
     parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate of the linear layer (default 1e-2)")
     parser.add_argument("--max-slices", type=int, default=16, metavar="N",
@@ -126,7 +132,7 @@ def run(args) -> int:
         train = load_slices(split.folder, split.train, split.class_names, args.max_slices or None, args.channel)
         val = load_slices(split.folder, split.val, split.class_names, None, args.channel)
         results = probe_encoders(encoders, train, val, layers=args.layers, steps=args.steps, lr=args.lr,
-                                 seed=args.seed)
+                                 seed=args.seed, method=args.method, k=args.k)
     except (ProbeError, CheckpointMismatchError, LayoutError, FileNotFoundError, ValueError, KeyError) as e:
         return fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
 
@@ -135,7 +141,8 @@ def run(args) -> int:
     record = {
         "dataset": str(split.folder), "fold": split.fold, "split": split.splits_source,
         "train_cases": split.train, "validation_cases": split.val, "train_slices": int(train.images.shape[0]),
-        "validation_slices": int(val.images.shape[0]), "steps": args.steps, "lr": args.lr, "seed": args.seed,
+        "validation_slices": int(val.images.shape[0]), "method": args.method,
+        **({"k": args.k} if args.method == "knn" else {"steps": args.steps, "lr": args.lr}), "seed": args.seed,
         "command": "meddinov3 " + " ".join(getattr(args, "argv", [])),
         "results": {source: {"weights": described[source], "layers": r["layers"], "dice": r["dice"],
                              "per_case": {case: {split.class_names[c]: v for c, v in scores.items()}
@@ -144,8 +151,9 @@ def run(args) -> int:
     }
     (output / "probe.json").write_text(json.dumps(record, indent=1))
     picture = draw(val, results, output / "probe.png")
-    print(f"\nLinear probe Dice, fold {split.fold} validation ({len(split.val)} cases, {args.steps} steps, "
-          f"seed {args.seed}):")
+    how = f"k-NN probe Dice (k = {args.k})" if args.method == "knn" else "Linear probe Dice"
+    detail = "" if args.method == "knn" else f"{args.steps} steps, "
+    print(f"\n{how}, fold {split.fold} validation ({len(split.val)} cases, {detail}seed {args.seed}):")
     print(format_table(results, split.class_names))
     print(f"\nWrote {output / 'probe.json'} and {picture}")
     return 0

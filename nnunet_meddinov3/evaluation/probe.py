@@ -9,6 +9,12 @@ with cross-entropy on the labels, its logits upsampled bilinearly to the slice. 
 Dice per validation case (all its slices stacked), averaged over cases; a class absent from both the
 reference and the prediction of a case does not count for that case (nnU-Net's convention).
 Everything is seeded: the same inputs give the same numbers.
+
+The k-NN variant (``method="knn"``) trains nothing: every validation patch token takes the
+similarity-weighted label distribution of its k most similar training patch tokens (cosine similarity,
+weights exp(similarity / 0.07) as in DINO's k-NN evaluation; a token's distribution is the share of
+each class among its 16 x 16 pixels), upsampled bilinearly like the linear probe's logits. It asks
+whether the features already place same-class patches near each other, with no optimiser in between.
 """
 from __future__ import annotations
 
@@ -201,6 +207,43 @@ def predict(head: torch.nn.Module, features: torch.Tensor, size: tuple[int, int]
     return torch.cat(out)
 
 
+def patch_label_distributions(labels: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W) labels -> ((N, h*w, n_classes) share of each class among each patch's labelled pixels,
+    (N, h*w) bool: the patch has labelled pixels), with h, w = H/16, W/16."""
+    valid = labels != IGNORE
+    one_hot = F.one_hot(labels.clamp_min(0), n_classes).permute(0, 3, 1, 2).float() * valid[:, None]
+    counts = F.avg_pool2d(one_hot, PATCH_SIZE) * PATCH_SIZE ** 2  # (N, K, h, w) labelled pixels per class
+    total = counts.sum(dim=1)
+    shares = counts / total.clamp_min(1)[:, None]
+    return shares.flatten(2).transpose(1, 2), total.flatten(1) > 0
+
+
+@torch.no_grad()
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor,
+                size: tuple[int, int], n_classes: int, k: int = 20, temperature: float = 0.07,
+                max_train_tokens: int = 100_000, seed: int = 0, chunk: int = 2048) -> torch.Tensor:
+    """(M, H, W) label map of ``features`` (M, C, h, w) by k-NN over the training patch tokens.
+
+    Training tokens without labelled pixels (padding) are left out; above ``max_train_tokens`` a seeded
+    random subset is kept, so that memory stays bounded on large datasets."""
+    shares, labelled = patch_label_distributions(train_labels, n_classes)
+    keys = F.normalize(train_features.flatten(2).transpose(1, 2), dim=-1)[labelled]  # (T, C)
+    shares = shares[labelled]
+    if keys.shape[0] > max_train_tokens:
+        keep = torch.randperm(keys.shape[0], generator=torch.Generator().manual_seed(seed))[:max_train_tokens]
+        keys, shares = keys[keep], shares[keep]
+    k = min(k, keys.shape[0])
+    m, _, h, w = features.shape
+    queries = F.normalize(features.flatten(2).transpose(1, 2), dim=-1).reshape(m * h * w, -1)
+    probabilities = []
+    for start in range(0, queries.shape[0], chunk):
+        similarity, index = (queries[start:start + chunk] @ keys.T).topk(k, dim=-1)
+        weights = (similarity / temperature).softmax(dim=-1)  # exp(s / T), normalised per query
+        probabilities.append(torch.einsum("qk,qkc->qc", weights, shares[index]))
+    maps = torch.cat(probabilities).reshape(m, h, w, n_classes).permute(0, 3, 1, 2)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False).argmax(1)
+
+
 def dice_per_case(prediction: torch.Tensor, labels: torch.Tensor, cases: list[str], classes: list[int]) -> dict:
     """{case: {class: Dice or nan}} over each case's stacked slices; padding is not counted."""
     valid = labels != IGNORE
@@ -226,10 +269,18 @@ def summarise(per_case: dict, class_names: dict[int, str]) -> dict:
     return {"per_class": per_class, "mean": float(np.mean(finite)) if finite else float("nan")}
 
 
+PROBE_METHODS = ("linear", "knn")  # cli/choices.py spells them out for --help
+
+
 def probe_encoders(encoders: dict, train: ProbeSlices, val: ProbeSlices, layers: list[int] | None = None,
-                   steps: int = 300, lr: float = 1e-2, seed: int = 0) -> dict:
-    """Probe each of ``encoders`` ({label: DINOv3Encoder}); returns {label: {"dice", "per_case",
-    "layers", "prediction"}} where ``prediction`` is the (N, H, W) validation label map."""
+                   steps: int = 300, lr: float = 1e-2, seed: int = 0, method: str = "linear", k: int = 20) -> dict:
+    """Probe each of ``encoders`` ({label: DINOv3Encoder}) with a linear layer or ``method="knn"``;
+    returns {label: {"dice", "per_case", "layers", "prediction"}} where ``prediction`` is the (N, H, W)
+    validation label map."""
+    if method not in PROBE_METHODS:
+        raise ProbeError(f"unknown probe method '{method}'; one of {', '.join(PROBE_METHODS)}")
+    if k < 1:
+        raise ProbeError(f"k must be at least 1, not {k}")
     classes = sorted(train.class_names)
     n_classes = max(classes) + 1
     results = {}
@@ -240,9 +291,13 @@ def probe_encoders(encoders: dict, train: ProbeSlices, val: ProbeSlices, layers:
             raise ProbeError(f"layers {bad} are out of range for '{label}' ({encoder.depth} blocks: 0-"
                              f"{encoder.depth - 1})")
         log.info("probing %s (blocks %s)", label, chosen)
-        head = train_linear_head(encode(encoder, train.images, chosen), train.labels, n_classes, steps=steps, lr=lr,
-                                 seed=seed)
-        prediction = predict(head, encode(encoder, val.images, chosen), tuple(val.labels.shape[-2:]))
+        train_features, size = encode(encoder, train.images, chosen), tuple(val.labels.shape[-2:])
+        if method == "knn":
+            prediction = knn_predict(train_features, train.labels, encode(encoder, val.images, chosen), size,
+                                     n_classes, k=k, seed=seed)
+        else:
+            head = train_linear_head(train_features, train.labels, n_classes, steps=steps, lr=lr, seed=seed)
+            prediction = predict(head, encode(encoder, val.images, chosen), size)
         per_case = dice_per_case(prediction, val.labels, val.cases, classes)
         results[label] = {"dice": summarise(per_case, train.class_names), "per_case": per_case, "layers": chosen,
                           "prediction": prediction}

@@ -221,7 +221,7 @@ def patch_label_distributions(labels: torch.Tensor, n_classes: int) -> tuple[tor
 @torch.no_grad()
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor,
                 size: tuple[int, int], n_classes: int, k: int = 20, temperature: float = 0.07,
-                max_train_tokens: int = 100_000, seed: int = 0, chunk: int = 2048) -> torch.Tensor:
+                max_train_tokens: int = 100_000, seed: int = 0, chunk: int = 256) -> torch.Tensor:
     """(M, H, W) label map of ``features`` (M, C, h, w) by k-NN over the training patch tokens.
 
     Training tokens without labelled pixels (padding) are left out; above ``max_train_tokens`` a seeded

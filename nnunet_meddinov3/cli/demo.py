@@ -34,7 +34,7 @@ PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice
 def add_arguments(parser) -> None:
     parser.add_argument("--workdir", default="meddinov3_demo",
                         help="folder the demo writes everything to: nnU-Net's raw/preprocessed/results, the "
-                             "pretraining run, predictions and logs, about 157 MB (default ./meddinov3_demo)")
+                             "pretraining run, predictions and logs, about 158 MB (default ./meddinov3_demo)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs for each trainer (default 30)")
     parser.add_argument("--iterations", type=int, default=25, help="iterations per epoch (default 25)")
     parser.add_argument("--num-train", type=int, default=16, help="synthetic training cases (default 16)")

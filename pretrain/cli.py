@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from .configs import ConfigError, available_configs, load_config
+from .data.slices import DataError
 
 EXIT_CODES = {"finished": 0, "paused": 0, "stopped_nonfinite": 3, "stopped_collapse": 4}
 DEFAULT_OUTPUT = Path("pretrain_runs")
@@ -142,6 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": _train, "chain": _chain, "export": _export, "configs": _configs}
     try:
         return handlers[args.command](args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

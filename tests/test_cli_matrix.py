@@ -396,6 +396,29 @@ def test_python_m_pretrain_shows_no_third_party_warnings(tmp_path):
     assert "FutureWarning" not in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_pretrain_data_mistakes_get_a_message(tmp_path, capsys):
+    from nnunet_meddinov3.data.synthetic_ct import synthetic_case
+    from pretrain.cli import main as pretrain_main
+
+    def train(*arguments):
+        code = pretrain_main(["train", "--config", "tiny_stage1", "--output", str(tmp_path / "run"), "train.iterations=1",
+                              "train.checkpoint_every=0", *map(str, arguments)])
+        return code, capsys.readouterr().err
+
+    code, error = train("--data", tmp_path / "no such folder")
+    assert code == 2 and "is not a folder" in error and "no such folder" in error
+    (tmp_path / "empty").mkdir()
+    code, error = train("--data", tmp_path / "empty")
+    assert code == 2 and "no volumes found under" in error and "imagesTr" in error
+    image, _ = synthetic_case(np.random.default_rng(0), shape=(8, 64, 64))
+    (tmp_path / "ct").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.int16)), str(tmp_path / "ct" / "case_000.nii.gz"))
+    code, error = train("--data", tmp_path / "ct", "data.exclude_case_ids=[case_000]")
+    assert code == 2 and "nothing to train on: 1 volume(s)" in error and "1 excluded by the leakage guard" in error
+    code, error = train("--data", tmp_path / "ct", "data.body_threshold=5000")
+    assert code == 2 and "have no slice with at least 5% of its pixels above 5000" in error
+
+
 def test_console_script_debug_shows_the_traceback(bad):
     result = console("weights", "info", bad["empty"], env={"MEDDINOV3_DEBUG": "1"})
     assert result.returncode == 1 and "Traceback" in result.stderr and "is empty (0 bytes)" in result.stderr

@@ -100,12 +100,17 @@ def _dicom_volumes(root: Path) -> list[VolumeSource]:
     return volumes
 
 
+class DataError(ValueError):
+    """The data roots give nothing to train on; the message says why and which setting to check."""
+
+
 def find_volumes(root: str | os.PathLike) -> list[VolumeSource]:
     """Volumes under ``root``: an nnU-Net raw dataset folder (it has ``imagesTr`` or ``imagesTs``),
     or any folder tree of NIfTI files and/or DICOM series."""
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(root)
+        raise FileNotFoundError(f"data root '{root}' is not a folder (expected an nnU-Net raw dataset folder or a "
+                                f"folder tree of NIfTI files or DICOM series)")
     if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
         return _nnunet_volumes(root)
     return _nifti_volumes(root) + _dicom_volumes(root)
@@ -254,9 +259,13 @@ class SliceDataset:
         }
 
         sources = [v for root in roots for v in find_volumes(root)]
+        where = ", ".join(f"'{Path(r).resolve()}'" for r in roots)
+        if not sources:
+            raise DataError(f"no volumes found under {where}: expected .nii/.nii.gz files, DICOM series or an nnU-Net "
+                            f"raw dataset folder (imagesTr/, imagesTs/)")
         keys = [v.key for v in sources]
         if len(set(keys)) != len(keys):
-            raise ValueError(f"duplicate volume keys: {sorted({k for k in keys if keys.count(k) > 1})}")
+            raise DataError(f"duplicate volume keys: {sorted({k for k in keys if keys.count(k) > 1})}")
 
         previous = self._previous_entries()
         self.volumes: list[dict[str, Any]] = []
@@ -291,6 +300,19 @@ class SliceDataset:
         }
         self._write_json(self.index_path, self.index)
         self._set_slices()
+
+    def require_slices(self) -> None:
+        """Raise :class:`DataError` saying why, when no slice is left to train on."""
+        if self.index["n_slices"]:
+            return
+        config, excluded, kept = self.index["config"], len(self.index["excluded"]), len(self.volumes)
+        why = "" if not kept else (
+            f", and the other {kept} have no slice" if config["body_threshold"] is None else
+            f", and the other {kept} have no slice with at least {config['min_body_fraction']:.0%} of its pixels above "
+            f"{config['body_threshold']} (data.body_threshold, data.min_body_fraction)")
+        raise DataError(f"nothing to train on: {excluded + kept} volume(s) under "
+                        f"{', '.join(repr(r) for r in self.index['roots'])}, {excluded} excluded by the leakage guard "
+                        f"(data.exclude_*){why}")
 
     @classmethod
     def from_index(cls, index: dict[str, Any], cache_dir: str | os.PathLike,

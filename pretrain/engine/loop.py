@@ -212,6 +212,7 @@ class Trainer:
         index = ctx.broadcast_object(slices.index if ctx.is_main else None)
         if not ctx.is_main:
             slices = slice_dataset_from_index(self.config, self.cache_dir, index)
+        slices.require_slices()  # on every rank alike, after the broadcast
         return slices
 
     def _build_probe(self) -> ProbeCurve | None:

@@ -89,16 +89,23 @@ def layouts(tmp_path_factory, fixtures) -> dict:
     return paths
 
 
-def _pretrain_run(run, data):
-    """A real pretraining run folder: the tiny config for two iterations on one synthetic CT volume."""
+def write_ct_volume(path):
+    """One synthetic CT volume (8 x 64 x 64, int16 HU) at ``path``, its folder created."""
     from nnunet_meddinov3.data.synthetic_ct import synthetic_case
-    from pretrain.cli import main as pretrain_main
 
     image, _ = synthetic_case(np.random.default_rng(0), shape=(8, 64, 64))
-    data.mkdir()
+    path.parent.mkdir(parents=True, exist_ok=True)
     volume = sitk.GetImageFromArray(image.astype(np.int16))
     volume.SetSpacing((0.8, 0.8, 3.0))
-    sitk.WriteImage(volume, str(data / "ct 0.nii.gz"))
+    sitk.WriteImage(volume, str(path))
+    return path
+
+
+def _pretrain_run(run, data):
+    """A real pretraining run folder: the tiny config for two iterations on one synthetic CT volume."""
+    from pretrain.cli import main as pretrain_main
+
+    write_ct_volume(data / "ct 0.nii.gz")
     assert pretrain_main(["train", "--config", "tiny_stage1", "--data", str(data), "--output", str(run),
                           "train.iterations=2", "train.checkpoint_every=0"]) == 0
 
@@ -383,11 +390,7 @@ def test_console_script_no_traceback_no_third_party_warnings(layouts, bad, image
 
 
 def test_python_m_pretrain_shows_no_third_party_warnings(tmp_path):
-    from nnunet_meddinov3.data.synthetic_ct import synthetic_case
-
-    image, _ = synthetic_case(np.random.default_rng(0), shape=(8, 64, 64))
-    (tmp_path / "data").mkdir()
-    sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.int16)), str(tmp_path / "data" / "ct.nii.gz"))
+    write_ct_volume(tmp_path / "data" / "ct.nii.gz")
     result = subprocess.run([sys.executable, "-m", "pretrain", "train", "--config", "tiny_stage1", "--data",
                              str(tmp_path / "data"), "--output", str(tmp_path / "run"), "train.iterations=1",
                              "train.checkpoint_every=0"], capture_output=True, text=True, timeout=300,
@@ -397,7 +400,6 @@ def test_python_m_pretrain_shows_no_third_party_warnings(tmp_path):
 
 
 def test_pretrain_data_mistakes_get_a_message(tmp_path, capsys):
-    from nnunet_meddinov3.data.synthetic_ct import synthetic_case
     from pretrain.cli import main as pretrain_main
 
     def train(*arguments):
@@ -410,9 +412,7 @@ def test_pretrain_data_mistakes_get_a_message(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, error = train("--data", tmp_path / "empty")
     assert code == 2 and "no volumes found under" in error and "imagesTr" in error
-    image, _ = synthetic_case(np.random.default_rng(0), shape=(8, 64, 64))
-    (tmp_path / "ct").mkdir()
-    sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.int16)), str(tmp_path / "ct" / "case_000.nii.gz"))
+    write_ct_volume(tmp_path / "ct" / "case_000.nii.gz")
     code, error = train("--data", tmp_path / "ct", "data.exclude_case_ids=[case_000]")
     assert code == 2 and "nothing to train on: 1 volume(s)" in error and "1 excluded by the leakage guard" in error
     code, error = train("--data", tmp_path / "ct", "data.body_threshold=5000")

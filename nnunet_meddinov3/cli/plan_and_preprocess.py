@@ -92,8 +92,6 @@ def run(args) -> int:
         plans = planner.plan_experiment()
     except ValueError as e:  # the planner's own checks: say what is wrong, without a traceback
         raise SystemExit(f"cannot plan {dataset_name} for MedDINOv3: {e}") from None
-    except FileNotFoundError as e:  # --intensity-from names nothing known
-        raise SystemExit(f"--intensity-from: {e}; or pass --intensity-from none") from None
     for name, conf in plans["configurations"].items():
         print(f"{args.plans_name} / {name}: patch {conf['patch_size']}, spacing "
               f"{[round(s, 4) for s in conf['spacing']]}, batch {conf['batch_size']}")

@@ -47,12 +47,13 @@ def test_cpu_path_equals_plain_path_over_several_steps(name, dtype, tol):
     with stale contents, or one handed out twice, would change the outputs or the gradients."""
     fast = _decoder(name, dtype)
     plain = _plain_twin(fast)
-    assert fast.upsample._runs_cpu_path(torch.zeros(1, dtype=dtype))
+    assert fast.upsample._runs_cpu_path(torch.zeros(1, dtype=dtype))  # the parameters need gradients
     grid = (3, 4)
     for step in range(3):
         gen = torch.Generator().manual_seed(step)
-        tokens = [torch.randn(2, 12, EMBED, generator=gen, dtype=dtype) for _ in range(3)]
-        upstream = torch.randn(2, 5, 48, 64, generator=gen, dtype=dtype)
+        batch = 2 if step < 2 else 1  # a new batch size drops the held buffers
+        tokens = [torch.randn(batch, 12, EMBED, generator=gen, dtype=dtype) for _ in range(3)]
+        upstream = torch.randn(batch, 5, 48, 64, generator=gen, dtype=dtype)
         out_fast, grads_fast = _step(fast, tokens, grid, upstream)
         out_plain, grads_plain = _step(plain, tokens, grid, upstream)
         torch.testing.assert_close(out_fast, out_plain, rtol=tol, atol=tol)
@@ -74,6 +75,8 @@ def test_cpu_path_equals_plain_path_over_several_steps(name, dtype, tol):
 
 
 def test_the_second_step_reuses_the_first_steps_buffers():
+    """After the first step no new buffers: the second step's forward takes every held buffer, and its
+    backward gives the same ones back (gradients included, which live in dead forward buffers)."""
     decoder = _decoder("multiscale", torch.float32)
     grid = (2, 2)
     tokens = [torch.randn(2, 4, EMBED) for _ in range(3)]
@@ -81,12 +84,15 @@ def test_the_second_step_reuses_the_first_steps_buffers():
     workspace = decoder.upsample._workspace
 
     def held():
-        return sorted(t.data_ptr() for free in workspace._free.values() for t in free)
+        return sorted(t.data_ptr() for t in workspace.held())
 
     _step(decoder, tokens, grid, upstream)
     after_first = held()
-    assert len(after_first) >= 3 * len(decoder.upsample.stages)  # each stage's GEMM input/output at least
-    _step(decoder, tokens, grid, upstream)
+    # per stage: its GEMM weight, GEMM output and output
+    assert len(after_first) == 3 * len(decoder.upsample.stages)
+    logits = decoder.forward_tokens([t.requires_grad_() for t in tokens], grid)
+    assert held() == []
+    (logits * upstream).sum().backward()
     assert held() == after_first
 
 
@@ -130,10 +136,16 @@ def test_a_second_backward_says_how_to_get_one():
         loss.backward()
 
 
-def test_autocast_and_bf16_take_the_plain_path():
+def test_inference_autocast_and_bf16_take_the_plain_path():
     decoder = _decoder("single", torch.float32).upsample
     x = torch.zeros(1, 4, EMBED)
     assert decoder._runs_cpu_path(x)
     assert not decoder._runs_cpu_path(x.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not decoder._runs_cpu_path(x)
+    with torch.no_grad():  # holding every stage's buffers between calls would raise inference's peak memory
+        assert not decoder._runs_cpu_path(x)
+    for p in decoder.parameters():
+        p.requires_grad_(False)
+    assert not decoder._runs_cpu_path(x)
+    assert decoder._runs_cpu_path(x.requires_grad_())

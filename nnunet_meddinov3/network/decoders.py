@@ -18,8 +18,8 @@ pixel index, and puts the pixels in place once, on the ``num_classes``-channel l
 is a single large GEMM plus a LayerNorm over contiguous channels, instead of a transposed
 convolution and LayerNorm on NCHW maps (on a 2-core CPU at 448 px the decoder's training step
 drops from 6.7 s to 5.0 s; on GPUs the GEMMs are what tensor cores run best). On CPU the stack runs
-as one autograd node that reuses its large buffers between steps (``upsampling_cpu.py``: 5.3 s ->
-4.7 s more, the same arithmetic).
+as one autograd node that reuses its large buffers between training steps (``upsampling_cpu.py``:
+5.3 s -> 4.7 s more, the same arithmetic).
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ from nnunet_meddinov3.network.upsampling_cpu import (
     ReusableBuffers,
     UpsamplingStackFunction,
     transposed_conv_as_gemm_weight,
-    upsampling_stack_inference,
     upsampling_stack_params,
 )
 
@@ -89,10 +88,10 @@ class UpsamplingStage(nn.Sequential):
 class UpsamplingStack(nn.Module):
     """The stages, then the 1x1 head, then the pixels put in place.
 
-    On CPU (fp32/fp64, no autocast, not under ``torch.compile``) it runs as one autograd node that
-    reuses its large buffers from step to step (:mod:`~nnunet_meddinov3.network.upsampling_cpu`); the
-    same arithmetic, without the page faults of fresh 300 MB tensors. ``cpu_workspace = False`` on an
-    instance runs the plain path everywhere.
+    For a training step on CPU (fp32/fp64, no autocast, not under ``torch.compile``) it runs as one
+    autograd node that reuses its large buffers from step to step
+    (:mod:`~nnunet_meddinov3.network.upsampling_cpu`): the same arithmetic, without the page faults of
+    fresh 300 MB tensors. ``cpu_workspace = False`` on an instance runs the plain path everywhere.
     """
 
     cpu_workspace = True
@@ -123,17 +122,18 @@ class UpsamplingStack(nn.Module):
         return self._to_image(logits, grid)
 
     def _runs_cpu_path(self, tokens: torch.Tensor) -> bool:
+        """A training step on CPU in fp32/fp64, outside autocast and torch.compile."""
         return (self.cpu_workspace and tokens.device.type == "cpu"
                 and tokens.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and torch.is_grad_enabled()
+                and (tokens.requires_grad or any(p.requires_grad for p in self.parameters())))
 
     def _cpu_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         params = upsampling_stack_params(self.stages, self.seg_head)
         eps = self.stages[0][1].eps  # every stage's LayerNorm is built with the same eps
         self._workspace.start(tokens)
-        if torch.is_grad_enabled() and (tokens.requires_grad or any(p.requires_grad for p in params)):
-            return UpsamplingStackFunction.apply(tokens, self._workspace, eps, *params)
-        return upsampling_stack_inference(tokens, self._workspace, eps, params)
+        return UpsamplingStackFunction.apply(tokens, self._workspace, eps, *params)
 
     def _to_image(self, logits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         # Token index = ((row, col), (di_1, dj_1), ..., (di_n, dj_n)); output row = row * 2^n + di_1 * 2^(n-1)

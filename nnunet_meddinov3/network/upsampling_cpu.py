@@ -14,10 +14,14 @@ backwards) in the same order, so outputs and gradients equal ``UpsamplingStack``
 to float64 rounding). Only tensors that never leave this module are reused; the logits, the input's
 gradient and the parameters' gradients are fresh tensors.
 
-Used for fp32/fp64 CPU tensors outside autocast and outside ``torch.compile`` (which fuses these ops
-itself). On CUDA the caching allocator already reuses memory, so the plain path runs there.
+Used for training steps on fp32/fp64 CPU tensors outside autocast and outside ``torch.compile`` (which
+fuses these ops itself). On CUDA the caching allocator already reuses memory, so the plain path runs
+there; so it does for inference (no_grad), where holding every stage's buffers between calls would
+cost 25 % more peak memory for 6 % less time (ViT-B, 448 px, batch 2: 2058 vs 1652 MiB, 3.59 vs 3.80 s).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -26,15 +30,18 @@ _aten = torch.ops.aten
 
 
 class ReusableBuffers:
-    """Buffers by (shape, dtype, device), handed out once and taken back when their user is done.
+    """Flat buffers, handed out as views of the shape asked for and taken back when their user is done.
 
-    A buffer is in the free lists only while nothing uses it, so two steps in flight (say, a second
-    forward before the first backward) get different buffers. When the input's shape changes
-    (validation, inference at another batch size), the buffers of the old shape are dropped.
+    ``take`` returns the smallest free buffer holding at least the elements asked for and at most
+    twice as many (each decoder stage has twice the elements of the one before, so a dead forward
+    buffer of stage i carries the gradient for stage i - 1), else a new one. A buffer is free only
+    while nothing uses it, so two steps in flight (a second forward before the first backward) get
+    different buffers. When the input's shape changes (another batch size), the free buffers are
+    dropped.
     """
 
     def __init__(self):
-        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._free: list[torch.Tensor] = []
         self._input_key = None
 
     def start(self, x: torch.Tensor) -> None:
@@ -44,16 +51,25 @@ class ReusableBuffers:
             self._input_key = key
 
     def take(self, shape, like: torch.Tensor) -> torch.Tensor:
-        free = self._free.get((tuple(shape), like.dtype, like.device))
-        return free.pop() if free else torch.empty(shape, dtype=like.dtype, device=like.device)
+        numel = math.prod(shape)
+        fits = [i for i, b in enumerate(self._free) if b.dtype == like.dtype and b.device == like.device
+                and numel <= b.numel() <= 2 * numel]
+        if fits:
+            flat = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        else:
+            flat = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return flat[:numel].view(shape)
 
     def give_back(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
-            self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+            flat = t if t._base is None else t._base
+            if any(b is flat for b in self._free):
+                raise RuntimeError("internal error: a decoder buffer was given back twice")
+            self._free.append(flat)
 
-    def clear(self) -> None:
-        self._free.clear()
-        self._input_key = None
+    def held(self) -> list[torch.Tensor]:
+        """The free buffers (for tests and memory accounting)."""
+        return list(self._free)
 
 
 def transposed_conv_as_gemm_weight(conv: torch.Tensor) -> torch.Tensor:
@@ -120,35 +136,34 @@ class UpsamplingStackFunction(torch.autograd.Function):
             grads[4 * n] = (g.t() @ ctx.last).view_as(params[4 * n])
         if needs[4 * n + 1]:
             grads[4 * n + 1] = g.sum(0)
-        grad_z = buffers.take((g.shape[0], head_weight.shape[1]), g)
-        torch.mm(g, head_weight, out=grad_z)
-        consumed = ctx.last  # each stage's output, dead once the next stage's weight gradient is taken
+        # Each dead buffer is reused at once: the last stage's output holds its own gradient, a stage's
+        # GEMM output holds the gradient of the stage before, its GEMM weight holds the weight gradient.
+        grad_z = torch.mm(g, head_weight, out=ctx.last)
         for i in reversed(range(n)):
             x, w, y, u, mean, rstd = ctx.saved[i]
             ctx.saved[i] = None
             _, _, gamma, beta = params[4 * i: 4 * i + 4]
             c_out = gamma.shape[0]
-            # dL/du over u, which is dead after this
-            _aten.gelu_backward.grad_input(grad_z.view_as(u), u, grad_input=u)
+            _aten.gelu_backward.grad_input(grad_z.view_as(u), u, grad_input=u)  # u: dL/du from here on
             grad_y, grad_gamma, grad_beta = _aten.native_layer_norm_backward(
                 u, y, [c_out], mean, rstd, gamma, beta, [True, True, True])
-            buffers.give_back(y.view(x.shape[0], 4 * c_out), consumed.view(u.shape), grad_z)
             del u
+            buffers.give_back(grad_z, y)
             grad_y = grad_y.view(x.shape[0], 4 * c_out)
+            if i > 0:
+                grad_x = torch.mm(grad_y, w, out=buffers.take(x.shape, x))
+            else:  # the encoder's gradient leaves this module: a fresh tensor
+                grad_x = grad_y @ w if ctx.needs_input_grad[0] else None
             if needs[4 * i]:
-                grad_w = torch.mm(grad_y.t(), x, out=buffers.take(w.shape, w))
+                grad_w = torch.mm(grad_y.t(), x, out=w)
                 grads[4 * i] = grad_w.view(2, 2, c_out, -1).permute(3, 2, 0, 1).contiguous()
-                buffers.give_back(grad_w)
             if needs[4 * i + 1]:
                 grads[4 * i + 1] = grad_y.sum(0).view(4, c_out).sum(0)
             grads[4 * i + 2], grads[4 * i + 3] = grad_gamma, grad_beta
-            if i > 0:
-                grad_x = buffers.take(x.shape, x)
-                torch.mm(grad_y, w, out=grad_x)
-            else:  # the encoder's gradient leaves this module: a fresh tensor
-                grad_x = grad_y @ w if ctx.needs_input_grad[0] else None
             buffers.give_back(w)
-            grad_z, consumed = grad_x, x
+            if i > 0:  # the stage's input, the output of the stage before: dead after the weight gradient
+                buffers.give_back(x)
+            grad_z = grad_x
         ctx.saved = ctx.last = None
         grad_tokens = grad_z.view(ctx.tokens_shape) if grad_z is not None else None
         return (grad_tokens, None, None, *grads)
@@ -159,18 +174,3 @@ def upsampling_stack_params(stages: nn.Sequential, seg_head: nn.Conv2d) -> list[
     for conv, norm, _ in stages:
         params += [conv.weight, conv.bias, norm.weight, norm.bias]
     return params + [seg_head.weight, seg_head.bias]
-
-
-def upsampling_stack_inference(tokens, buffers: ReusableBuffers, eps: float, params) -> torch.Tensor:
-    """The forward without autograd (no_grad, inference): each stage's buffers go back at once."""
-    n = (len(params) - 2) // 4
-    x = tokens.reshape(-1, tokens.shape[-1])
-    for i in range(n):
-        z, (_, w, y, _, _, _) = _stage_forward(x, *params[4 * i: 4 * i + 4], eps, buffers)
-        buffers.give_back(w, y.view(x.shape[0], -1))
-        if i > 0:
-            buffers.give_back(x)
-        x = z
-    logits = _head_forward(x, *params[4 * n:])
-    buffers.give_back(x)
-    return logits.view(tokens.shape[0], -1, params[4 * n].shape[0])

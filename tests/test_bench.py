@@ -100,6 +100,34 @@ def test_tiny_bench_via_console_script(tmp_path, standin):
     assert report["meta"]["reference"]["import_root"] == str(standin / REFERENCE_PACKAGE_PARENT)
 
 
+def test_interleaved_bench_times_all_training_steps_in_one_process(tmp_path, standin):
+    """--interleave: round-robin training steps; --plain-decoder-too adds ours with the decoder's plain path."""
+    out = tmp_path / "interleaved.json"
+    env = {k: v for k, v in os.environ.items() if k != "MEDDINOV3_REFERENCE_REPO"}
+    proc = subprocess.run([*_console_script(), "bench", *TINY, "--device", "cpu", "--dtype", "fp32",
+                           "--decoders", "multiscale", "--interleave", "--plain-decoder-too",
+                           "--reference-repo", str(standin), "-o", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "round 3/3" in proc.stderr  # 1 warm-up + 2 timed rounds
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert [r["label"] for r in results] == ["nnU-Net PlainConvUNet", "tiny+multiscale",
+                                             "tiny+multiscale plain-decoder", "reference tiny+multiscale"]
+    for r in results:
+        assert "error" not in r, r.get("error")
+        assert r["interleaved"] is True and "inference" not in r
+        assert len(r["training"]["step_times_s"]) == 2 and r["training"]["peak_memory_bytes"] is None
+    ours, plain = results[1], results[2]
+    assert plain["config"]["plain_decoder"] is True and ours["config"]["plain_decoder"] is False
+    for r in (ours, plain):
+        assert r["ratios_to_reference"]["training_step_time"] == pytest.approx(
+            r["training"]["median_step_s"] / results[3]["training"]["median_step_s"])
+    assert "interleaved" in report["meta"]["method"] and report["meta"]["complete"] is True
+    assert "median training step (s):" in proc.stdout
+    assert "tiny+multiscale plain-decoder:" in proc.stdout and "x the reference's" in proc.stdout
+
+
 def test_wrong_reference_repo_exits_2_naming_both_layouts(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MEDDINOV3_REFERENCE_REPO", raising=False)
     assert main(["bench", *TINY, "--device", "cpu", "--reference-repo", str(tmp_path)]) == 2

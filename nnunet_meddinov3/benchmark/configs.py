@@ -61,6 +61,9 @@ class BenchConfig:
     # baseline and the reference stay fp32 on CPU, as their nnU-Net trainers run there.
     cpu_bf16: bool = False
     compile: str | None = None  # None or one of COMPILE_MODES
+    # OURS: the decoder's plain autograd path on CPU too (UpsamplingStack.cpu_workspace = False), to
+    # measure what the CPU path gains; on CUDA both paths are the plain one.
+    plain_decoder: bool = False
     peak_tflops: float | None = None
     # REFERENCE only: the folder holding the reference's ``dinov3`` package (resolve_reference_repo's answer).
     reference_repo: str | None = None
@@ -90,6 +93,8 @@ class BenchConfig:
                 name += " ckpt"
             if self.runs_cpu_bf16:
                 name += " bf16"
+            if self.plain_decoder:
+                name += " plain-decoder"
         if self.compile == "network" or (self.compile == "encoder" and not self.is_baseline):
             name += " compiled"
         return name
@@ -103,10 +108,12 @@ class BenchConfig:
 
 
 def build_configs(encoders: Sequence[str], decoders: Sequence[str], patch_sizes: Sequence[int], *,
-                  baseline: bool = True, reference_repo: str | None = None, **common) -> list[BenchConfig]:
-    """Per patch size: the nnU-Net baseline, then every encoder x decoder, each followed by the
-    MedDINOv3 reference of the same encoder and decoder when ``reference_repo`` is given and the
-    reference has that decoder (REFERENCE_DECODERS: not ``bottleneck``).
+                  baseline: bool = True, reference_repo: str | None = None, plain_decoder_too: bool = False,
+                  **common) -> list[BenchConfig]:
+    """Per patch size: the nnU-Net baseline, then every encoder x decoder (with ``plain_decoder_too``,
+    followed by the same with the decoder's plain path), each followed by the MedDINOv3 reference of
+    the same encoder and decoder when ``reference_repo`` is given and the reference has that decoder
+    (REFERENCE_DECODERS: not ``bottleneck``).
 
     ``reference_repo`` is the folder holding the reference's ``dinov3`` package, or the repository
     root (resolve_reference_repo). The reference is built without gradient checkpointing (it has
@@ -124,6 +131,9 @@ def build_configs(encoders: Sequence[str], decoders: Sequence[str], patch_sizes:
         for encoder in encoders:
             for decoder in decoders:
                 configs.append(BenchConfig(network=OURS, patch_size=patch, encoder=encoder, decoder=decoder, **common))
+                if plain_decoder_too:
+                    configs.append(BenchConfig(network=OURS, patch_size=patch, encoder=encoder, decoder=decoder,
+                                               plain_decoder=True, **common))
                 if reference_repo is not None and decoder in REFERENCE_DECODERS:
                     configs.append(BenchConfig(network=REFERENCE, patch_size=patch, encoder=encoder, decoder=decoder,
                                                reference_repo=reference_repo,

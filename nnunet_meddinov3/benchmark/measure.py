@@ -71,7 +71,7 @@ class PeakMemory:
         return max(0, _peak_rss_bytes() - self.rss_start)
 
 
-def _synchronize(device) -> None:
+def synchronize(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -80,14 +80,14 @@ def time_steps(step: Callable[[], object], device, warmup: int, repeats: int,
                after_warmup: Callable[[], object] | None = None) -> list[float]:
     for _ in range(warmup):
         step()
-    _synchronize(device)
+    synchronize(device)
     if after_warmup is not None:
         after_warmup()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -126,6 +126,91 @@ def _out_of_memory(error: BaseException) -> dict:
     return {"error": f"out of memory: {str(error).splitlines()[0]}"}
 
 
+class Workload:
+    """One configuration's network, inputs, loss, optimiser and steps, as its trainer runs them.
+
+    Built on ``device`` with seed 0; ``train_step``/``infer_step`` take another module to run the same
+    step through it (the eager network, for FLOP counting).
+    """
+
+    def __init__(self, config: BenchConfig, parts: NNUNetParts, device: torch.device):
+        self.config, self.parts, self.device = config, parts, device
+        torch.manual_seed(0)
+        self.model = build_network(config, parts).to(device)
+        if config.plain_decoder:
+            self.model.decoder.upsample.cpu_workspace = False
+        self.images = torch.randn(config.batch_size, config.input_channels, config.patch_size, config.patch_size,
+                                  device=device)
+        labels = torch.randint(0, config.num_classes,
+                               (config.batch_size, 1, config.patch_size, config.patch_size), device=device)
+        # as nnU-Net's data loader makes them, once, outside the timing
+        self.targets = parts.deep_supervision_targets(labels) if config.is_baseline else labels
+
+        # MedDINOv3Net autocasts itself; the other two need the caller's autocast, as in nnU-Net's
+        # train_step. The reference on CUDA: fp16 autocast + GradScaler, as its nnU-Net trainer, whatever
+        # config.dtype says.
+        on_cuda = device.type == "cuda"
+        self.autocast_dtype, self.scaler = None, None
+        if config.is_reference:
+            self.effective_dtype = REFERENCE_EFFECTIVE_DTYPE_CUDA if on_cuda else "fp32"
+            if on_cuda:
+                self.autocast_dtype, self.scaler = torch.float16, torch.amp.GradScaler("cuda")
+        else:
+            use_bf16 = on_cuda and config.dtype == "bf16"
+            self.effective_dtype = "bf16" if use_bf16 or config.runs_cpu_bf16 else "fp32"
+            if use_bf16 and config.is_baseline:
+                self.autocast_dtype = torch.bfloat16
+
+        self.eager_model = self.run_model = self.model
+        self.compiled_blocks = None
+        if config.compile == "network":
+            self.run_model = torch.compile(self.model)
+        elif config.compile == "encoder" and config.is_reference:
+            self.compiled_blocks = CompiledBlocks(self.model.dino_encoder)
+        elif config.compile == "encoder" and not config.is_baseline:
+            self.compiled_blocks = CompiledBlocks(self.model.encoder.vit)
+        self.optimizer = None
+
+    def _precision(self):
+        if self.autocast_dtype:
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return contextlib.nullcontext()
+
+    def set_mode(self, training: bool) -> None:
+        """train()/eval(), and the baseline's deep supervision on for training, off for inference."""
+        self.model.train(training)
+        if self.config.is_baseline:
+            self.model.decoder.deep_supervision = training
+
+    def build_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.config, self.parts)
+
+    def infer_step(self, net=None):
+        with self._precision():
+            return (self.run_model if net is None else net)(self.images)
+
+    def train_step(self, net=None):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._precision():
+            loss = self.parts.loss((self.run_model if net is None else net)(self.images), self.targets)
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
+            self.optimizer.step()
+        else:  # nnUNetTrainer.train_step with its GradScaler
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return loss.item()
+
+    def describe(self) -> dict:
+        return {"label": self.config.label, "config": dataclasses.asdict(self.config),
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "effective_dtype": self.effective_dtype}
+
+
 def measure(config: BenchConfig, nnunet_plan: dict | None = None) -> dict:
     """Build the configuration's network and time inference then training; one process per call.
 
@@ -140,94 +225,30 @@ def measure(config: BenchConfig, nnunet_plan: dict | None = None) -> dict:
                               require_patch=config.is_baseline)
     # nnU-Net's trainer (loss, optimiser, targets), built before the memory baseline: it holds no tensors
     parts = NNUNetParts.build(nnunet_plan, device, deep_supervision=config.is_baseline)
-    torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training and predictor set it
     memory = PeakMemory(device)
     memory.start()
-
-    model = build_network(config, parts).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    images = torch.randn(config.batch_size, config.input_channels, config.patch_size, config.patch_size,
-                         device=device)
-    labels = torch.randint(0, config.num_classes, (config.batch_size, 1, config.patch_size, config.patch_size),
-                           device=device)
-    # as nnU-Net's data loader makes them, once, outside the timing
-    targets = parts.deep_supervision_targets(labels) if config.is_baseline else labels
-    loss_fn = parts.loss
-
-    # MedDINOv3Net autocasts itself; the other two need the caller's autocast, as in nnU-Net's train_step.
-    # The reference on CUDA: fp16 autocast + GradScaler, as its nnU-Net trainer, whatever config.dtype says.
-    on_cuda = device.type == "cuda"
-    autocast_dtype, scaler = None, None
-    if config.is_reference:
-        effective_dtype = REFERENCE_EFFECTIVE_DTYPE_CUDA if on_cuda else "fp32"
-        if on_cuda:
-            autocast_dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
-    else:
-        use_bf16 = on_cuda and config.dtype == "bf16"
-        effective_dtype = "bf16" if use_bf16 or config.runs_cpu_bf16 else "fp32"
-        if use_bf16 and config.is_baseline:
-            autocast_dtype = torch.bfloat16
-
-    def precision():
-        return torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-
-    eager_model, run_model, compiled_blocks = model, model, None
-    if config.compile == "network":
-        run_model = torch.compile(model)
-    elif config.compile == "encoder" and config.is_reference:
-        compiled_blocks = CompiledBlocks(model.dino_encoder)
-    elif config.compile == "encoder" and not config.is_baseline:
-        compiled_blocks = CompiledBlocks(model.encoder.vit)
-
-    def set_deep_supervision(enabled: bool) -> None:
-        if config.is_baseline:
-            model.decoder.deep_supervision = enabled
-
-    def infer_step(net=None):
-        with precision():
-            return (run_model if net is None else net)(images)
-
-    optimizer = None
-
-    def train_step(net=None):
-        optimizer.zero_grad(set_to_none=True)
-        with precision():
-            loss = loss_fn((run_model if net is None else net)(images), targets)
-        if scaler is None:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-            optimizer.step()
-        else:  # nnUNetTrainer.train_step with its GradScaler
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-            scaler.step(optimizer)
-            scaler.update()
-        return loss.item()
-
-    result = {"label": config.label, "config": dataclasses.asdict(config), "parameters": n_params,
-              "effective_dtype": effective_dtype}
+    work = Workload(config, parts, device)
+    result = work.describe()
 
     # Inference first: on CPU the peak RSS only grows, and training's peak is the larger one.
-    model.eval()
-    set_deep_supervision(False)
+    work.set_mode(False)
     memory.new_phase()
     try:
         with torch.no_grad():
-            times = time_steps(infer_step, device, config.warmup, config.repeats)
+            times = time_steps(work.infer_step, device, config.warmup, config.repeats)
         result["inference"] = _phase_result(times, config.batch_size, memory.peak_bytes())
     except torch.OutOfMemoryError as e:
         result["inference"] = _out_of_memory(e)
 
-    model.train()
-    set_deep_supervision(True)
+    work.set_mode(True)
     memory.new_phase()
+    scaler = work.scaler
     try:
-        optimizer = build_optimizer(model, config, parts)
+        work.build_optimizer()
         scale_before = []
-        times = time_steps(train_step, device, config.warmup, config.repeats,
+        times = time_steps(work.train_step, device, config.warmup, config.repeats,
                            after_warmup=(lambda: scale_before.append(scaler.get_scale())) if scaler else None)
         result["training"] = _phase_result(times, config.batch_size, memory.peak_bytes())
         if scaler is not None:
@@ -237,15 +258,14 @@ def measure(config: BenchConfig, nnunet_plan: dict | None = None) -> dict:
 
     # FLOPs last (the counting step allocates like a real one), on the eager modules.
     peak_tflops = config.peak_tflops if device.type == "cuda" else None
-    with compiled_blocks.eager() if compiled_blocks else contextlib.nullcontext():
-        for phase, step, training in (("inference", infer_step, False), ("training", train_step, True)):
+    with work.compiled_blocks.eager() if work.compiled_blocks else contextlib.nullcontext():
+        for phase, step, training in (("inference", work.infer_step, False), ("training", work.train_step, True)):
             if "error" in result[phase]:
                 continue
-            model.train(training)
-            set_deep_supervision(training)
+            work.set_mode(training)
             try:
                 with torch.enable_grad() if training else torch.no_grad():
-                    flops = count_flops(lambda: step(eager_model))
+                    flops = count_flops(lambda: step(work.eager_model))
             except torch.OutOfMemoryError:
                 continue
             result[phase]["flops_per_step"] = flops

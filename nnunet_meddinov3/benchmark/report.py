@@ -130,3 +130,18 @@ def format_table(results: list[dict]) -> str:
                  "encoder, decoder, patch and batch (>1: ours faster); on CUDA the reference runs fp16 autocast + "
                  "GradScaler, as its trainer.")
     return "\n".join(lines)
+
+
+def format_step_times(results: list[dict]) -> str:
+    """Median training step per entry, and ours over the reference's (the CPU goal's measure)."""
+    lines = ["median training step (s):"]
+    for r in results:
+        step = r.get("training", {}).get("median_step_s")
+        if step is None:
+            continue
+        line = f"  {r['label']}: {step:.3g}"
+        to_reference = r.get("ratios_to_reference", {}).get("training_step_time")
+        if to_reference is not None:
+            line += f" = {to_reference:.2f}x the reference's"
+        lines.append(line)
+    return "\n".join(lines)

@@ -4,11 +4,14 @@ optionally next to the MedDINOv3 reference implementation (``--reference-repo``,
 https://github.com/ricklisz/MedDINOv3: its Primus_Multiscale / Primus for our multiscale / single
 decoders, built as its trainer builds them; there is no reference for the bottleneck decoder).
 
-Each configuration runs in a fresh process, so peak memory is per configuration. See
+Each configuration runs in a fresh process, so peak memory is per configuration; ``--interleave``
+instead times training steps of all of them in one process, one step of each in turn. See
 :mod:`nnunet_meddinov3.benchmark.bench` for exactly what a step is (loss, optimiser, precision).
 
     meddinov3 bench --device cuda --encoders vitb16 --decoders multiscale bottleneck --patch-sizes 896
     meddinov3 bench --device cuda --decoders multiscale --patch-sizes 448 --reference-repo ~/MedDINOv3
+    meddinov3 bench --device cpu --dtype fp32 --decoders multiscale --patch-sizes 448 --no-baseline \
+        --interleave --plain-decoder-too --reference-repo ~/MedDINOv3
 """
 from __future__ import annotations
 
@@ -57,6 +60,13 @@ def add_arguments(parser) -> None:
                              f"bottleneck); on CUDA it runs fp16 autocast + GradScaler as its trainer, whatever "
                              f"--dtype says (default: ${REFERENCE_REPO_ENV})")
     parser.add_argument("--no-baseline", action="store_true", help="skip the nnU-Net PlainConvUNet baseline")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time training steps only, all configurations in this one process, one step of each "
+                             "in turn: machine drift hits all alike (for CPU comparisons); no memory, inference "
+                             "or FLOP numbers")
+    parser.add_argument("--plain-decoder-too", action="store_true",
+                        help="also run each of our networks with the decoder's plain autograd path, to see what "
+                             "the CPU path (buffers reused between steps) gains; the same on CUDA")
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                         help=f"accelerator peak for MFU, in TFLOP/s (default {DEFAULT_PEAK_TFLOPS:g}: H100 dense bf16)")
     parser.add_argument("--worker-timeout", type=float, default=1800.0, metavar="S",
@@ -73,8 +83,11 @@ def run(args) -> int:
     import torch
 
     from nnunet_meddinov3.benchmark.bench import (
-        METHOD_NOTES, REFERENCE_DECODERS, ReferenceRepoError, build_configs, environment, format_table,
-        nnunet_2d_arch_kwargs, reference_commit, resolve_reference_repo, run_benchmark, write_report)
+        METHOD_NOTES, REFERENCE_DECODERS, ReferenceRepoError, add_baseline_ratios, add_reference_ratios,
+        build_configs, environment, format_table, nnunet_2d_arch_kwargs, reference_commit,
+        resolve_reference_repo, run_benchmark, write_report)
+    from nnunet_meddinov3.benchmark.interleaved import INTERLEAVED_NOTE, measure_interleaved
+    from nnunet_meddinov3.benchmark.report import format_step_times
 
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,7 +137,7 @@ def run(args) -> int:
         reference_repo=reference["import_root"] if reference else None, batch_size=args.batch_size,
         num_classes=args.classes, device=device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
         compile=args.compile, grad_checkpointing=args.grad_checkpointing, cpu_bf16=args.cpu_bf16,
-        peak_tflops=args.peak_tflops)
+        peak_tflops=args.peak_tflops, plain_decoder_too=args.plain_decoder_too)
     started = time.time()
     meta = {"command": "meddinov3 " + shlex.join(args.argv), "device": device,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -137,9 +150,20 @@ def run(args) -> int:
             write_report(args.output, results, {**meta, "wall_s": time.time() - started,
                                                 "complete": len(results) == len(configs)})
 
-    results = run_benchmark(configs, timeout_s=args.worker_timeout, on_result=save,
-                            progress=lambda message: print(message, file=sys.stderr, flush=True))
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    if args.interleave:
+        meta["method"] = {**METHOD_NOTES, "interleaved": INTERLEAVED_NOTE}
+        results = measure_interleaved(configs, progress=progress)
+        add_baseline_ratios(results)
+        add_reference_ratios(results)
+        save(results)
+    else:
+        results = run_benchmark(configs, timeout_s=args.worker_timeout, on_result=save, progress=progress)
     print(format_table(results))
+    if args.interleave:
+        print(format_step_times(results))
     if args.output:
         print(f"\nWrote {args.output}")
     failed = [r["label"] for r in results if "error" in r]

@@ -1,0 +1,84 @@
+"""Training step times of several configurations in one process, one step of each in turn.
+
+Why: on a small shared CPU the speed of the machine drifts over minutes (other processes, memory
+state, clocks), so step times measured one configuration after another compare different machines.
+Round-robin steps in one process see the same drift, and their ratios are stable where separate
+processes' are not (the separate-process ``meddinov3 bench`` stays the source of memory and
+inference numbers: here all networks share one process, so neither is measured).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from nnunet_meddinov3.benchmark.baseline import NNUNetParts, plan_2d
+from nnunet_meddinov3.benchmark.configs import BenchConfig
+from nnunet_meddinov3.benchmark.measure import Workload, synchronize
+from nnunet_meddinov3.benchmark.reference import import_reference
+
+
+INTERLEAVED_NOTE = ("all configurations in one process; after each one's warm-up steps, rounds of one timed "
+                     "training step per configuration in turn; median over the rounds; no memory, inference "
+                     "or FLOP numbers")
+
+
+def measure_interleaved(configs: Sequence[BenchConfig], progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Each configuration's ``warmup`` steps, then ``repeats`` rounds of one timed training step each
+    (the largest ``warmup``/``repeats`` among them). A configuration that cannot be built or run gets
+    ``{"error": ...}`` and leaves the rounds; the others go on."""
+    say = progress or (lambda message: None)
+    workloads, results = [], []
+    plans: dict[tuple, dict] = {}
+    for config in configs:
+        result = {"label": config.label, "config": dataclasses.asdict(config), "interleaved": True}
+        try:
+            if config.is_reference:
+                import_reference(config.reference_repo)
+            key = (config.patch_size, config.num_classes, config.input_channels, config.is_baseline)
+            if key not in plans:
+                plans[key] = plan_2d(config.patch_size, config.num_classes, config.input_channels,
+                                     require_patch=config.is_baseline)
+            device = torch.device(config.device)
+            parts = NNUNetParts.build(plans[key], device, deep_supervision=config.is_baseline)
+            work = Workload(config, parts, device)
+            work.set_mode(True)
+            work.build_optimizer()
+            result.update(work.describe(), interleaved=True)
+            workloads.append((work, result, []))
+        except (ValueError, ImportError, RuntimeError) as e:
+            result["error"] = f"{type(e).__name__}: {e}"
+            say(f"    {config.label}: {result['error']}")
+        results.append(result)
+
+    warmup = max((w.config.warmup for w, _, _ in workloads), default=0)
+    repeats = max((w.config.repeats for w, _, _ in workloads), default=0)
+    for round_ in range(warmup + repeats):
+        timed = round_ >= warmup
+        say(f"round {round_ + 1}/{warmup + repeats}" + ("" if timed else " (warm-up)"))
+        for work, result, times in workloads:
+            if "error" in result:
+                continue
+            try:
+                synchronize(work.device)
+                start = time.perf_counter()
+                work.train_step()
+                synchronize(work.device)
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                say(f"    {work.config.label}: {result['error']}")
+                continue
+            if timed:
+                times.append(time.perf_counter() - start)
+
+    for work, result, times in workloads:
+        if "error" in result or not times:
+            continue
+        median = statistics.median(times)
+        result["training"] = {"median_step_s": median, "step_times_s": times,
+                              "images_per_s": work.config.batch_size / median,
+                              "peak_memory_bytes": None, "flops_per_step": None}
+    return results

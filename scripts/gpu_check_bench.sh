@@ -2,6 +2,7 @@
 # GPU check of `meddinov3 bench` (issue 5): about 6 minutes on one H100 (8 at most: every run
 # is bounded by a timeout; give the device call timeout_s >= 480).
 #
+#   Steps 1 and 3 also profile one training step (--profile: the 15 kernels with the most CUDA time).
 #   1. ViT-B/16 at 896x896, batch 2, bf16: MedDINOv3Net multiscale and bottleneck decoders next to the
 #      nnU-Net PlainConvUNet planned for the same patch and, when MEDDINOV3_REFERENCE_REPO is set, the
 #      MedDINOv3 reference's Primus_Multiscale (--reference-repo; fp16 autocast + GradScaler, as its
@@ -83,7 +84,7 @@ BENCH=("$PY" -m nnunet_meddinov3.cli.main bench --device cuda --dtype bf16 --enc
        --patch-sizes 896)
 
 echo "== 1/3: baseline vs multiscale/bottleneck${REFERENCE[0]:+ vs the MedDINOv3 reference}"
-timeout 160 "${BENCH[@]}" --batch-size 2 --decoders multiscale bottleneck ${REFERENCE[@]+"${REFERENCE[@]}"} --warmup 5 --repeats 20 \
+timeout 160 "${BENCH[@]}" --batch-size 2 --decoders multiscale bottleneck ${REFERENCE[@]+"${REFERENCE[@]}"} --warmup 5 --repeats 20 --profile \
     --worker-timeout 90 -o "$OUT_DIR/bench_vitb16_896.json" 2>&1 | tee "$OUT_DIR/bench_vitb16_896.txt"
 status=${PIPESTATUS[0]}
 
@@ -94,7 +95,7 @@ timeout 190 "${BENCH[@]}" --batch-size 2 --decoders multiscale --no-baseline --c
 
 echo "== 3/3: multiscale compiled, batch 8"
 timeout 100 "${BENCH[@]}" --batch-size 8 --decoders multiscale --no-baseline --compile network \
-    --warmup 2 --repeats 8 --worker-timeout 95 -o "$OUT_DIR/bench_vitb16_896_compile_b8.json" 2>&1 \
+    --warmup 2 --repeats 8 --profile --worker-timeout 95 -o "$OUT_DIR/bench_vitb16_896_compile_b8.json" 2>&1 \
     | tee "$OUT_DIR/bench_vitb16_896_compile_b8.txt"
 
 exit "$status"

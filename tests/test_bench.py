@@ -128,6 +128,23 @@ def test_interleaved_bench_times_all_training_steps_in_one_process(tmp_path, sta
     assert "tiny+multiscale plain-decoder:" in proc.stdout and "x the reference's" in proc.stdout
 
 
+def test_profile_lists_the_ops_with_the_most_self_time(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MEDDINOV3_REFERENCE_REPO", raising=False)
+    out = tmp_path / "profile.json"
+    assert main(["bench", *TINY, "--device", "cpu", "--no-baseline", "--decoders", "single", "--profile",
+                 "-o", str(out)]) == 0
+    profile = json.loads(out.read_text())["results"][0]["training"]["profile"]
+    assert profile["clock"] == "cpu" and 0 < len(profile["top"]) <= 15
+    self_ms = [entry["self_ms"] for entry in profile["top"]]
+    assert self_ms == sorted(self_ms, reverse=True) and sum(self_ms) <= profile["total_self_ms"] + 1e-6
+    assert any(entry["name"] in ("aten::mm", "aten::addmm") for entry in profile["top"])  # the GEMMs show
+    stdout = capsys.readouterr().out
+    assert "tiny+single: one training step" in stdout and profile["top"][0]["name"][:40] in stdout
+    # each configuration is profiled in its own process, which --interleave does not have
+    assert main(["bench", *TINY, "--device", "cpu", "--interleave", "--profile"]) == 2
+    assert "without --interleave" in capsys.readouterr().err
+
+
 def test_wrong_reference_repo_exits_2_naming_both_layouts(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MEDDINOV3_REFERENCE_REPO", raising=False)
     assert main(["bench", *TINY, "--device", "cpu", "--reference-repo", str(tmp_path)]) == 2

@@ -34,6 +34,8 @@ METHOD_NOTES = {
               "CPU: peak RSS growth over the process before the network was built (ru_maxrss)",
     "flops": "torch.utils.flop_counter.FlopCounterMode on one eager step (matmul/conv/attention only)",
     "throughput": "batch_size / median step time over the repeats, after the warm-up steps",
+    "profile": "--profile: one training step after the timed ones under torch.profiler; the 15 entries with the "
+               "most self time (CUDA: device time, i.e. kernels; CPU: CPU time of aten ops), in ms",
     "ratios": "ratios_to_baseline: vs the nnU-Net network of the same patch/batch/device/dtype; "
               "ratios_to_reference (our entries): ours / the reference of the same encoder, decoder, patch, "
               "batch, device (throughput >1 and step time <1: ours faster; memory >1: ours uses more)",
@@ -64,6 +66,8 @@ class BenchConfig:
     # OURS: the decoder's plain autograd path on CPU too (UpsamplingStack.cpu_workspace = False), to
     # measure what the CPU path gains; on CUDA both paths are the plain one.
     plain_decoder: bool = False
+    # after the timing, one training step under torch.profiler: the ops/kernels with the most self time
+    profile: bool = False
     peak_tflops: float | None = None
     # REFERENCE only: the folder holding the reference's ``dinov3`` package (resolve_reference_repo's answer).
     reference_repo: str | None = None

@@ -108,6 +108,28 @@ def count_flops(step: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+PROFILE_TOP = 15
+
+
+def profile_step(step: Callable[[], object], device) -> dict:
+    """One call of ``step`` under torch.profiler: the ``PROFILE_TOP`` entries with the most self time
+    (on CUDA the device time, so the kernels; on CPU the aten ops' CPU time), and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    attribute = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attribute) > 0]
+    events.sort(key=lambda e: getattr(e, attribute), reverse=True)
+    return {"clock": "device" if on_cuda else "cpu",
+            "total_self_ms": sum(getattr(e, attribute) for e in events) / 1e3,
+            "top": [{"name": e.key, "self_ms": getattr(e, attribute) / 1e3, "calls": e.count}
+                    for e in events[:PROFILE_TOP]]}
+
+
 def grad_scaler_report(scale_before: float, scale_after: float) -> dict:
     """GradScaler scale around the timed steps. Each step with inf/NaN gradients halves the scale and
     skips the optimiser step (a cheaper step); the scale grows only after 2000 clean steps, so over
@@ -253,6 +275,8 @@ def measure(config: BenchConfig, nnunet_plan: dict | None = None) -> dict:
         result["training"] = _phase_result(times, config.batch_size, memory.peak_bytes())
         if scaler is not None:
             result["training"]["grad_scaler"] = grad_scaler_report(scale_before[0], scaler.get_scale())
+        if config.profile:
+            result["training"]["profile"] = profile_step(work.train_step, device)
     except torch.OutOfMemoryError as e:
         result["training"] = _out_of_memory(e)
 

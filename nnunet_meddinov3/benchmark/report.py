@@ -145,3 +145,19 @@ def format_step_times(results: list[dict]) -> str:
             line += f" = {to_reference:.2f}x the reference's"
         lines.append(line)
     return "\n".join(lines)
+
+
+def format_profiles(results: list[dict]) -> str:
+    """Each profiled entry's top ops/kernels by self time (``--profile``)."""
+    blocks = []
+    for r in results:
+        profile = r.get("training", {}).get("profile")
+        if not profile:
+            continue
+        lines = [f"{r['label']}: one training step, self {profile['clock']} time {profile['total_self_ms']:.1f} ms; "
+                 f"top {len(profile['top'])}:"]
+        for entry in profile["top"]:
+            share = 100 * entry["self_ms"] / profile["total_self_ms"] if profile["total_self_ms"] else 0.0
+            lines.append(f"  {entry['self_ms']:10.2f} ms {share:5.1f} %  {entry['calls']:5d}x  {entry['name'][:90]}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

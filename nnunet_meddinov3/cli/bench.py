@@ -64,6 +64,9 @@ def add_arguments(parser) -> None:
                         help="time training steps only, all configurations in this one process, one step of each "
                              "in turn: machine drift hits all alike (for CPU comparisons); no memory, inference "
                              "or FLOP numbers")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timing, profile one training step (torch.profiler) and print the 15 "
+                             "ops/kernels with the most self time (CUDA: kernel time); not with --interleave")
     parser.add_argument("--plain-decoder-too", action="store_true",
                         help="also run each of our networks with the decoder's plain autograd path, to see what "
                              "the CPU path (buffers reused between steps) gains; the same on CUDA")
@@ -87,7 +90,7 @@ def run(args) -> int:
         build_configs, environment, format_table, nnunet_2d_arch_kwargs, reference_commit,
         resolve_reference_repo, run_benchmark, write_report)
     from nnunet_meddinov3.benchmark.interleaved import INTERLEAVED_NOTE, measure_interleaved
-    from nnunet_meddinov3.benchmark.report import format_step_times
+    from nnunet_meddinov3.benchmark.report import format_profiles, format_step_times
 
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,6 +112,8 @@ def run(args) -> int:
             return _error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         return _error("--warmup must be >= 0")
+    if args.profile and args.interleave:
+        return _error("--profile profiles each configuration in its own process; run it without --interleave")
     reference = None
     if args.reference_repo:
         # Resolved here, before any worker starts, so that a wrong path fails at once.
@@ -137,7 +142,7 @@ def run(args) -> int:
         reference_repo=reference["import_root"] if reference else None, batch_size=args.batch_size,
         num_classes=args.classes, device=device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
         compile=args.compile, grad_checkpointing=args.grad_checkpointing, cpu_bf16=args.cpu_bf16,
-        peak_tflops=args.peak_tflops, plain_decoder_too=args.plain_decoder_too)
+        peak_tflops=args.peak_tflops, plain_decoder_too=args.plain_decoder_too, profile=args.profile)
     started = time.time()
     meta = {"command": "meddinov3 " + shlex.join(args.argv), "device": device,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -164,6 +169,8 @@ def run(args) -> int:
     print(format_table(results))
     if args.interleave:
         print(format_step_times(results))
+    if args.profile:
+        print("\n" + format_profiles(results))
     if args.output:
         print(f"\nWrote {args.output}")
     failed = [r["label"] for r in results if "error" in r]

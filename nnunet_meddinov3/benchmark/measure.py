@@ -26,7 +26,7 @@ import torch
 from torch.utils import flop_counter
 
 from nnunet_meddinov3.benchmark.baseline import NNUNetParts, plan_2d
-from nnunet_meddinov3.benchmark.configs import BenchConfig
+from nnunet_meddinov3.benchmark.configs import OURS, BenchConfig
 from nnunet_meddinov3.benchmark.factories import CompiledBlocks, build_network, build_optimizer
 from nnunet_meddinov3.benchmark.reference import REFERENCE_EFFECTIVE_DTYPE_CUDA, import_reference
 
@@ -159,7 +159,7 @@ class Workload:
         self.config, self.parts, self.device = config, parts, device
         torch.manual_seed(0)
         self.model = build_network(config, parts).to(device)
-        if config.plain_decoder:
+        if config.plain_decoder and config.network == OURS:
             self.model.decoder.upsample.cpu_workspace = False
         self.images = torch.randn(config.batch_size, config.input_channels, config.patch_size, config.patch_size,
                                   device=device)

@@ -69,7 +69,7 @@ def add_arguments(parser) -> None:
                              "ops/kernels with the most self time (CUDA: kernel time); not with --interleave")
     parser.add_argument("--plain-decoder-too", action="store_true",
                         help="also run each of our networks with the decoder's plain autograd path, to see what "
-                             "the CPU path (buffers reused between steps) gains; the same on CUDA")
+                             "the CPU path (buffers reused between steps) gains (on CUDA both run the plain path)")
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                         help=f"accelerator peak for MFU, in TFLOP/s (default {DEFAULT_PEAK_TFLOPS:g}: H100 dense bf16)")
     parser.add_argument("--worker-timeout", type=float, default=1800.0, metavar="S",

@@ -1,5 +1,7 @@
 """The decoder's CPU path (one autograd node, buffers reused across steps) computes what the plain
 autograd path computes, step after step."""
+import copy
+
 import pytest
 import torch
 
@@ -19,15 +21,9 @@ def _decoder(name, dtype=torch.float64, seed=0):
 
 
 def _plain_twin(decoder):
-    twin = DECODERS[_name_of(decoder)](embed_dim=EMBED, num_layers=3, num_classes=5)
-    twin = twin.to(next(decoder.parameters()).dtype)
-    twin.load_state_dict(decoder.state_dict())
+    twin = copy.deepcopy(decoder)
     twin.upsample.cpu_workspace = False
     return twin
-
-
-def _name_of(decoder):
-    return next(name for name, cls in DECODERS.items() if isinstance(decoder, cls))
 
 
 def _step(decoder, tokens, grid, upstream):

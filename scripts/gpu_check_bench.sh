@@ -36,20 +36,7 @@
 #                 command "MEDDINOV3_REFERENCE_REPO=.meddinov3_ref bash scripts/gpu_check_bench.sh"
 set -uo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-OUT_DIR="${OUT:-$ROOT/bench_out}"
-mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1
-# Carried packages go ahead of site-packages (the image's timm may predate DINOv3).
-EXTRA=""
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && EXTRA=":/tmp/site"
-fi
-[ -d .pydeps ] && EXTRA=":$ROOT/.pydeps$EXTRA"
-export PYTHONPATH="$ROOT$EXTRA${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" bench_out
 
 REFERENCE=()
 if [ -n "${MEDDINOV3_REFERENCE_REPO:-}" ]; then

@@ -12,19 +12,14 @@
 #      (--disable_tta): seconds per volume.
 # Writes $OUT/gpu_check_train.json (else ./gpu_check_train.json) and the logs next to it.
 #
-# Needs nnunetv2 and this repository importable (scripts/gpu_check_bench.sh says how to carry them); the
+# Needs nnunetv2 (carried as scripts/gpu_check_bench.sh says; scripts/gpu_env.sh puts it on the path); the
 # nnUNetv2_* console scripts are used when installed, else the same entry functions through python -c.
 # Knobs for a CPU dry run of the plumbing: CHECK_SIZE=tiny (tiny ViT, small volumes, few iterations,
 # on the CPU), EPOCHS, TARGET_PATCH, GPU_MEMORY_GB, TRAINER, DEVICE, STEPS ("train predict" by default).
 set -uo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-OUT_DIR="${OUT:-$ROOT}"
-mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python3}"
-[ -d .pydeps ] && export PYTHONPATH="$ROOT/.pydeps${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" .
+export PYTHONWARNINGS=ignore
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_train.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 export nnUNet_raw="$WORK/raw" nnUNet_preprocessed="$WORK/preprocessed" nnUNet_results="$WORK/results"

@@ -41,7 +41,7 @@ UNBOUNDED_VRAM_GB = 1e9  # the planner's VRAM loop never shrinks the patch
 
 
 @contextlib.contextmanager
-def _environment(**values: str):
+def temporary_environment(**values: str):
     """Set environment variables for the block (nnU-Net 2.8 reads its paths from the environment on
     every use), then restore them."""
     saved = {k: os.environ.get(k) for k in values}
@@ -91,7 +91,7 @@ def _plan_2d(patch_size: int, num_classes: int, input_channels: int) -> str:
     with tempfile.TemporaryDirectory(prefix="meddinov3-bench-") as tmp:
         root = Path(tmp)
         dataset_json = _write_dataset(root, patch_size, num_classes, input_channels)
-        with _environment(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+        with temporary_environment(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
                           nnUNet_results=str(root / "results"), nnUNet_compile="false"), \
                 contextlib.redirect_stdout(io.StringIO()):  # the planner's progress lines
             plans = ExperimentPlanner(DATASET_NAME, gpu_memory_target_in_gb=UNBOUNDED_VRAM_GB).plan_experiment()
@@ -132,7 +132,7 @@ class NNUNetParts:
         trainer_class = nnUNetTrainer if deep_supervision else nnUNetTrainerNoDeepSupervision
         plans = {**plan["plans"], "continue_training": False}  # run_training adds this before building a trainer
         with tempfile.TemporaryDirectory(prefix="meddinov3-bench-") as tmp, \
-                _environment(nnUNet_results=tmp, nnUNet_compile="false"), \
+                temporary_environment(nnUNet_results=tmp, nnUNet_compile="false"), \
                 contextlib.redirect_stdout(io.StringIO()):  # "Using device: ..."
             trainer = trainer_class(plans, CONFIGURATION, 0, plan["dataset_json"], device)
             loss = trainer._build_loss()

@@ -36,6 +36,7 @@ SUBCOMMANDS = {
     "weights": ("weights", "list, inspect, convert, verify and fetch encoder checkpoints"),
     "compare": ("compare", "compare trainers' cross-validation results (Dice, NSD, Wilcoxon)"),
     "bench": ("bench", "training/inference throughput and peak memory vs the nnU-Net 2D network"),
+    "bench_loader": ("bench_loader", "images/s of nnU-Net's data loading and augmentation: can its workers feed the GPU"),
     "predict": ("predict", "predict nnU-Net folders, NIfTI folders or DICOM series trees"),
     "features": ("features", "PCA and cosine-similarity pictures of the encoder's dense features"),
     "probe": ("probe", "rank encoder checkpoints by a frozen-encoder linear probe on an nnU-Net dataset"),

@@ -4,18 +4,20 @@
 # device call of its own); the CPU dry run below takes 5 minutes on 2 cores and exercises every step.
 #   1. the dataset: TRAIN_CASES volumes of SLICES x 512 x 512, and one 200 x 512 x 512 volume to predict;
 #   2. our plans (meddinov3 plan_and_preprocess: 2d and 2d_highres at TARGET_PATCH) and nnU-Net's 2d plans;
-#   3. nnUNetv2_train ID 2d_highres 0 -tr $TRAINER -p nnUNetPlansMedDINOv3 for EPOCHS epochs of nnU-Net's
+#   3. meddinov3 bench_loader: images/s of nnU-Net's loader + augmentation at the highres patch, one worker and
+#      nnU-Net's worker pool, against the 92 images/s of the 40 % MFU goal (FEED_IMAGES_PER_S);
+#   4. nnUNetv2_train ID 2d_highres 0 -tr $TRAINER -p nnUNetPlansMedDINOv3 for EPOCHS epochs of nnU-Net's
 #      250 iterations: the epoch times from nnU-Net's log (compare them with 250 x the bench's step time at
 #      the plans' batch), and nnUNet_n_proc_DA;
-#   4. one epoch each of our 2d model and of the stock nnUNetTrainer_1epoch, so that all three can predict;
-#   5. nnUNetv2_predict of the 200-slice volume with each model, nnU-Net's mirroring on and off
+#   5. one epoch each of our 2d model and of the stock nnUNetTrainer_1epoch, so that all three can predict;
+#   6. nnUNetv2_predict of the 200-slice volume with each model, nnU-Net's mirroring on and off
 #      (--disable_tta): seconds per volume.
 # Writes $OUT/gpu_check_train.json (else ./gpu_check_train.json) and the logs next to it.
 #
 # Needs nnunetv2 (carried as scripts/gpu_check_bench.sh says; scripts/gpu_env.sh puts it on the path); the
 # nnUNetv2_* console scripts are used when installed, else the same entry functions through python -c.
 # Knobs for a CPU dry run of the plumbing: CHECK_SIZE=tiny (tiny ViT, small volumes, few iterations,
-# on the CPU), EPOCHS, TARGET_PATCH, GPU_MEMORY_GB, TRAINER, DEVICE, STEPS ("train predict" by default).
+# on the CPU), EPOCHS, TARGET_PATCH, GPU_MEMORY_GB, TRAINER, DEVICE, STEPS ("loader train predict" by default).
 set -uo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" .
@@ -24,7 +26,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_train.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 export nnUNet_raw="$WORK/raw" nnUNet_preprocessed="$WORK/preprocessed" nnUNet_results="$WORK/results"
 DATASET=991
-STEPS="${STEPS:-train predict}"
+STEPS="${STEPS:-loader train predict}"
 EPOCHS="${EPOCHS:-2}"
 if [ "${CHECK_SIZE:-vitb16}" = tiny ]; then
   DEVICE="${DEVICE:-cpu}"
@@ -104,8 +106,10 @@ PREDICT_IN="$nnUNet_raw/predict/Dataset${DATASET}_GpuCheckTrain/imagesTr"
 # as the README's workflow: nnU-Net finds our trainers through nnUNet_extTrainer
 eval "$("$PY" -m nnunet_meddinov3.cli.main env --export)" || exit 3
 
+# 25 GB plans batch 8 at 896 for this dataset: the batch of scripts/gpu_check_bench.sh's step 3, so that an epoch
+# compares with 250 of the bench's steps
 timed plan_meddinov3 "$PY" -m nnunet_meddinov3.cli.main plan_and_preprocess -d "$DATASET" --vit "$VIT" \
-    --target-patch "$TARGET_PATCH" --gpu-memory-gb "${GPU_MEMORY_GB:-40}" || exit 4
+    --target-patch "$TARGET_PATCH" --gpu-memory-gb "${GPU_MEMORY_GB:-25}" || exit 4
 timed plan_stock nnunet plan -d "$DATASET" -c 2d || exit 4
 "$PY" - "$nnUNet_preprocessed/Dataset${DATASET}_GpuCheckTrain/nnUNetPlansMedDINOv3.json" "$SUMMARY" <<'EOF'
 import json, sys
@@ -130,6 +134,17 @@ json.dump(summary, open(sys.argv[2], "w"), indent=2)
 print(f"{sys.argv[3]}: epoch times {times}")
 EOF
 }
+
+if [[ " $STEPS " == *" loader "* ]]; then
+  # Can nnU-Net's loader and augmentation feed the GPU at the highres patch? FEED_IMAGES_PER_S defaults to 92, the
+  # rate of the 40 % MFU goal for ViT-B multiscale at 896 on an H100/H200 (4311 GFLOP per training image:
+  # benchmark/RESULTS.md, rows L). One worker with each transform's time, then nnU-Net's own worker pool.
+  timed loader_2d_highres "$PY" -m nnunet_meddinov3.cli.main bench_loader -d "$DATASET" -c 2d_highres \
+      -p nnUNetPlansMedDINOv3 -tr "$TRAINER" --batches "${LOADER_BATCHES:-20}" \
+      --gpu-images-per-s "${FEED_IMAGES_PER_S:-92}" -o "$OUT_DIR/gpu_check_loader.json" \
+    && record loader_result "$(cat "$OUT_DIR/gpu_check_loader.json")"
+  cat "$LOG/loader_2d_highres.log"
+fi
 
 if [[ " $STEPS " == *" train "* ]]; then
   timed train_highres nnunet train "$DATASET" 2d_highres 0 -tr "$TRAINER" -p nnUNetPlansMedDINOv3 -device "$DEVICE"

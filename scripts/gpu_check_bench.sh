@@ -15,24 +15,14 @@
 #      model says 24.4 GB): MFU at a batch that amortises the launch overheads of 3141-token GEMMs.
 #                                                       -> bench_vitb16_896_compile_b8.{json,txt}
 #
-# Results go to $OUT when set (the device tool's folder), else ./bench_out.
+# Results go to $OUT when set (the device tool's folder), else ./bench_out. BENCH_STEPS="1 3" runs only those
+# steps; BENCH1_DECODERS="multiscale" leaves the bottleneck decoder out of step 1. scripts/gpu_check.sh runs this with the train check in one device call.
 #
 # Needs python3 with CUDA torch, timm (the pyproject range), nnunetv2 and the packages its trainer imports
-# (the baseline is planned and built by nnU-Net's own planner and trainer: dynamic-network-architectures,
-# batchgenerators, batchgeneratorsv2, acvl_utils, SimpleITK, Pillow, ...; all but SimpleITK/Pillow pure Python).
-# A bare machine gets them as a carried .whl/ folder of wheels (the device README's recipe), installed
-# to /tmp/site, or as a carried folder of the installed packages:
-#   here, once:   mkdir -p .pydeps && for p in nnunetv2 dynamic_network_architectures timm batchgenerators \
-#                     batchgeneratorsv2 acvl_utils; do
-#                   cp -r "$(python -c "import $p, os; print(os.path.dirname($p.__file__))")" .pydeps/; done
-#                 find .pydeps -name __pycache__ -prune -exec rm -rf {} +; echo /.pydeps/ >> .git/info/exclude
-#   device run:   carry [".whl"] or [".pydeps"], command "bash scripts/gpu_check_bench.sh"
-# The reference (optional) also needs einops on the machine (add it to .pydeps/.whl) and its code: its
-# dinov3 package alone is enough (the folder that directly contains 'dinov3' is a valid --reference-repo):
-#   here, once:   git clone https://github.com/ricklisz/MedDINOv3 /tmp/MedDINOv3 && mkdir -p .meddinov3_ref
-#                 cp -r /tmp/MedDINOv3/nnUNet/nnunetv2/training/nnUNetTrainer/dinov3/dinov3 .meddinov3_ref/
-#                 find .meddinov3_ref -name __pycache__ -prune -exec rm -rf {} +; echo /.meddinov3_ref/ >> .git/info/exclude
-#   device run:   carry [".pydeps", ".meddinov3_ref"],
+# (the baseline is planned and built by nnU-Net's own planner and trainer). The GPU machine lacks several of them:
+# run `bash scripts/gpu_deps.sh` here first, which builds the folders to carry and says what travels and why
+# (MEDDINOV3_REFERENCE_CHECKOUT=<clone of https://github.com/ricklisz/MedDINOv3> adds the reference's code).
+#   device run:   carry [".pydeps", ".whl", ".meddinov3_ref"],
 #                 command "MEDDINOV3_REFERENCE_REPO=.meddinov3_ref bash scripts/gpu_check_bench.sh"
 set -uo pipefail
 
@@ -59,7 +49,7 @@ for name in ("torch", "timm", "nnunetv2", "dynamic_network_architectures", "nnun
     except ImportError as e:
         missing.append(f"{name} ({e})")
 if missing:
-    sys.exit("missing: " + ", ".join(missing) + " -- carry them (see the header of scripts/gpu_check_bench.sh)")
+    sys.exit("missing: " + ", ".join(missing) + " -- carry them: run scripts/gpu_deps.sh here and name its folders in carry")
 import torch
 from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3  # noqa: F401  (timm >= 1.0.20)
 if not torch.cuda.is_available():
@@ -70,19 +60,28 @@ EOF
 BENCH=("$PY" -m nnunet_meddinov3.cli.main bench --device cuda --dtype bf16 --encoders meddinov3_vitb16
        --patch-sizes 896)
 
+STEPS="${BENCH_STEPS:-1 2 3}"  # which of the three steps to run (scripts/gpu_check.sh runs 1 and 3)
+status=0
+if [[ " $STEPS " == *" 1 "* ]]; then
 echo "== 1/3: baseline vs multiscale/bottleneck${REFERENCE[0]:+ vs the MedDINOv3 reference}"
-timeout 160 "${BENCH[@]}" --batch-size 2 --decoders multiscale bottleneck ${REFERENCE[@]+"${REFERENCE[@]}"} --warmup 5 --repeats 20 --profile \
+# shellcheck disable=SC2086  # BENCH1_DECODERS is a list of words
+timeout 160 "${BENCH[@]}" --batch-size 2 --decoders ${BENCH1_DECODERS:-multiscale bottleneck} ${REFERENCE[@]+"${REFERENCE[@]}"} --warmup 5 --repeats 20 --profile \
     --worker-timeout 90 -o "$OUT_DIR/bench_vitb16_896.json" 2>&1 | tee "$OUT_DIR/bench_vitb16_896.txt"
 status=${PIPESTATUS[0]}
+fi
 
+if [[ " $STEPS " == *" 2 "* ]]; then
 echo "== 2/3: multiscale${REFERENCE[0]:+ and the reference}, whole network compiled"
 timeout 190 "${BENCH[@]}" --batch-size 2 --decoders multiscale --no-baseline --compile network ${REFERENCE[@]+"${REFERENCE[@]}"} \
     --warmup 5 --repeats 20 --worker-timeout 100 -o "$OUT_DIR/bench_vitb16_896_compile.json" 2>&1 \
     | tee "$OUT_DIR/bench_vitb16_896_compile.txt"
+fi
 
+if [[ " $STEPS " == *" 3 "* ]]; then
 echo "== 3/3: multiscale compiled, batch 8"
 timeout 100 "${BENCH[@]}" --batch-size 8 --decoders multiscale --no-baseline --compile network \
     --warmup 2 --repeats 8 --profile --worker-timeout 95 -o "$OUT_DIR/bench_vitb16_896_compile_b8.json" 2>&1 \
     | tee "$OUT_DIR/bench_vitb16_896_compile_b8.txt"
+fi
 
 exit "$status"

@@ -9,15 +9,17 @@
 #   4. nnUNetv2_train ID 2d_highres 0 -tr $TRAINER -p nnUNetPlansMedDINOv3 for EPOCHS epochs of nnU-Net's
 #      250 iterations: the epoch times from nnU-Net's log (compare them with 250 x the bench's step time at
 #      the plans' batch), and nnUNet_n_proc_DA;
-#   5. one epoch each of our 2d model and of the stock nnUNetTrainer_1epoch, so that all three can predict;
+#   5. one epoch each of the stock nnUNetTrainer_1epoch and of our 2d model, so that all three can predict;
 #   6. nnUNetv2_predict of the 200-slice volume with each model, nnU-Net's mirroring on and off
 #      (--disable_tta): seconds per volume.
+#   Steps 4-6 go model by model (MODELS="highres stock 2d"): each is trained and then predicts.
 # Writes $OUT/gpu_check_train.json (else ./gpu_check_train.json) and the logs next to it.
 #
 # Needs nnunetv2 (carried as scripts/gpu_check_bench.sh says; scripts/gpu_env.sh puts it on the path); the
 # nnUNetv2_* console scripts are used when installed, else the same entry functions through python -c.
 # Knobs for a CPU dry run of the plumbing: CHECK_SIZE=tiny (tiny ViT, small volumes, few iterations,
-# on the CPU), EPOCHS, TARGET_PATCH, GPU_MEMORY_GB, TRAINER, DEVICE, STEPS ("loader train predict" by default).
+# on the CPU), EPOCHS, TARGET_PATCH, GPU_MEMORY_GB, TRAINER, DEVICE, STEPS ("loader train predict" by default),
+# MODELS, and MEDDINOV3_ITERATIONS (our models' iterations per epoch; nnU-Net's 250 by default).
 set -uo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" .
@@ -90,15 +92,18 @@ import torch
 from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
 raw, dataset, cases, shape, predict_shape, summary_path = sys.argv[1:]
 started = time.time()
+# NibabelIO: SimpleITK does not travel to the GPU machine (scripts/gpu_deps.sh)
 folder = write_nnunet_raw_dataset(raw, dataset_id=int(dataset), name="GpuCheckTrain", num_train=int(cases),
-                                  num_test=0, shape=ast.literal_eval(shape))
+                                  num_test=0, shape=ast.literal_eval(shape), image_io="NibabelIO")
 write_nnunet_raw_dataset(os.path.join(raw, "predict"), dataset_id=int(dataset), name="GpuCheckTrain",
-                         num_train=1, num_test=0, shape=ast.literal_eval(predict_shape), seed=1)
+                         num_train=1, num_test=0, shape=ast.literal_eval(predict_shape), seed=1, image_io="NibabelIO")
 summary = json.load(open(summary_path))
 summary["environment"] = {"torch": torch.__version__, "cuda": torch.version.cuda,
                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                           "cpus": os.cpu_count(), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
-                          "dataset": f"{cases} x {shape}", "predict_volume": predict_shape}
+                          "dataset": f"{cases} x {shape}", "predict_volume": predict_shape,
+                          "our_iterations_per_epoch": int(os.environ.get("MEDDINOV3_ITERATIONS") or 250),
+                          "models": os.environ.get("MODELS", "highres stock 2d")}
 json.dump(summary, open(summary_path, "w"), indent=2)
 print(f"dataset written in {time.time() - started:.0f} s: {folder}")
 EOF
@@ -146,19 +151,23 @@ if [[ " $STEPS " == *" loader "* ]]; then
   cat "$LOG/loader_2d_highres.log"
 fi
 
-if [[ " $STEPS " == *" train "* ]]; then
-  timed train_highres nnunet train "$DATASET" 2d_highres 0 -tr "$TRAINER" -p nnUNetPlansMedDINOv3 -device "$DEVICE"
-  epoch_times train_highres
-  MEDDINOV3_EPOCHS=1 timed train_2d nnunet train "$DATASET" 2d 0 -tr "$TRAINER" -p nnUNetPlansMedDINOv3 -device "$DEVICE"
-  epoch_times train_2d
-  timed train_stock_2d nnunet train "$DATASET" 2d 0 -tr nnUNetTrainer_1epoch -device "$DEVICE"
-  epoch_times train_stock_2d
-fi
-
-if [[ " $STEPS " == *" predict "* ]]; then
-  for model in "2d_highres $TRAINER nnUNetPlansMedDINOv3" "2d $TRAINER nnUNetPlansMedDINOv3" \
-               "2d nnUNetTrainer_1epoch nnUNetPlans"; do
-    read -r config trainer plans <<< "$model"
+# One model at a time, trained and then predicted with, so that a run cut short by a deadline keeps whole pairs.
+# MODELS, most important first: our 2d_highres (EPOCHS epochs), the stock nnU-Net 2D model (nnUNetTrainer_1epoch),
+# our 2d (1 epoch).
+for model in ${MODELS:-highres stock 2d}; do
+  case "$model" in
+    highres) config=2d_highres trainer="$TRAINER" plans=nnUNetPlansMedDINOv3 epochs="$EPOCHS" ;;
+    2d) config=2d trainer="$TRAINER" plans=nnUNetPlansMedDINOv3 epochs=1 ;;
+    stock) config=2d trainer=nnUNetTrainer_1epoch plans=nnUNetPlans epochs=1 ;;
+    *) echo "unknown model '$model' in MODELS (highres, stock, 2d)"; exit 2 ;;
+  esac
+  name="train_${trainer}_${config}"
+  if [[ " $STEPS " == *" train "* ]]; then
+    MEDDINOV3_EPOCHS="$epochs" timed "$name" nnunet train "$DATASET" "$config" 0 -tr "$trainer" -p "$plans" \
+        -device "$DEVICE"
+    epoch_times "$name"
+  fi
+  if [[ " $STEPS " == *" predict "* ]]; then
     for tta in on off; do
       extra=()
       [ "$tta" = off ] && extra=(--disable_tta)
@@ -166,7 +175,7 @@ if [[ " $STEPS " == *" predict "* ]]; then
           -o "$WORK/pred_${trainer}_${config}_${tta}" -d "$DATASET" -c "$config" -tr "$trainer" -p "$plans" -f 0 \
           -device "$DEVICE" ${extra[@]+"${extra[@]}"}
     done
-  done
-fi
+  fi
+done
 echo "summary: $SUMMARY"
 cat "$SUMMARY"

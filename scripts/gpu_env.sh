@@ -10,8 +10,32 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 EXTRA=""
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && EXTRA=":/tmp/site"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl 2>/dev/null; then
+        EXTRA=":/tmp/site"
+    else  # e.g. a CPU dry run here: the wheels are built for the GPU machine's CPython 3.12
+        echo "the carried wheels in .whl/ do not install on this Python ($("$PY" -V 2>&1)); using what is installed"
+    fi
 fi
 [ -d .pydeps ] && EXTRA=":$ROOT/.pydeps$EXTRA"
 export PYTHONPATH="$ROOT$EXTRA${PYTHONPATH:+:$PYTHONPATH}"
+# SimpleITK cannot travel with the rest (its wheel is 53 MB of the 64 MiB a device call carries; see
+# scripts/gpu_deps.sh). nnU-Net imports it when its modules load but calls it only to read and write images, and
+# the GPU checks write their dataset for nnU-Net's NibabelIO. So where it does not import, a placeholder goes
+# first on the path: importing it works, using it raises. GPU_CHECK_SIMPLEITK_PLACEHOLDER=1 forces it (for a CPU
+# dry run that proves nothing calls SimpleITK), 0 never uses it.
+if [ "${GPU_CHECK_SIMPLEITK_PLACEHOLDER:-auto}" = 1 ] || { [ "${GPU_CHECK_SIMPLEITK_PLACEHOLDER:-auto}" = auto ] \
+        && ! "$PY" -c "import SimpleITK" 2>/dev/null; }; then
+    PLACEHOLDER="${TMPDIR:-/tmp}/meddinov3_simpleitk_placeholder"
+    mkdir -p "$PLACEHOLDER/SimpleITK"
+    cat > "$PLACEHOLDER/SimpleITK/__init__.py" <<'PLACEHOLDER_EOF'
+"""Placeholder: SimpleITK is not installed on this machine (see scripts/gpu_deps.sh of nnunet-meddinov3)."""
+
+
+def __getattr__(name):
+    raise AttributeError(f"SimpleITK.{name} was used, but SimpleITK is not installed here: only a placeholder "
+                         "stands in, so that nnU-Net's modules import. Write images for nnU-Net's NibabelIO.")
+PLACEHOLDER_EOF
+    export PYTHONPATH="$PLACEHOLDER:$PYTHONPATH"
+    echo "SimpleITK: a placeholder ($PLACEHOLDER); image files go through nnU-Net's NibabelIO"
+fi

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 LABELS = {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
 
@@ -54,16 +53,33 @@ def synthetic_case(rng: np.random.Generator, shape=(12, 96, 96)) -> tuple[np.nda
     return image, label
 
 
-def _write(array: np.ndarray, path: Path, spacing) -> None:
+IMAGE_IO = ("SimpleITKIO", "NibabelIO")  # nnU-Net reader/writer classes the files can be written for
+
+
+def _write(array: np.ndarray, path: Path, spacing_xyz, image_io: str) -> None:
+    """``array`` in (z, y, x) order as NIfTI, read back by nnU-Net's ``image_io`` in that same order."""
+    if image_io == "NibabelIO":
+        import nibabel
+
+        # NibabelIO transposes what it reads to SimpleITK's (z, y, x) and reverses the affine's spacing to match
+        affine = np.diag([*(float(s) for s in spacing_xyz), 1.0])
+        nibabel.save(nibabel.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine), str(path))
+        return
+    import SimpleITK as sitk
+
     img = sitk.GetImageFromArray(array)
-    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetSpacing(tuple(float(s) for s in spacing_xyz))
     sitk.WriteImage(img, str(path))
 
 
 def write_nnunet_raw_dataset(raw_folder: str | Path, dataset_id: int = 501, name: str = "SyntheticCT",
                              num_train: int = 12, num_test: int = 4, shape=(12, 96, 96),
-                             spacing_xyz=(0.8, 0.8, 2.5), seed: int = 0) -> Path:
-    """Write ``DatasetXXX_Name`` (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json); returns it."""
+                             spacing_xyz=(0.8, 0.8, 2.5), seed: int = 0, image_io: str = "SimpleITKIO") -> Path:
+    """Write ``DatasetXXX_Name`` (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json); returns it.
+    ``image_io="NibabelIO"`` writes with nibabel and tells nnU-Net to read with its NibabelIO (for a machine
+    without SimpleITK)."""
+    if image_io not in IMAGE_IO:
+        raise ValueError(f"image_io must be one of {', '.join(IMAGE_IO)}, not {image_io!r}")
     folder = Path(raw_folder) / f"Dataset{dataset_id:03d}_{name}"
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -72,10 +88,13 @@ def write_nnunet_raw_dataset(raw_folder: str | Path, dataset_id: int = 501, name
         image, label = synthetic_case(rng, shape)
         split = "Tr" if i < num_train else "Ts"
         case = f"case_{i:03d}"
-        _write(image.round().astype(np.int16), folder / f"images{split}" / f"{case}_0000.nii.gz", spacing_xyz)
-        _write(label, folder / f"labels{split}" / f"{case}.nii.gz", spacing_xyz)
+        _write(image.round().astype(np.int16), folder / f"images{split}" / f"{case}_0000.nii.gz", spacing_xyz,
+               image_io)
+        _write(label, folder / f"labels{split}" / f"{case}.nii.gz", spacing_xyz, image_io)
     dataset_json = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": num_train,
                     "file_ending": ".nii.gz", "name": name,
                     "description": "synthetic CT-like volumes written by nnunet_meddinov3.data.synthetic_ct"}
+    if image_io != "SimpleITKIO":
+        dataset_json["overwrite_image_reader_writer"] = image_io
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return folder

@@ -66,11 +66,13 @@ def test_near_identical_images_stay_at_ln_k_and_the_head_flattens(layers):
 
 
 def test_a_sharper_teacher_and_a_one_layer_head_lift_images_that_differ_by_a_tenth_off_ln_k():
-    """Measured (loss, logit std of the last 50 iterations): Meta's temperature and 3-layer head
-    5.5452, 0.0004; temperature 0.01 alone 5.5436, 0.0012; with a 1-layer head 4.69, 0.14."""
+    """ln K - loss of the last 50 iterations, seeds 0-4, torch 2.14.1 and 2.11.0: Meta's temperature and
+    3-layer head 0.000 in all ten; temperature 0.01 alone 0.000-0.36 (it depends on the seed and the torch
+    version); with a 1-layer head 0.84-0.96 (teacher logit std 0.13-0.15). So the test asserts what holds
+    in all of them: the pair lifts off clearly, and sharpening alone gets less than half as far."""
     meta = head_only_self_distillation(spread=0.1, teacher_temp=0.04, layers=3)
     sharp_only = head_only_self_distillation(spread=0.1, teacher_temp=0.01, layers=3)
     sharp = head_only_self_distillation(spread=0.1, teacher_temp=0.01, layers=1)
     assert abs(meta["loss"] - LN_K) < 0.005, meta
-    assert sharp_only["loss"] > LN_K - 0.05, sharp_only
-    assert sharp["loss"] < LN_K - 0.3 and sharp["logit_std"] > 0.05, sharp
+    assert sharp["loss"] < LN_K - 0.5 and sharp["logit_std"] > 0.05, sharp
+    assert LN_K - sharp_only["loss"] < 0.5 * (LN_K - sharp["loss"]), (sharp_only, sharp)

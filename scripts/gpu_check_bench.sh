@@ -16,7 +16,8 @@
 #                                                       -> bench_vitb16_896_compile_b8.{json,txt}
 #
 # Results go to $OUT when set (the device tool's folder), else ./bench_out. BENCH_STEPS="1 3" runs only those
-# steps; BENCH1_DECODERS="multiscale" leaves the bottleneck decoder out of step 1. scripts/gpu_check.sh runs this with the train check in one device call.
+# steps; BENCH1_DECODERS="multiscale" leaves the bottleneck decoder out of step 1; BENCH_STEP{1,2,3}_TIMEOUT bound
+# each step (160, 190, 100 s; a timeout around this script would not reach them: each starts its own group). scripts/gpu_check.sh runs this with the train check in one device call.
 #
 # Needs python3 with CUDA torch, timm (the pyproject range), nnunetv2 and the packages its trainer imports
 # (the baseline is planned and built by nnU-Net's own planner and trainer). The GPU machine lacks several of them:
@@ -65,21 +66,21 @@ status=0
 if [[ " $STEPS " == *" 1 "* ]]; then
 echo "== 1/3: baseline vs multiscale/bottleneck${REFERENCE[0]:+ vs the MedDINOv3 reference}"
 # shellcheck disable=SC2086  # BENCH1_DECODERS is a list of words
-timeout 160 "${BENCH[@]}" --batch-size 2 --decoders ${BENCH1_DECODERS:-multiscale bottleneck} ${REFERENCE[@]+"${REFERENCE[@]}"} --warmup 5 --repeats 20 --profile \
+timeout "${BENCH_STEP1_TIMEOUT:-160}" "${BENCH[@]}" --batch-size 2 --decoders ${BENCH1_DECODERS:-multiscale bottleneck} ${REFERENCE[@]+"${REFERENCE[@]}"} --warmup 5 --repeats 20 --profile \
     --worker-timeout 90 -o "$OUT_DIR/bench_vitb16_896.json" 2>&1 | tee "$OUT_DIR/bench_vitb16_896.txt"
 status=${PIPESTATUS[0]}
 fi
 
 if [[ " $STEPS " == *" 2 "* ]]; then
 echo "== 2/3: multiscale${REFERENCE[0]:+ and the reference}, whole network compiled"
-timeout 190 "${BENCH[@]}" --batch-size 2 --decoders multiscale --no-baseline --compile network ${REFERENCE[@]+"${REFERENCE[@]}"} \
+timeout "${BENCH_STEP2_TIMEOUT:-190}" "${BENCH[@]}" --batch-size 2 --decoders multiscale --no-baseline --compile network ${REFERENCE[@]+"${REFERENCE[@]}"} \
     --warmup 5 --repeats 20 --worker-timeout 100 -o "$OUT_DIR/bench_vitb16_896_compile.json" 2>&1 \
     | tee "$OUT_DIR/bench_vitb16_896_compile.txt"
 fi
 
 if [[ " $STEPS " == *" 3 "* ]]; then
 echo "== 3/3: multiscale compiled, batch 8"
-timeout 100 "${BENCH[@]}" --batch-size 8 --decoders multiscale --no-baseline --compile network \
+timeout "${BENCH_STEP3_TIMEOUT:-100}" "${BENCH[@]}" --batch-size 8 --decoders multiscale --no-baseline --compile network \
     --warmup 2 --repeats 8 --profile --worker-timeout 95 -o "$OUT_DIR/bench_vitb16_896_compile_b8.json" 2>&1 \
     | tee "$OUT_DIR/bench_vitb16_896_compile_b8.txt"
 fi

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # GPU check of issue 11 steps 3-4: nnUNetv2_train and nnUNetv2_predict through the stock commands, on a
-# synthetic CT dataset made on the machine. Not yet run on a GPU (its length there is unknown: give it a
-# device call of its own); the CPU dry run below takes 5 minutes on 2 cores and exercises every step.
+# synthetic CT dataset made on the machine. Not yet run on a GPU; scripts/gpu_check.sh runs it after the bench in
+# one device call, under a deadline. The CPU dry run below takes 6 minutes on 2 cores and exercises every step.
 #   1. the dataset: TRAIN_CASES volumes of SLICES x 512 x 512, and one 200 x 512 x 512 volume to predict;
 #   2. our plans (meddinov3 plan_and_preprocess: 2d and 2d_highres at TARGET_PATCH) and nnU-Net's 2d plans;
 #   3. meddinov3 bench_loader: images/s of nnU-Net's loader + augmentation at the highres patch, one worker and
 #      nnU-Net's worker pool, against the 92 images/s of the 40 % MFU goal (FEED_IMAGES_PER_S);
-#   4. nnUNetv2_train ID 2d_highres 0 -tr $TRAINER -p nnUNetPlansMedDINOv3 for EPOCHS epochs of nnU-Net's
-#      250 iterations: the epoch times from nnU-Net's log (compare them with 250 x the bench's step time at
-#      the plans' batch), and nnUNet_n_proc_DA;
+#   4. nnUNetv2_train ID 2d_highres 0 -tr $TRAINER -p nnUNetPlansMedDINOv3 for EPOCHS epochs (of nnU-Net's 250
+#      training and 50 validation iterations unless MEDDINOV3_ITERATIONS / MEDDINOV3_VAL_ITERATIONS say
+#      otherwise): the epoch times from nnU-Net's log, which cover both (compare them with the bench's training
+#      and inference steps at the plans' batch), and nnUNet_n_proc_DA;
 #   5. one epoch each of the stock nnUNetTrainer_1epoch and of our 2d model, so that all three can predict;
 #   6. nnUNetv2_predict of the 200-slice volume with each model, nnU-Net's mirroring on and off
 #      (--disable_tta): seconds per volume.
@@ -103,6 +104,7 @@ summary["environment"] = {"torch": torch.__version__, "cuda": torch.version.cuda
                           "cpus": os.cpu_count(), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
                           "dataset": f"{cases} x {shape}", "predict_volume": predict_shape,
                           "our_iterations_per_epoch": int(os.environ.get("MEDDINOV3_ITERATIONS") or 250),
+                          "our_val_iterations_per_epoch": int(os.environ.get("MEDDINOV3_VAL_ITERATIONS") or 50),
                           "models": os.environ.get("MODELS", "highres stock 2d")}
 json.dump(summary, open(summary_path, "w"), indent=2)
 print(f"dataset written in {time.time() - started:.0f} s: {folder}")
@@ -112,7 +114,7 @@ PREDICT_IN="$nnUNet_raw/predict/Dataset${DATASET}_GpuCheckTrain/imagesTr"
 eval "$("$PY" -m nnunet_meddinov3.cli.main env --export)" || exit 3
 
 # 25 GB plans batch 8 at 896 for this dataset: the batch of scripts/gpu_check_bench.sh's step 3, so that an epoch
-# compares with 250 of the bench's steps
+# compares with the bench's steps
 timed plan_meddinov3 "$PY" -m nnunet_meddinov3.cli.main plan_and_preprocess -d "$DATASET" --vit "$VIT" \
     --target-patch "$TARGET_PATCH" --gpu-memory-gb "${GPU_MEMORY_GB:-25}" || exit 4
 timed plan_stock nnunet plan -d "$DATASET" -c 2d || exit 4

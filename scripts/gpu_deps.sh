@@ -53,7 +53,7 @@ if [ -n "${MEDDINOV3_REFERENCE_CHECKOUT:-}" ]; then
   find .meddinov3_ref -name __pycache__ -prune -exec rm -rf {} +
 fi
 
-tree_bytes=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+tree_bytes=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1 || true)  # a deleted file is no error
 carried_bytes=$(du -cb .pydeps .whl $( [ -d .meddinov3_ref ] && echo .meddinov3_ref ) | tail -1 | cut -f1)
 total=$((tree_bytes + carried_bytes))
 printf 'working tree %.1f MiB + carried %.1f MiB = %.1f MiB of the 64 MiB a device call carries\n' \

@@ -10,7 +10,7 @@ the transforms and the worker processes; nothing of the pipeline is re-implement
   probability, as in training). This is what one ``nnUNet_n_proc_DA`` process delivers.
 - **N workers**: nnU-Net's ``NonDetMultiThreadedAugmenter`` with N processes, as training starts it (with
   its validation workers, and pinned memory on CUDA). Images/s reaching the main process, counted after
-  the cache is drained and every worker has delivered a batch, so it is the workers' steady rate.
+  a warm-up as long as the augmenter's caches plus one batch per worker, so it is the workers' sustained rate.
 
 nnU-Net's trainer writes a log file when it is built: it goes to a temporary results folder, so the
 user's ``nnUNet_results`` is left alone. Like ``nnUNetv2_train``, it writes ``splits_final.json`` into the
@@ -106,6 +106,9 @@ def _check_inputs(dataset: str, configuration: str, plans: str) -> str:
     except RuntimeError as e:
         raise LoaderBenchError(str(e)) from None
     folder = os.path.join(preprocessed, name)
+    if not os.path.isdir(folder):
+        raise LoaderBenchError(f"{name} is not preprocessed ({folder} does not exist): run nnUNetv2_plan_and_preprocess "
+                               "or meddinov3 plan_and_preprocess first")
     plans_file = os.path.join(folder, f"{plans}.json")
     if not os.path.isfile(plans_file):
         existing = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json") and "Plans" in f)
@@ -186,9 +189,9 @@ def _one_worker(dataset, configuration, fold, trainer, plans, device, batches: i
 
 
 def _n_workers(dataset, configuration, fold, trainer, plans, device, workers: int, batches: int, quiet: bool):
-    """(images, images/s) from ``workers`` processes: timed after both of the augmenter's caches (the
-    process queue and the pinning thread's) are drained and each worker has delivered a batch, over at
-    least ``batches`` batches and MIN_POOL_SECONDS."""
+    """(images, images/s) from ``workers`` processes, timed over at least ``batches`` batches and
+    MIN_POOL_SECONDS after a warm-up of as many batches as the augmenter's two caches (the process queue
+    and the pinning thread's) hold, plus one per worker: the rate the workers sustain, not the caches'."""
     with _nnunet_trainer(dataset, configuration, fold, trainer, plans, device, workers, quiet) as (_, train, __):
         for _ in range(2 * train.num_cached + workers):
             next(train)

@@ -61,6 +61,7 @@ fi
 echo "== 2. the stock commands (scripts/gpu_check_train.sh), at most $(left 0) s"
 # its commands run in this timeout's process group, so the timeout stops them too
 OUT="$STAGE/train" timeout "$(left 0)" bash scripts/gpu_check_train.sh
+[ $? = 124 ] && echo "(cut short at the deadline: gpu_check_train.json holds the steps that finished)"
 collect
 # step 3 needs about 40 s before its own timeout starts (the environment check, CUDA's start)
 if [ "$TINY" = 0 ] && [ "$(left 0)" -gt 150 ]; then

@@ -43,15 +43,16 @@ SUBCOMMANDS = {
 }
 
 
-# timm's import of torch.jit.interface warns on every start with recent torch; it says nothing about the user's
-# input and users cannot act on it. As a PYTHONWARNINGS entry (a literal message prefix) for child processes.
-JIT_INTERFACE_WARNING = "ignore:`torch.jit.interface` is deprecated:FutureWarning"
+# timm's import of torch.jit.interface warns on every start with recent torch (a FutureWarning in 2.14, a
+# DeprecationWarning in 2.11); it says nothing about the user's input and users cannot act on it. As a
+# PYTHONWARNINGS entry (a literal message prefix; category Warning covers both) for child processes.
+JIT_INTERFACE_WARNING = "ignore:`torch.jit.interface` is deprecated:Warning"
 
 
 def quiet_third_party_warnings(children: bool = False) -> None:
     """Hide deprecation noise of libraries we import, here and, with ``children``, in the processes our commands
     start (nnU-Net's worker processes, the demo's steps)."""
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.* is deprecated")
     current = os.environ.get("PYTHONWARNINGS", "")
     if children and JIT_INTERFACE_WARNING not in current:
         # listed last, so it wins over a broader entry such as 'default' for this one message

@@ -6,7 +6,20 @@ because pytest imports tests/conftest.py and tests/pretrain/conftest.py both as 
 """
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
+
+
+def isolated_nnunet_env(root: Path, **extra: str) -> dict:
+    """This process's environment without the user's nnU-Net and MEDDINOV3 settings, with nnU-Net's three
+    folders under ``root`` (raw, pre, res), one process for nnU-Net's pools and one OpenMP thread, then
+    ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet", "MEDDINOV3"))}
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
+               nnUNet_def_n_proc="1", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
 
 
 def run(cmd, env, cwd, expect_ok=True, timeout=600) -> subprocess.CompletedProcess:

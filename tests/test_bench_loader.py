@@ -10,6 +10,7 @@ import os
 import subprocess
 
 import pytest
+from e2e_helpers import isolated_nnunet_env
 
 DATASET = 994
 
@@ -19,9 +20,7 @@ def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
     from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
     write_nnunet_raw_dataset(root / "raw", DATASET, name="LoaderCT", num_train=6, num_test=0, shape=(6, 64, 64))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet", "MEDDINOV3"))}
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
-               nnUNet_def_n_proc="1", MEDDINOV3_CACHE=str(root / "cache"), OMP_NUM_THREADS="1")
+    env = isolated_nnunet_env(root, MEDDINOV3_CACHE=str(root / "cache"))
     subprocess.run(["meddinov3", "plan_and_preprocess", "-d", str(DATASET), "--vit", "tiny", "--target-patch", "128",
                     "-np", "1"], env=env, cwd=root, check=True, capture_output=True)
     return {"root": root, "env": env, "folder": root / "pre" / f"Dataset{DATASET}_LoaderCT"}

@@ -23,7 +23,7 @@ TINY = "nnUNetTrainerMedDINOv3_Tiny"
 SHORT = "epochs={epochs} iterations=2 val_iterations=1"  # a recipe short enough for a test
 
 
-from e2e_helpers import run  # noqa: E402  (shared by the e2e tests; see tests/e2e_helpers.py)
+from e2e_helpers import isolated_nnunet_env, run  # noqa: E402  (shared by the e2e tests; see tests/e2e_helpers.py)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,8 @@ def workspace(tmp_path_factory, fixtures):
     raw = write_nnunet_raw_dataset(root / "raw", DATASET, num_train=6, num_test=2, shape=(5, 64, 64))
     weights = root / "tiny_weights.pth"
     shutil.copy(fixtures / "meddino_tiny_teacher.pth", weights)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet", "MEDDINOV3"))}
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
-               nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", MEDDINOV3_CACHE=str(root / "cache"),
-               OMP_NUM_THREADS="1", MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=2))
+    env = isolated_nnunet_env(root, nnUNet_n_proc_DA="1", MEDDINOV3_CACHE=str(root / "cache"),
+                              MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=2))
     exported = run(["meddinov3", "env", "--export"], env, root).stdout.strip()
     assert exported.startswith("export nnUNet_extTrainer=")
     env["nnUNet_extTrainer"] = exported.split("=", 1)[1].strip("'")

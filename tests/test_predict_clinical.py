@@ -22,7 +22,7 @@ MODEL_ARGS = ["-d", str(DATASET), "-c", "2d", "-tr", TINY, "-f", "0", "-device",
 STUDY_UID = "1.2.826.0.1.3680043.8.498.502"
 
 
-from e2e_helpers import run  # noqa: E402  (shared by the e2e tests; see tests/e2e_helpers.py)
+from e2e_helpers import isolated_nnunet_env, run  # noqa: E402  (shared by the e2e tests; see tests/e2e_helpers.py)
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict_clinical")
     from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
     raw = write_nnunet_raw_dataset(root / "raw", DATASET, num_train=6, num_test=2, shape=(5, 64, 64))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet", "MEDDINOV3"))}
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
-               nnUNet_extTrainer=ext_trainer_value(), nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1",
-               OMP_NUM_THREADS="1", MEDDINOV3_EPOCHS="1", MEDDINOV3_ITERATIONS="2", MEDDINOV3_VAL_ITERATIONS="1")
+    env = isolated_nnunet_env(root, nnUNet_extTrainer=ext_trainer_value(), nnUNet_n_proc_DA="1",
+                              MEDDINOV3_EPOCHS="1", MEDDINOV3_ITERATIONS="2", MEDDINOV3_VAL_ITERATIONS="1")
     run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-npfp", "1", "-np", "1"], env, root)
     run(["nnUNetv2_train", str(DATASET), "2d", "0", "-tr", TINY, "-device", "cpu"], env, root)
     return {"root": root, "raw": raw, "env": env}

@@ -3,7 +3,6 @@ it ranks a checkpoint whose features separate the classes above a random init, d
 refuses bad input with a message."""
 
 import json
-import os
 import shutil
 import subprocess
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from e2e_helpers import isolated_nnunet_env
 from nnunet_meddinov3.checkpoints import CheckpointMetadata, write_checkpoint
 from nnunet_meddinov3.cli.main import main
 from nnunet_meddinov3.evaluation.probe import IGNORE, load_slices, preprocessed_split
@@ -24,9 +24,7 @@ def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
     write_nnunet_raw_dataset(root / "raw", DATASET, name="ProbeCT", num_train=10, num_test=1, shape=(6, 64, 64))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet", "MEDDINOV3"))}
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
-               nnUNet_def_n_proc="1", MEDDINOV3_CACHE=str(root / "cache"), OMP_NUM_THREADS="1")
+    env = isolated_nnunet_env(root, MEDDINOV3_CACHE=str(root / "cache"))
     subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "1"], env=env, cwd=root,
                    check=True, capture_output=True)
     return {"root": root, "env": env}

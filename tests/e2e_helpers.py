@@ -31,3 +31,15 @@ def run(cmd, env, cwd, expect_ok=True, timeout=600) -> subprocess.CompletedProce
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-3000:]}")
     return proc
+
+
+def planned_synthetic_dataset(root: Path, dataset_id: int, name: str, plan_command: list, *, num_train: int,
+                              num_test: int, shape: tuple) -> dict:
+    """A synthetic CT dataset written to ``root``/raw and planned and preprocessed by ``plan_command`` (a
+    console script), in an :func:`isolated_nnunet_env`: ``{"root", "env"}``."""
+    from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
+
+    write_nnunet_raw_dataset(root / "raw", dataset_id, name=name, num_train=num_train, num_test=num_test, shape=shape)
+    env = isolated_nnunet_env(root, MEDDINOV3_CACHE=str(root / "cache"))
+    run(plan_command, env, root)
+    return {"root": root, "env": env}

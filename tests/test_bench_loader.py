@@ -10,20 +10,18 @@ import os
 import subprocess
 
 import pytest
-from e2e_helpers import isolated_nnunet_env
+from e2e_helpers import planned_synthetic_dataset
 
 DATASET = 994
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
-    write_nnunet_raw_dataset(root / "raw", DATASET, name="LoaderCT", num_train=6, num_test=0, shape=(6, 64, 64))
-    env = isolated_nnunet_env(root, MEDDINOV3_CACHE=str(root / "cache"))
-    subprocess.run(["meddinov3", "plan_and_preprocess", "-d", str(DATASET), "--vit", "tiny", "--target-patch", "128",
-                    "-np", "1"], env=env, cwd=root, check=True, capture_output=True)
-    return {"root": root, "env": env, "folder": root / "pre" / f"Dataset{DATASET}_LoaderCT"}
+    planned = planned_synthetic_dataset(tmp_path_factory.mktemp("loader"), DATASET, "LoaderCT",
+                                        ["meddinov3", "plan_and_preprocess", "-d", str(DATASET), "--vit", "tiny",
+                                         "--target-patch", "128", "-np", "1"],
+                                        num_train=6, num_test=0, shape=(6, 64, 64))
+    return {**planned, "folder": planned["root"] / "pre" / f"Dataset{DATASET}_LoaderCT"}
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from e2e_helpers import isolated_nnunet_env
+from e2e_helpers import planned_synthetic_dataset
 from nnunet_meddinov3.checkpoints import CheckpointMetadata, write_checkpoint
 from nnunet_meddinov3.cli.main import main
 from nnunet_meddinov3.evaluation.probe import IGNORE, load_slices, preprocessed_split
@@ -21,13 +21,9 @@ DATASET = 503
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe")
-    from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
-    write_nnunet_raw_dataset(root / "raw", DATASET, name="ProbeCT", num_train=10, num_test=1, shape=(6, 64, 64))
-    env = isolated_nnunet_env(root, MEDDINOV3_CACHE=str(root / "cache"))
-    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "1"], env=env, cwd=root,
-                   check=True, capture_output=True)
-    return {"root": root, "env": env}
+    return planned_synthetic_dataset(tmp_path_factory.mktemp("probe"), DATASET, "ProbeCT",
+                                     ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "1"],
+                                     num_train=10, num_test=1, shape=(6, 64, 64))
 
 
 @pytest.fixture

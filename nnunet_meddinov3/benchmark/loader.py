@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from nnunet_meddinov3.benchmark.baseline import temporary_environment
+from nnunet_meddinov3.data.preprocessed import PreprocessedNotFound, find_preprocessed
 
 LOADING_STAGE = "loading and cropping"
 MIN_POOL_SECONDS = 3.0  # the pool's rate is taken over at least this long
@@ -88,42 +89,6 @@ def transform_name(transform) -> str:
     if inner is not None and hasattr(transform, "apply_probability"):
         return f"{type(inner).__name__} (p={transform.apply_probability:g})"
     return type(transform).__name__
-
-
-def _check_inputs(dataset: str, configuration: str, plans: str) -> str:
-    """The dataset's full name (``dataset`` is a DatasetXXX_Name or an id), after checking that its plans and
-    the configuration's preprocessed data exist."""
-    import json
-
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    preprocessed = os.environ.get("nnUNet_preprocessed")
-    if not preprocessed:
-        raise LoaderBenchError("nnUNet_preprocessed is not set: point it at the folder that holds the preprocessed "
-                               "dataset (see `meddinov3 env`)")
-    try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise LoaderBenchError(str(e)) from None
-    folder = os.path.join(preprocessed, name)
-    if not os.path.isdir(folder):
-        raise LoaderBenchError(f"{name} is not preprocessed ({folder} does not exist): run nnUNetv2_plan_and_preprocess "
-                               "or meddinov3 plan_and_preprocess first")
-    plans_file = os.path.join(folder, f"{plans}.json")
-    if not os.path.isfile(plans_file):
-        existing = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json") and "Plans" in f)
-        raise LoaderBenchError(f"no plans '{plans}' for {name} ({plans_file} does not exist); plans there: "
-                               f"{', '.join(existing) or 'none'} (choose one with -p)")
-    configurations = json.load(open(plans_file))["configurations"]
-    if configuration not in configurations:
-        raise LoaderBenchError(f"plans {plans} of {name} have no configuration '{configuration}'; they have "
-                               f"{', '.join(configurations)}")
-    identifier = configurations[configuration].get("data_identifier", f"{plans}_{configuration}")
-    if not os.path.isdir(os.path.join(folder, identifier)):
-        raise LoaderBenchError(f"configuration {configuration} of {name} is planned but not preprocessed "
-                               f"({os.path.join(folder, identifier)} is missing): run nnUNetv2_preprocess -d "
-                               f"{name} -plans_name {plans} -c {configuration}")
-    return name
 
 
 def _build_trainer(dataset: str, configuration: str, fold: int, trainer: str, plans: str, device: torch.device):
@@ -213,7 +178,10 @@ def measure_loader(dataset: str, configuration: str = "2d_highres", *, plans: st
 
     if batches < 1:
         raise LoaderBenchError(f"--batches must be at least 1, got {batches}")
-    name = _check_inputs(dataset, configuration, plans)
+    try:
+        name = find_preprocessed(dataset, configuration, plans).name
+    except PreprocessedNotFound as e:
+        raise LoaderBenchError(str(e)) from None
     nnunet_workers = get_allowed_n_proc_DA()
     workers = nnunet_workers if workers is None else workers
     if workers < 0:

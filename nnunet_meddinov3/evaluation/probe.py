@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunet_meddinov3.data.preprocessed import PreprocessedNotFound, find_preprocessed
 from nnunet_meddinov3.network.encoder import PATCH_SIZE, default_feature_layers
 
 log = logging.getLogger(__name__)
@@ -71,48 +72,22 @@ def preprocessed_split(dataset: str | int, configuration: str = "2d", plans: str
     (its seeded 5-fold split of all preprocessed cases), so the probe's validation cases are the
     ones ``nnUNetv2_train ... FOLD`` validates on. ``preprocessed`` defaults to ``$nnUNet_preprocessed``.
     """
-    import os
-
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.crossval_split import generate_crossval_split
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    preprocessed = preprocessed or os.environ.get("nnUNet_preprocessed")
-    if not preprocessed:
-        raise ProbeError("nnUNet_preprocessed is not set; export it (and nnUNet_raw) as for nnUNetv2_train")
     try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except (RuntimeError, ValueError, AssertionError):
-        raise ProbeError(f"dataset '{dataset}' not found in nnUNet_preprocessed ({preprocessed}), nnUNet_raw "
-                         "or nnUNet_results. Give its id or DatasetXXX_Name as nnU-Net knows it") from None
-    base = Path(preprocessed) / name
-    if not base.is_dir():
-        raise ProbeError(f"{name} is not preprocessed ({base} does not exist). Run nnUNetv2_plan_and_preprocess "
-                         f"-d {dataset} -c {configuration} first")
-    plans_file = base / f"{plans}.json"
-    if not plans_file.is_file():
-        raise ProbeError(f"no plans '{plans}' for {name} ({plans_file} is missing). Run "
-                         f"nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration} first, or pass -p")
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(str(plans_file))
-    if configuration not in plans_manager.available_configurations:
-        raise ProbeError(f"plans '{plans}' have no configuration '{configuration}'; they have "
-                         f"{', '.join(plans_manager.available_configurations)}")
-    config = plans_manager.get_configuration(configuration)
+        found = find_preprocessed(dataset, configuration, plans, preprocessed)
+    except PreprocessedNotFound as e:
+        raise ProbeError(str(e)) from None
+    name, base, config, folder = found.name, found.base, found.configuration_manager, found.folder
     if len(config.patch_size) != 2:
         raise ProbeError(f"configuration '{configuration}' is not 2D; the probe works on nnU-Net's 2D "
                          "configurations (e.g. -c 2d)")
-    folder = base / config.data_identifier
     dataset_json = json.loads((base / "dataset.json").read_text())
     class_names = {int(v): k for k, v in dataset_json.get("labels", {}).items()
                    if isinstance(v, int) and v > 0}
     if not class_names:
         raise ProbeError(f"{name}'s dataset.json names no foreground label; the probe needs labelled classes")
-    if not folder.is_dir():
-        raise ProbeError(f"{folder} does not exist: the '{configuration}' configuration is not preprocessed. Run "
-                         f"nnUNetv2_preprocess -d {dataset} -plans_name {plans} -c {configuration}")
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
     identifiers = sorted(infer_dataset_class(str(folder)).get_identifiers(str(folder)))
     if len(identifiers) < 2:
         raise ProbeError(f"{folder} holds {len(identifiers)} preprocessed case(s); the probe needs at least two "

@@ -73,7 +73,7 @@ from nnunet_meddinov3.benchmark.configs import (  # noqa: F401
     BenchConfig,
     build_configs,
 )
-from nnunet_meddinov3.benchmark.measure import grad_scaler_report, measure  # noqa: F401
+from nnunet_meddinov3.benchmark.measure import grad_scaler_report, measure, nnunet_plan_for  # noqa: F401
 from nnunet_meddinov3.benchmark.reference import (  # noqa: F401
     REFERENCE_DECODERS,
     REFERENCE_PACKAGE_PARENT,
@@ -91,11 +91,6 @@ from nnunet_meddinov3.benchmark.report import (  # noqa: F401
 )
 
 RESULT_MARKER = "MEDDINOV3_BENCH_RESULT "
-
-
-def nnunet_plan_for(config: BenchConfig) -> dict:
-    """nnU-Net's plan a worker builds its nnU-Net parts from (made once per patch size, in the parent)."""
-    return plan_2d(config.patch_size, config.num_classes, config.input_channels, require_patch=config.is_baseline)
 
 
 def run_worker(config: BenchConfig, timeout_s: float | None = None) -> dict:

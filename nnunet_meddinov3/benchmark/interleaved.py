@@ -15,10 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from nnunet_meddinov3.benchmark.baseline import NNUNetParts, plan_2d
 from nnunet_meddinov3.benchmark.configs import BenchConfig
-from nnunet_meddinov3.benchmark.measure import Workload, synchronize
-from nnunet_meddinov3.benchmark.reference import import_reference
+from nnunet_meddinov3.benchmark.measure import Workload, nnunet_parts_for, synchronize
 
 
 INTERLEAVED_NOTE = ("all configurations in one process; after each one's warm-up steps, rounds of one timed "
@@ -32,19 +30,11 @@ def measure_interleaved(configs: Sequence[BenchConfig], progress: Callable[[str]
     ``{"error": ...}`` and leaves the rounds; the others go on."""
     say = progress or (lambda message: None)
     workloads, results = [], []
-    plans: dict[tuple, dict] = {}
     for config in configs:
         result = {"label": config.label, "config": dataclasses.asdict(config), "interleaved": True}
         try:
-            if config.is_reference:
-                import_reference(config.reference_repo)
-            key = (config.patch_size, config.num_classes, config.input_channels, config.is_baseline)
-            if key not in plans:
-                plans[key] = plan_2d(config.patch_size, config.num_classes, config.input_channels,
-                                     require_patch=config.is_baseline)
             device = torch.device(config.device)
-            parts = NNUNetParts.build(plans[key], device, deep_supervision=config.is_baseline)
-            work = Workload(config, parts, device)
+            work = Workload(config, nnunet_parts_for(config, device), device)
             work.set_mode(True)
             work.build_optimizer()
             result.update(work.describe(), interleaved=True)

@@ -148,6 +148,19 @@ def _out_of_memory(error: BaseException) -> dict:
     return {"error": f"out of memory: {str(error).splitlines()[0]}"}
 
 
+def nnunet_plan_for(config: BenchConfig) -> dict:
+    """nnU-Net's plan the configuration's nnU-Net parts are built from (``plan_2d`` caches it per patch)."""
+    return plan_2d(config.patch_size, config.num_classes, config.input_channels, require_patch=config.is_baseline)
+
+
+def nnunet_parts_for(config: BenchConfig, device: torch.device, nnunet_plan: dict | None = None) -> NNUNetParts:
+    """nnU-Net's trainer parts (loss, optimiser, targets) for ``config``, from ``nnunet_plan`` (planned here
+    when not given); the reference's code is imported first when the configuration is the reference."""
+    if config.is_reference:
+        import_reference(config.reference_repo)
+    return NNUNetParts.build(nnunet_plan or nnunet_plan_for(config), device, deep_supervision=config.is_baseline)
+
+
 class Workload:
     """One configuration's network, inputs, loss, optimiser and steps, as its trainer runs them.
 
@@ -239,14 +252,9 @@ def measure(config: BenchConfig, nnunet_plan: dict | None = None) -> dict:
     ``nnunet_plan`` is :func:`~nnunet_meddinov3.benchmark.baseline.plan_2d`'s answer for the
     configuration (planned here when not given; the parent plans once per patch size).
     """
-    if config.is_reference:
-        import_reference(config.reference_repo)
     device = torch.device(config.device)
-    if nnunet_plan is None:
-        nnunet_plan = plan_2d(config.patch_size, config.num_classes, config.input_channels,
-                              require_patch=config.is_baseline)
     # nnU-Net's trainer (loss, optimiser, targets), built before the memory baseline: it holds no tensors
-    parts = NNUNetParts.build(nnunet_plan, device, deep_supervision=config.is_baseline)
+    parts = nnunet_parts_for(config, device, nnunet_plan)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training and predictor set it
     memory = PeakMemory(device)

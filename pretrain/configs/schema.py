@@ -128,6 +128,11 @@ class LossConfig:
     local_dino_weight_end: float = 1.0
     local_dino_weight_ramp_iterations: int = 0
     sinkhorn_iterations: int = 3
+    # Sinkhorn-Knopp centres the teacher over the whole global batch, every micro-batch of a
+    # gradient-accumulation step and every rank, as Meta's step does over its global batch;
+    # micro_batch centres each micro-batch alone and saves the memory of holding the teacher's logits
+    # of the whole step (pretrain/engine/teacher_targets.py).
+    centre_over: str = "global_batch"
 
 
 @dataclass
@@ -200,18 +205,26 @@ class MonitorConfig:
     """Collapse and divergence guards, on by default; a threshold of null switches that check off."""
 
     nonfinite_patience: int = 3  # consecutive non-finite losses that stop the run
-    # Uniform collapse: the teacher's per-image targets near uniform (normalised entropy at or above
-    # this) while the DINO loss sits within ``uniform_loss_margin`` (relative) of ln K and both heads have
-    # flattened their logits (teacher_logit_std and teacher_ibot_logit_std at most ``max_teacher_logit_std``,
-    # a quarter of the ~0.02 of the initialisation; null drops this condition). A run that has not left
-    # ln K yet but keeps a logit spread is still learning, not collapsed.
+    # Uniform collapse, checked per head (pretrain/engine/monitors.py): a head whose teacher targets are
+    # near uniform (normalised per-image / per-patch entropy at or above ``max_teacher_sample_entropy``)
+    # while its loss sits within ``uniform_loss_margin`` (relative) of its uniform value (DINO: ln K;
+    # iBOT: ln K x the share of global crops with a mask, ln K / 2 at masking.probability 0.5) and its
+    # logits have flattened (teacher_logit_std / teacher_ibot_logit_std at most ``max_teacher_logit_std``,
+    # a quarter of the ~0.02 of the initialisation; null drops this condition) stops the run, even
+    # while the other head learns. A head that has not left its uniform value yet but keeps a logit
+    # spread is still learning, not collapsed. A head with loss weight 0 is not checked.
     max_teacher_sample_entropy: float | None = 0.98
     uniform_loss_margin: float | None = 0.01
     max_teacher_logit_std: float | None = 0.005
     min_feature_std: float | None = 0.02  # std of the L2-normalised teacher CLS features x sqrt(D)
-    min_teacher_entropy: float | None = None  # normalised entropy of the teacher's batch-mean distribution
+    # Prototype concentration: normalised entropy of the teacher's batch-mean distribution (1 = every
+    # prototype used evenly). The batch's rows can use at most that many prototypes: N rows that each
+    # pick their own read ln N / ln K, so a floor must sit well below that. The iBOT floor is off by
+    # default: the masked patches of one image (air, one organ) may rightly share a few prototypes.
+    min_teacher_entropy: float | None = None  # DINO head, over the images
+    min_teacher_ibot_entropy: float | None = None  # iBOT head, over the masked patches
     max_koleo: float | None = None
-    patience: int = 50  # consecutive violating iterations before a collapse stop
+    patience: int = 50  # consecutive iterations one check must fail before a collapse stop
     start_iteration: int | None = None  # first checked iteration; null: the end of optim.warmup_iterations
 
 
@@ -296,6 +309,8 @@ class PretrainConfig:
         check(c.n_local >= 0, "crops.n_local must be >= 0")
         check(self.model.rope_rescale_coords is None or self.model.rope_rescale_coords >= 1,
               f"model.rope_rescale_coords must be >= 1 or null, got {self.model.rope_rescale_coords}")
+        check(self.loss.centre_over in ("global_batch", "micro_batch"),
+              f"loss.centre_over must be global_batch or micro_batch, got {self.loss.centre_over!r}")
         check(self.loss.koleo_group_size is None or self.loss.koleo_group_size >= 2,
               f"loss.koleo_group_size must be >= 2 or null, got {self.loss.koleo_group_size}")
         check(self.data.batch_size >= 2, "data.batch_size must be >= 2 (KoLeo needs a nearest neighbour)")

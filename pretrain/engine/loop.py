@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from ..configs import ConfigError, PretrainConfig, config_from_dict
-from ..losses import DINOLoss, GramLoss, IBOTPatchLoss, KoLeoLoss, dino_term_weights, koleo_group
+from ..losses import koleo_group
 from ..model import (
     build_gram_teacher,
     build_student_and_teacher,
@@ -47,8 +47,10 @@ from .distributed import (
 )
 from .head_warmup import HeadWarmup
 from .monitors import CollapseMonitor, collapse_statistics
+from .objective import build_losses, compute_losses
 from .probe_curve import ProbeCurve
 from .progress import ProgressReporter
+from .teacher_targets import GLOBAL_BATCH, centred_targets, teacher_pass
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,6 @@ STOPPED_NONFINITE = "stopped_nonfinite"
 STOPPED_COLLAPSE = "stopped_collapse"
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
-N_GLOBAL = 2  # MultiCropAugmentation always makes two global crops
 
 
 @dataclass
@@ -77,51 +78,6 @@ class RunResult:
 def read_run_status(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / RUN_FILE
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def build_losses(config: PretrainConfig) -> dict:
-    return {
-        "dino": DINOLoss(config.model.dino_head.prototypes, config.loss.student_temp),
-        "ibot": IBOTPatchLoss(config.model.ibot_head.prototypes, config.loss.student_temp),
-        "koleo": KoLeoLoss(group_size=config.loss.koleo_group_size),
-        "gram": GramLoss(img_level=config.gram.img_level),
-    }
-
-
-def compute_losses(losses: dict, config: PretrainConfig, sched: dict, student: dict, teacher: dict,
-                   gram_target: torch.Tensor | None, masks: torch.Tensor,
-                   masks_weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weighted loss of one micro-batch from the networks' outputs (crop-major rows).
-
-    Runs with autocast off: under bf16 autocast the DINO loss's einsum and the KoLeo and Gram
-    matmuls would otherwise be computed (and differentiated) in bf16, which quantises a loss near
-    log(65536) = 11.09 to steps of 0.06. The losses cast their inputs to fp32 themselves.
-    """
-    device_type = student["cls"].device.type
-    with torch.autocast(device_type=device_type, enabled=False):
-        b = student["cls"].shape[0] // N_GLOBAL
-        n_local = student["dino_local"].shape[0] // b
-        temp, n_sinkhorn = sched["teacher_temp"], config.loss.sinkhorn_iterations
-        teacher_dino = losses["dino"].teacher_probs(teacher["dino_global"].unflatten(0, (N_GLOBAL, b)), temp,
-                                                    n_sinkhorn)
-        teacher_ibot = losses["ibot"].teacher_probs(teacher["ibot_masked"], temp, n_sinkhorn)
-        local = student["dino_local"].unflatten(0, (n_local, b)) if n_local else None
-        dino_global, dino_local = losses["dino"].global_and_local(
-            student["dino_global"].unflatten(0, (N_GLOBAL, b)), local, teacher_dino)
-        w_global, w_local = dino_term_weights(N_GLOBAL, n_local)
-        dino = w_global * dino_global + w_local * sched["local_dino_weight"] * dino_local
-        ibot = losses["ibot"](student["ibot_masked"], teacher_ibot, masks, masks_weight)
-        # per global crop, summed: the reference's mean x n_global
-        koleo = sum(losses["koleo"](c) for c in student["cls"].unflatten(0, (N_GLOBAL, b)))
-        w = config.loss
-        total = w.dino_weight * dino + w.ibot_weight * ibot + w.koleo_weight * koleo
-        terms = {"dino_loss": dino, "dino_global_loss": dino_global, "dino_local_loss": dino_local,
-                 "ibot_loss": ibot, "koleo_loss": koleo}
-        if gram_target is not None:
-            gram = losses["gram"](student["patch"], gram_target)
-            total = total + sched["gram_weight"] * gram
-            terms["gram_loss"] = gram
-    return total, terms
 
 
 class Trainer:
@@ -191,7 +147,7 @@ class Trainer:
         active = warmup_mode == "on" or (warmup_mode == "auto" and self.provenance["init"]["kind"] == "weights"
                                          and not self.provenance["init"].get("heads_loaded", False))
         self.head_warmup = HeadWarmup(cfg.head_warmup, active)
-        self.monitor = CollapseMonitor(cfg.monitor, cfg.model.dino_head.prototypes, cfg.optim.warmup_iterations)
+        self.monitor = CollapseMonitor.for_config(cfg)
         self.nonfinite_streak = 0
         self.nonfinite_iterations: list[int] = []
         self.start_iteration = 0
@@ -340,28 +296,40 @@ class Trainer:
 
     # --- the training step ----------------------------------------------------------------------------
 
-    def _micro_step(self, batch: dict, sched: dict, iteration: int, sync: bool) -> dict[str, torch.Tensor]:
+    def _micro_step(self, batch: dict, targets: dict, sched: dict, iteration: int,
+                    sync: bool) -> dict[str, torch.Tensor]:
+        """The student's forward and backward on one micro-batch against the teacher's centred targets."""
         cfg, device = self.config, self.context.device
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         crops_global, masks, mask_indices = batch["global_crops"], batch["masks"], batch["mask_indices"]
         with gradient_sync(self.student_forward, sync):
             with autocast(device, cfg.train.precision):  # the networks in bf16 on CUDA ...
-                teacher = self.teacher.teacher_forward(crops_global, mask_indices)
                 student = self.student_forward(crops_global, batch["local_crops"], masks, mask_indices)
                 gram_target = None
                 if self.gram_teacher is not None:
                     grid = tuple(s // self.student.encoder.patch_size for s in crops_global.shape[-2:])
                     gram_target = gram_teacher_patch_features(self.gram_teacher, batch["gram_teacher_crops"], grid)
             # ... the losses in fp32 (see compute_losses)
-            total, terms = compute_losses(self.losses, cfg, sched, student, teacher, gram_target, masks,
+            total, terms = compute_losses(self.losses, cfg, sched, student, targets, gram_target, masks,
                                           batch["masks_weight"])
             if self._inject_nan(iteration):
                 total = total * float("nan")
             (total / self.accumulation).backward()
         terms["total_loss"] = total
-        stats = collapse_statistics(teacher["cls"], teacher["dino_global"], sched["teacher_temp"],
-                                    teacher["ibot_masked"])
-        return {k: v.detach().float() for k, v in {**terms, **stats}.items()}
+        return {k: v.detach().float() for k, v in terms.items()}
+
+    def _teacher_targets(self, batches: list[dict], sched: dict) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        """The teacher over every micro-batch, then one centring over all of them (teacher_targets.py),
+        and the collapse statistics of the whole (per-rank) batch."""
+        device = self.context.device
+        with autocast(device, self.config.train.precision):
+            passes = [teacher_pass(self.teacher, b["global_crops"], b["mask_indices"]) for b in batches]
+        temp = sched["teacher_temp"]
+        # the iBOT head's from the first micro-batch's masked patches: over a whole ViT-B/16 global
+        # batch their float32 softmax alone would be several GB, for a monitor that needs an estimate
+        stats = collapse_statistics(torch.cat([p.cls for p in passes]), torch.cat([p.dino_logits for p in passes]),
+                                    temp, passes[0].ibot_logits)
+        targets = centred_targets(passes, temp, self.config.loss.sinkhorn_iterations)
+        return targets, {k: v.detach().float() for k, v in stats.items()}
 
     def _inject_nan(self, iteration: int) -> bool:
         start = self.config.debug.inject_nan_at_iteration
@@ -379,13 +347,25 @@ class Trainer:
             copy_teacher_into_gram(self.gram_teacher, self.teacher)
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
+        tick = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(self.accumulation)]
+        data_seconds = time.perf_counter() - tick  # > 0 when the loader cannot keep up
+        device = self.context.device
+        micro_batches = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                          for k, v in b.items()} for b in micro_batches]
         sums: dict[str, torch.Tensor] = {}
-        data_seconds = 0.0
-        for micro in range(self.accumulation):
-            tick = time.perf_counter()
-            batch = next(batches)
-            data_seconds += time.perf_counter() - tick  # > 0 when the loader cannot keep up
-            for k, v in self._micro_step(batch, sched, iteration, sync=micro == self.accumulation - 1).items():
+        whole = cfg.loss.centre_over == GLOBAL_BATCH
+        if whole:  # the statistics of the whole batch, not a mean over micro-batches
+            targets, sums = self._teacher_targets(micro_batches, sched)
+        for micro, batch in enumerate(micro_batches):
+            if whole:
+                target = targets[micro]
+            else:  # one micro-batch's teacher logits at a time: the memory of the old per-micro step
+                (target,), stats = self._teacher_targets([batch], sched)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0) + v / self.accumulation
+            for k, v in self._micro_step(batch, target, sched, iteration,
+                                         sync=micro == self.accumulation - 1).items():
                 sums[k] = sums.get(k, 0) + v / self.accumulation
         keys = sorted(sums)
         stop_flag = torch.tensor(float(self.stop_requested), device=sums[keys[0]].device)

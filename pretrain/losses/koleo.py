@@ -27,14 +27,18 @@ class _GatherRows(torch.autograd.Function):
 
 
 def koleo_group(group_size: int, local_batch: int, world_size: int) -> int:
-    """The neighbour-set size KoLeoLoss uses: ``group_size`` capped at the global batch, which must be
-    whole rank batches and divide the global batch (ValueError otherwise)."""
+    """The neighbour-set size KoLeoLoss uses: ``group_size`` capped at the global batch, which must
+    either divide the per-rank batch (groups of its rows) or be whole rank batches dividing the
+    global batch (ValueError otherwise)."""
     global_batch = local_batch * world_size
     group = min(group_size, global_batch)
-    if group % local_batch or global_batch % group:
-        raise ValueError(f"KoLeo group size {group_size} must be a multiple of the per-rank batch {local_batch} "
-                         f"and divide the global batch {global_batch}")
-    return group
+    if group < local_batch:
+        if local_batch % group == 0:
+            return group
+    elif group % local_batch == 0 and global_batch % group == 0:
+        return group
+    raise ValueError(f"KoLeo group size {group_size} must divide the per-rank batch {local_batch}, or be a multiple "
+                     f"of it that divides the global batch {global_batch}")
 
 
 class KoLeoLoss(nn.Module):
@@ -52,7 +56,10 @@ class KoLeoLoss(nn.Module):
     and gradients reach the neighbours' ranks. The mean is over local rows, so DDP's gradient
     average equals the single-process loss on each whole group. A group larger than the global
     batch is the global batch (one GPU runs the same config); otherwise it must be a multiple of
-    the local batch that divides the global one. None: the local batch, as in DINOv3's stage 1.
+    the local batch that divides the global one. A group smaller than the local batch splits it
+    into groups of adjacent rows: one step over N x B images with groups of B is then N micro-steps
+    of B, which is how a gradient-accumulation step is checked against a whole-batch one. None: the
+    local batch, as in DINOv3's stage 1.
     """
 
     def __init__(self, eps: float = 1e-8, group_size: int | None = None):
@@ -76,7 +83,15 @@ class KoLeoLoss(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (N, D), N >= 2 -> scalar."""
         x = F.normalize(features.float(), dim=-1, eps=self.eps)
+        if self.group_size is not None and self.group_size < x.shape[0]:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            group = koleo_group(self.group_size, x.shape[0], world)
+            if group < x.shape[0]:  # equal groups: the mean of their means is the mean over all rows
+                return torch.stack([self._nearest_neighbour_loss(g, g, 0) for g in x.split(group)]).mean()
         candidates, offset = self._neighbour_set(x)
+        return self._nearest_neighbour_loss(x, candidates, offset)
+
+    def _nearest_neighbour_loss(self, x: torch.Tensor, candidates: torch.Tensor, offset: int) -> torch.Tensor:
         with torch.no_grad():
             # On the unit sphere the nearest neighbour is the largest dot product.
             dots = x @ candidates.T

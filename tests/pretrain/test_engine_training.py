@@ -212,7 +212,8 @@ def test_head_warmup_freezes_released_backbone_then_warms_it_up(data, tmp_path):
 def test_losses_are_computed_in_fp32_under_bf16_autocast():
     """Under bf16 autocast the DINO einsum / KoLeo and Gram matmuls must not drop to bf16 (an H100
     run logged the DINO loss quantised to 11.125 before the losses were taken out of autocast)."""
-    from pretrain.engine.loop import build_losses, compute_losses
+    from pretrain.engine.objective import build_losses, compute_losses
+    from pretrain.engine.teacher_targets import TeacherPass, centred_targets
     from pretrain.optim import Schedules
 
     config = load_config("tiny_stage2_gram", ["model.dino_head.prototypes=4096", "model.ibot_head.prototypes=4096"])
@@ -233,7 +234,10 @@ def test_losses_are_computed_in_fp32_under_bf16_autocast():
     weights = masks.float().sum(-1, keepdim=True).clamp(min=1).reciprocal().expand_as(masks)[masks]
 
     def run():
-        return compute_losses(build_losses(config), config, sched, student, teacher, gram_target, masks, weights)
+        losses = build_losses(config)
+        passes = [TeacherPass(None, teacher["dino_global"], teacher["ibot_masked"])]
+        targets = centred_targets(passes, sched["teacher_temp"], config.loss.sinkhorn_iterations)[0]
+        return compute_losses(losses, config, sched, student, targets, gram_target, masks, weights)
 
     reference_total, reference = run()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -269,6 +273,6 @@ def test_loss_plot_drawn_once_per_occasion_and_resume_names_changed_settings(dat
 def test_a_koleo_group_that_splits_a_batch_stops_before_training(data, tmp_path):
     from pretrain.configs import ConfigError
 
-    with pytest.raises(ConfigError, match=r"loss.koleo_group_size: .*multiple of the per-rank batch 4"):
+    with pytest.raises(ConfigError, match=r"loss.koleo_group_size: .*divide the per-rank batch 4"):
         train(tiny(data, "train.iterations=2", "loss.koleo_group_size=3"), tmp_path / "run")
     assert not list_checkpoints(tmp_path / "run")  # nothing written, nothing lost

@@ -63,12 +63,17 @@ def test_without_group_each_rank_keeps_its_own_batch(tmp_path):
 
 
 def test_group_not_made_of_whole_rank_batches_is_refused(tmp_path):
-    with pytest.raises(Exception, match="multiple of the per-rank batch 3 and divide the global batch 12"):
+    with pytest.raises(Exception, match="divide the per-rank batch 3, or be a multiple of it that divides the global batch 12"):
         _run(tmp_path, 4)
 
 
-def test_one_process_uses_its_batch_and_the_same_rule():
+def test_one_process_uses_its_batch_or_groups_of_its_rows():
     x = torch.randn(4, DIM, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(KoLeoLoss(group_size=16)(x), KoLeoLoss()(x), rtol=0, atol=0)  # capped at 4
-    with pytest.raises(ValueError, match="multiple of the per-rank batch 4"):
-        KoLeoLoss(group_size=2)(x)  # smaller than the batch: refused, as on several ranks
+    # smaller than the batch: groups of adjacent rows, each its own neighbour set (so one step of
+    # N x B images equals N accumulation micro-steps of B)
+    halves = (KoLeoLoss()(x[:2]) + KoLeoLoss()(x[2:])) / 2
+    torch.testing.assert_close(KoLeoLoss(group_size=2)(x), halves, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(KoLeoLoss(group_size=2)(x), KoLeoLoss()(x))
+    with pytest.raises(ValueError, match="divide the per-rank batch 4"):
+        KoLeoLoss(group_size=3)(x)

@@ -2,6 +2,14 @@
 
 Every schedule is a pure function of the iteration, so a resumed run sets exactly the values
 the uninterrupted run would have had: nothing here carries state between iterations.
+
+The shapes are those of Meta's ``dinov3/train``, value for value (tests/pretrain/test_meta_step.py
+holds them to its arrays): stage 1 is the ``CosineScheduler`` of ``build_schedulers`` (the recipe
+MedDINOv3 started from has no ``schedules`` block), whose warm-up is ``np.linspace(start, peak, W)``:
+it reaches the peak at step W - 1. The Gram and high-resolution stages follow Meta's later recipes,
+built by ``linear_warmup_cosine_decay`` (``schedules`` v2), whose warm-up leaves the endpoint out
+(peak * step / W) and whose cosines (LR rise, Gram weight, local DINO weight) reach their end value
+on their last step.
 """
 
 from __future__ import annotations
@@ -21,27 +29,50 @@ from .losses import teacher_temperature
 
 
 def cosine(step: int, start: float, end: float, length: int) -> float:
-    """Half cosine from ``start`` at step 0 to ``end`` at ``length``, then ``end``."""
+    """Half cosine from ``start`` at step 0 towards ``end``, reached at ``length``, then ``end``: the
+    cosine part of Meta's ``CosineScheduler`` (``cos(pi * i / length)``, i < length)."""
     if length <= 0 or step >= length:
         return end
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * max(step, 0) / length))
 
 
+def linear_warmup(step: int, start: float, peak: float, warmup: int) -> float:
+    """``np.linspace(start, peak, warmup)[step]`` (Meta's ``CosineScheduler`` warm-up): ``peak`` at
+    step ``warmup - 1``; a warm-up of one step is ``[start]``."""
+    if warmup <= 1:
+        return start
+    return start + (peak - start) * max(step, 0) / (warmup - 1)
+
+
 def warmup_cosine(step: int, peak: float, end: float, warmup: int, total: int) -> float:
-    """Linear from 0 to ``peak`` over ``warmup`` steps, then cosine to ``end`` at ``total``."""
+    """Meta's ``CosineScheduler(peak, end, total, warmup_iters=warmup)``: linear from 0, reaching
+    ``peak`` at step ``warmup - 1``, then cosine from ``peak`` at ``warmup`` towards ``end`` at ``total``."""
     if step < warmup:
-        return peak * step / warmup
+        return linear_warmup(step, 0.0, peak, warmup)
     return cosine(step - warmup, peak, end, total - warmup)
 
 
 def warmup_constant(step: int, peak: float, warmup: int) -> float:
-    """Linear from 0 to ``peak`` over ``warmup`` steps, then constant."""
-    return peak * step / warmup if step < warmup else peak
+    """Meta's ``linear_warmup_cosine_decay(0, peak, peak, warmup, ...)`` (its later stages' schedules):
+    ``np.linspace(0, peak, warmup, endpoint=False)``, i.e. peak * step / warmup, then constant."""
+    return peak * max(step, 0) / warmup if step < warmup else peak
+
+
+def cosine_inclusive(step: int, start: float, end: float, length: int) -> float:
+    """The cosine of Meta's ``linear_warmup_cosine_decay`` (its later stages' schedules):
+    ``(start - end) * (1 + cos(linspace(0, pi, length))) / 2 + end``, so ``end`` on step ``length - 1``;
+    a cosine of one step is ``[start]``."""
+    if length <= 0 or step >= length:
+        return end
+    if length == 1:
+        return start
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * max(step, 0) / (length - 1)))
 
 
 def cosine_rise_constant(step: int, peak: float, rise: int) -> float:
-    """Cosine from 0 to ``peak`` over ``rise`` steps, then constant (DINOv3 high-res stage)."""
-    return cosine(step, 0.0, peak, rise)
+    """Meta's high-resolution stage, ``linear_warmup_cosine_decay(0, 0, peak, 0, total, cosine_iterations=rise)``:
+    cosine from 0 to ``peak``, reached on step ``rise - 1``, then constant."""
+    return cosine_inclusive(step, 0.0, peak, rise)
 
 
 def scaled_lr(config: OptimConfig, global_batch_size: int) -> float:
@@ -88,14 +119,14 @@ class Schedules:
 
     def local_dino_weight(self, step: int) -> float:
         loss = self.config.loss
-        return cosine(step, loss.local_dino_weight_start, loss.local_dino_weight_end,
-                      loss.local_dino_weight_ramp_iterations)
+        return cosine_inclusive(step, loss.local_dino_weight_start, loss.local_dino_weight_end,
+                                loss.local_dino_weight_ramp_iterations)
 
     def gram_weight(self, step: int) -> float:
         gram = self.config.gram
         if not gram.enabled:
             return 0.0
-        return cosine(step, 0.0, gram.weight, gram.weight_ramp_iterations)
+        return cosine_inclusive(step, 0.0, gram.weight, gram.weight_ramp_iterations)
 
     def at(self, step: int) -> dict[str, float]:
         return {
@@ -126,10 +157,13 @@ def parameter_groups(network: nn.Module, config: OptimConfig, depth: int) -> lis
     """AdamW groups with ``lr_multiplier``, ``wd_multiplier``, ``is_last_layer``, ``is_backbone``.
 
     Layer-wise decay: lr x decay ** (depth + 1 - layer_id); the patch embedding additionally
-    x ``patch_embed_lr_mult``. No weight decay on biases, norms, layer scales and learned tokens.
+    x ``patch_embed_lr_mult``. No weight decay on biases, norms and layer scales: Meta's rule
+    (``get_params_groups_with_decay_fsdp``), which decays the learned tokens (CLS, storage, iBOT
+    mask) although its comment says otherwise; ``config.weight_decay_on_tokens=False`` spares them.
     ``is_backbone`` marks what the head warm-up freezes (the mask token trains with the heads:
     released weights rarely have a trained one). Parameters with equal settings share a group.
     """
+    no_decay_suffixes = ("bias",) if config.weight_decay_on_tokens else ("bias", "_token")
     groups: dict[tuple, dict] = {}
     for name, param in network.named_parameters():
         if not param.requires_grad:
@@ -137,7 +171,7 @@ def parameter_groups(network: nn.Module, config: OptimConfig, depth: int) -> lis
         lr_multiplier = config.layerwise_decay ** (depth + 1 - layer_id(name, depth))
         if "patch_embed" in name:
             lr_multiplier *= config.patch_embed_lr_mult
-        no_decay = name.endswith(("bias", "_token")) or "norm" in name or "gamma" in name
+        no_decay = name.endswith(no_decay_suffixes) or "norm" in name or "gamma" in name
         key = (
             lr_multiplier,
             0.0 if no_decay else 1.0,

@@ -162,6 +162,9 @@ class OptimConfig:
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     freeze_last_layer_iterations: int = 1250  # Meta: 1 epoch
+    # Meta decays the CLS, storage and iBOT mask tokens like any weight (its no-decay rule matches
+    # only biases, norms and layer scales); false spares them, as this project did before.
+    weight_decay_on_tokens: bool = True
     momentum_start: float = 0.992
     momentum_end: float = 1.0
     global_batch_size: int | None = None  # reached by gradient accumulation; None = batch_size x processes

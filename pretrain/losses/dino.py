@@ -10,10 +10,13 @@ from .sinkhorn import sinkhorn_knopp
 
 
 def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: float = 0.07) -> float:
-    """Teacher temperature: linear from ``start`` at step 0 to ``end`` at ``warmup_steps``, then constant."""
+    """Teacher temperature as Meta's ``CosineScheduler`` with ``warmup_iters == total_iters``:
+    ``np.linspace(start, end, warmup_steps)[step]``, so ``end`` from step ``warmup_steps - 1`` on."""
     if warmup_steps <= 0 or step >= warmup_steps:
         return end
-    return start + (end - start) * max(step, 0) / warmup_steps
+    if warmup_steps == 1:
+        return start
+    return start + (end - start) * max(step, 0) / (warmup_steps - 1)
 
 
 def dino_term_weights(n_global: int, n_local: int, ignore_diagonal: bool = True) -> tuple[float, float]:

@@ -25,13 +25,16 @@ def test_schedules_of_stage1():
     s = Schedules(config, 512)
     total, warmup = config.train.iterations, config.optim.warmup_iterations
     peak = 1e-3 * 4 * math.sqrt(512 / 1024)
-    assert s.lr(0) == 0 and s.lr(warmup // 2) == pytest.approx(peak / 2) and s.lr(warmup) == pytest.approx(peak)
+    # Meta's CosineScheduler warm-up is np.linspace(0, peak, warmup): the peak at step warmup - 1
+    assert s.lr(0) == 0 and s.lr(6000) == pytest.approx(peak * 6000 / (warmup - 1))
+    assert s.lr(warmup - 1) == pytest.approx(peak) and s.lr(warmup) == pytest.approx(peak)
     assert s.lr(total) == pytest.approx(1e-6) and s.lr(total + 10) == pytest.approx(1e-6)
     assert s.lr((warmup + total) // 2) == pytest.approx((peak + 1e-6) / 2, rel=1e-4)
     assert s.weight_decay(0) == pytest.approx(0.04) and s.weight_decay(total) == pytest.approx(0.4)
     assert s.weight_decay(total // 2) == pytest.approx(0.22)
     assert s.momentum(0) == pytest.approx(0.992) and s.momentum(total) == pytest.approx(1.0)
-    assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(37500) == pytest.approx(0.07)
+    assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(37499) == pytest.approx(0.07)
+    assert s.teacher_temp(20000) == pytest.approx(0.04 + 0.03 * 20000 / 37499) and s.teacher_temp(37500) == 0.07
     assert s.last_layer_frozen(1249) and not s.last_layer_frozen(1250)
     assert s.gram_weight(5) == 0.0 and s.local_dino_weight(5) == 1.0
     # pure: the same iteration gives the same values whatever came before
@@ -40,12 +43,18 @@ def test_schedules_of_stage1():
 
 def test_schedules_of_gram_and_high_res_stages():
     g = Schedules(load_config("vitb16_stage2_gram"), 512)
-    assert g.gram_weight(0) == 0.0 and g.gram_weight(500) == pytest.approx(1.0) and g.gram_weight(1000) == 2.0
-    assert g.local_dino_weight(0) == 1.0 and g.local_dino_weight(1000) == 0.5
+    # Meta's linear_warmup_cosine_decay cosine, cos(linspace(0, pi, 1000)): the end value on step 999
+    assert g.gram_weight(0) == 0.0 and g.gram_weight(999) == g.gram_weight(1000) == 2.0
+    assert g.gram_weight(500) == pytest.approx(1.0 - math.cos(math.pi * 500 / 999))
+    assert g.local_dino_weight(0) == 1.0 and g.local_dino_weight(999) == g.local_dino_weight(1000) == 0.5
     assert g.lr(1000) == g.lr(20000) == pytest.approx(3e-5 * 4 * math.sqrt(0.5))
     h = Schedules(load_config("vitb16_stage3_highres"), 128)
-    assert h.lr(0) == 0.0 and h.lr(850) == pytest.approx(h.peak_lr / 2) and h.lr(1700) == h.lr(4999) == h.peak_lr
+    # Meta's linear_warmup_cosine_decay: (1 - cos(linspace(0, pi, rise))) / 2, the peak on step rise - 1
+    assert h.lr(0) == 0.0 and h.lr(1699 // 2) == pytest.approx(h.peak_lr / 2, rel=1e-3)
+    assert h.lr(1698) < h.lr(1699) == h.lr(4999) == h.peak_lr
     assert cosine_rise_constant(10, 1.0, 0) == 1.0 and warmup_cosine(5, 1.0, 0.0, 0, 10) == pytest.approx(0.5)
+    # the Gram stage's warm-up (linspace(0, peak, W, endpoint=False)) reaches the peak only at W
+    assert g.lr(0) == 0.0 and g.lr(500) == pytest.approx(g.peak_lr / 2) and g.lr(999) < g.peak_lr == g.lr(1000)
 
 
 def test_layer_ids_of_every_parameter():
@@ -78,9 +87,16 @@ def test_parameter_groups_layer_decay_and_no_weight_decay():
     assert settings["dino_head.mlp.weight"]["lr_multiplier"] == 1.0
     assert layer_id("backbone.encoder.vit.cls_token", depth) == 0
     for name in ("backbone.encoder.vit.blocks.1.norm1.weight", "backbone.encoder.vit.blocks.1.gamma_1",
-                 "backbone.encoder.vit.cls_token", "backbone.mask_token", "dino_head.mlp.bias"):
+                 "dino_head.mlp.bias"):
         assert settings[name]["wd_multiplier"] == 0.0, name
-    assert settings["backbone.encoder.vit.blocks.1.attn.qkv.weight"]["wd_multiplier"] == 1.0
+    # Meta decays the learned tokens (its rule matches only biases, norms and layer scales)
+    for name in ("backbone.encoder.vit.blocks.1.attn.qkv.weight", "backbone.encoder.vit.cls_token",
+                 "backbone.encoder.vit.reg_token", "backbone.mask_token"):
+        assert settings[name]["wd_multiplier"] == 1.0, name
+    spared = build_optimizer(student, load_config("tiny_stage1", ["optim.weight_decay_on_tokens=false"]).optim, depth)
+    spared = {name: g["wd_multiplier"] for g in spared.param_groups for name in g["names"]}
+    assert {n for n, wd in spared.items() if wd != settings[n]["wd_multiplier"]} == {
+        "backbone.encoder.vit.cls_token", "backbone.encoder.vit.reg_token", "backbone.mask_token"}
     assert settings["ibot_head.last_layer.weight"]["is_last_layer"]
     assert not settings["backbone.mask_token"]["is_backbone"]  # trains with the heads in the warm-up
 

@@ -64,9 +64,12 @@ def test_sinkhorn_is_finite_where_exp_would_overflow():
 
 
 def test_teacher_temperature_schedule():
+    # Meta's np.linspace(0.04, 0.07, 100): 0.07 from step 99 on
     assert teacher_temperature(0, 100) == pytest.approx(0.04)
-    assert teacher_temperature(50, 100) == pytest.approx(0.055)
+    assert teacher_temperature(33, 100) == pytest.approx(0.05)
+    assert teacher_temperature(99, 100) == pytest.approx(0.07)
     assert teacher_temperature(100, 100) == pytest.approx(0.07)
+    assert teacher_temperature(0, 1) == pytest.approx(0.04) and teacher_temperature(1, 1) == pytest.approx(0.07)
     assert teacher_temperature(10_000, 100) == pytest.approx(0.07)
     assert teacher_temperature(5, 0) == pytest.approx(0.07)
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configs.schema import MonitorConfig
+from ..losses.dino import dino_term_weights
 
 # What moves a head off uniform targets, from the comparison with Meta's step (issue 21): the collapse
 # is the recipe at the scale of the run, not a bug, and the row count of each Sinkhorn-Knopp centring
@@ -144,8 +145,6 @@ class CollapseMonitor:
         """The monitor of a run: its heads' prototype counts, the mask share its collate draws
         (``int(probability x images)`` of each micro-batch's global crops) and its LR warm-up. A head whose
         loss weight is 0 does not learn, so it is not checked for uniform collapse."""
-        from ..losses.dino import dino_term_weights
-
         n_images = 2 * cfg.data.batch_size  # two global crops per sample
         fraction = int(cfg.masking.probability * n_images) / n_images
         return cls(cfg.monitor, cfg.model.dino_head.prototypes if cfg.loss.dino_weight > 0 else None,

@@ -3,10 +3,13 @@
     python -m pretrain train --config tiny_stage1 --data ROOT [ROOT ...] --output DIR [--resume] [key=value ...]
     python -m pretrain chain --configs vitb16_stage1 vitb16_stage2_gram vitb16_stage3_highres --data ROOT \\
         --output DIR [--resume] [--export NAME] [key=value | K:key=value ...]
+    python -m pretrain cache --config C --data ROOT [ROOT ...] [--workers N] [--verify] [--output DIR | --cache-dir D]
+    python -m pretrain benchmark-data --config C --data ROOT [...] [--workers N] [--samples N]
     python -m pretrain export --run DIR --name NAME [--output FILE]
     python -m pretrain configs [--show NAME [key=value ...]]
 
-Under torchrun: ``torchrun --nproc_per_node=8 -m pretrain train ...``.
+Under torchrun: ``torchrun --nproc_per_node=8 -m pretrain train ...`` (``cache`` too: every process
+builds a share).
 Exit status: 0 finished or paused (resumable), 2 bad arguments/config, 3 stopped on non-finite
 losses, 4 stopped on suspected collapse.
 """
@@ -22,6 +25,7 @@ import yaml
 
 from .configs import ConfigError, available_configs, load_config
 from .data.slices import DataError
+from .engine.checkpoint import UnreadableCheckpoints
 
 EXIT_CODES = {"finished": 0, "paused": 0, "stopped_nonfinite": 3, "stopped_collapse": 4}
 DEFAULT_OUTPUT = Path("pretrain_runs")
@@ -44,13 +48,18 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
     return extra
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", metavar="ROOT",
                         help="nnU-Net raw dataset folders, NIfTI folders or DICOM folders (sets data.roots)")
-    parser.add_argument("--output", help=f"run folder (default: {DEFAULT_OUTPUT}/NAME)")
+    parser.add_argument("--output", help=f"run folder (default: {DEFAULT_OUTPUT}/NAME); its slice_cache/ is the "
+                                         "default cache folder")
     parser.add_argument("--cache-dir", help="slice cache folder (sets data.cache_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _data_options(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--export", metavar="NAME",
                        help="export the last stage's teacher as NAME when the chain finishes")
     _common(chain)
+
+    cache = sub.add_parser("cache", help="build or complete the slice cache (what train does first), and report on it")
+    cache.add_argument("--config", required=True, help="the config whose data settings key the cache")
+    cache.add_argument("--workers", type=int, default=1, help="processes building volumes (per torchrun process)")
+    cache.add_argument("--verify", action="store_true",
+                       help="also check every cached slice's checksum (reads the whole cache) and rebuild damaged volumes")
+    _data_options(cache)
+
+    bench = sub.add_parser("benchmark-data", help="measure multi-crop samples/s per loader worker from a cold cache")
+    bench.add_argument("--config", required=True)
+    bench.add_argument("--workers", type=int, default=1, help="loader workers (also the build's processes)")
+    bench.add_argument("--samples", type=int, default=200, help="samples to time (after a warm-up batch)")
+    bench.add_argument("--images-per-s", type=float, default=250.0,
+                       help="the GPU's need to compare with (default: ViT-B/16 on one H100, ~250 images/s)")
+    _data_options(bench)
 
     export = sub.add_parser("export", help="write a run's teacher backbone in the project's checkpoint format")
     export.add_argument("--run", required=True, help="run folder (its latest checkpoint) or a checkpoint file")
@@ -110,6 +134,37 @@ def _chain(args) -> int:
         shutdown_distributed(context)
 
 
+def _cache_folder(args, config) -> Path:
+    output = Path(args.output) if args.output else DEFAULT_OUTPUT / config.name
+    return Path(config.data.cache_dir) if config.data.cache_dir else output.resolve() / "slice_cache"
+
+
+def _cache(args) -> int:
+    from .data.cache_report import describe_cache
+    from .engine.data import build_slice_dataset
+    from .engine.distributed import init_distributed, shutdown_distributed
+
+    config = load_config(args.config, [*_data_overrides(args), *args.overrides])
+    context = init_distributed(config.train.distributed_timeout_minutes)
+    try:
+        slices = build_slice_dataset(config, _cache_folder(args, config), context.rank, context.world_size,
+                                     workers=args.workers, verify=args.verify)
+        context.barrier()
+        if context.is_main:
+            print(describe_cache(slices))
+        return 0
+    finally:
+        shutdown_distributed(context)
+
+
+def _benchmark_data(args) -> int:
+    from .engine.data_benchmark import benchmark_loader
+
+    config = load_config(args.config, [*_data_overrides(args), *args.overrides])
+    print(benchmark_loader(config, _cache_folder(args, config), args.workers, args.samples, args.images_per_s))
+    return 0
+
+
 def _export(args) -> int:
     from .export import export_run
 
@@ -130,6 +185,7 @@ def _configs(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # the library logs; the CLI shows warnings
+    logging.getLogger("pretrain.data").setLevel(logging.INFO)  # and the cache build's progress
     parser = build_parser()
     # overrides may come before and after options (a job script appending --resume, say)
     args, extra = parser.parse_known_args(argv)
@@ -140,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     if hasattr(args, "data"):
         _split_data_and_overrides(args)
-    handlers = {"train": _train, "chain": _chain, "export": _export, "configs": _configs}
+    handlers = {"train": _train, "chain": _chain, "cache": _cache, "benchmark-data": _benchmark_data,
+                "export": _export, "configs": _configs}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, UnreadableCheckpoints) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -201,6 +201,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32
     parallel: str = "ddp"  # ddp or fsdp (FSDP2 fully_shard)
     progress_bar: bool = True
+    # How long a collective (checkpoint, step) may wait for the slowest process before the job fails.
+    # The slice cache build does not count: processes wait for each other's shares without a timeout.
+    distributed_timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -251,6 +254,9 @@ class EvalConfig:
 class DebugConfig:
     inject_nan_at_iteration: int | None = None  # the loss becomes NaN from this iteration ...
     inject_nan_iterations: int = 3  # ... for this many iterations
+    # Slow things down, for the tests of what must survive a slow build or a kill mid-write:
+    cache_build_delay_s: float = 0.0  # seconds added to the build of every cached volume
+    checkpoint_write_delay_s: float = 0.0  # seconds between writing a checkpoint's temporary file and its rename
 
 
 @dataclass

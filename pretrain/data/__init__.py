@@ -5,12 +5,13 @@ from .augment import MultiCropAugmentation
 from .collate import collate
 from .intensity import MEDDINOV3_CT, CTIntensity, IntensityPreset, MRIntensity, preset_from_dict
 from .masking import BlockMaskGenerator
-from .slices import Exclusion, SliceDataset, VolumeSource, find_volumes
+from .slices import DataError, Exclusion, SliceDataset, VolumeSource, find_volumes
 
 __all__ = [
     "MEDDINOV3_CT",
     "BlockMaskGenerator",
     "CTIntensity",
+    "DataError",
     "Exclusion",
     "IntensityPreset",
     "MRIntensity",

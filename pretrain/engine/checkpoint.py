@@ -9,9 +9,11 @@ history and the provenance (licence, starting weights, data manifest).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,10 @@ from torch import nn
 from nnunet_meddinov3.checkpoints.loading import load_encoder_weights
 from nnunet_meddinov3.network.encoder import DINOv3Encoder
 
+from ..data.atomic_files import fsync_folder, remove_stale_temporaries, temporary_path
 from ..model import encoder_state_from_training_checkpoint
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "nnunet-meddinov3-pretrain/1"
 _NAME = re.compile(r"^checkpoint_(\d{8})\.pt$")
@@ -70,8 +75,7 @@ def is_training_checkpoint(path_or_run: str | os.PathLike) -> bool:
     return path.is_file() and _NAME.match(path.name) is not None
 
 
-def read_training_checkpoint(path_or_run: str | os.PathLike) -> dict:
-    path = resolve_checkpoint(path_or_run)
+def _read_file(path: Path) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"'{path}' is not a pretraining checkpoint of this project ({CHECKPOINT_FORMAT})")
@@ -79,18 +83,66 @@ def read_training_checkpoint(path_or_run: str | os.PathLike) -> dict:
     return state
 
 
-def write_atomic(state: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a checkpoint is complete or absent."""
+def read_training_checkpoint(path_or_run: str | os.PathLike) -> dict:
+    """A checkpoint file, or the newest readable checkpoint of a run folder (see :func:`read_newest_readable`)."""
+    path = Path(path_or_run).expanduser()
+    if path.is_dir():
+        found, state = read_newest_readable(path)
+        if state is None:
+            raise FileNotFoundError(f"run folder '{path}' has no checkpoints (expected {checkpoint_dir(path)}/)")
+        return state
+    return _read_file(resolve_checkpoint(path))
+
+
+class UnreadableCheckpoints(RuntimeError):
+    """Every checkpoint of a run is unreadable."""
+
+
+def read_newest_readable(run_dir: str | os.PathLike, set_aside: bool = False) -> tuple[Path | None, dict | None]:
+    """(path, state) of the run's newest checkpoint that loads, warning about each newer one that
+    does not (a disk error, a file cut by a full disk); (None, None) when the run has none.
+    ``set_aside`` renames the unreadable ones to ``*.unreadable`` (one process of a run only), so
+    that later starts and pruning do not trip on them again."""
+    problems = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            state = _read_file(path)
+        except Exception as e:  # whatever torch.load raises on a damaged file
+            problems.append((path, " ".join(str(e).split())[:200] or type(e).__name__))
+            continue
+        for bad, reason in problems:
+            logger.warning("checkpoint %s is unreadable (%s); using the previous one, %s", bad, reason, path.name)
+            if set_aside:
+                bad.replace(bad.with_name(bad.name + ".unreadable"))
+        return path, state
+    if problems:
+        listed = "; ".join(f"{p.name}: {r}" for p, r in problems)
+        raise UnreadableCheckpoints(f"none of the {len(problems)} checkpoint(s) in {checkpoint_dir(run_dir)} can be "
+                                    f"read ({listed}); move them away to start again from scratch")
+    return None, None
+
+
+def remove_stale_checkpoint_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete what killed checkpoint writes left behind (call from the one process that writes)."""
+    return remove_stale_temporaries(checkpoint_dir(run_dir))
+
+
+def write_atomic(state: dict, path: Path, delay_s: float = 0.0) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename and fsync the folder: a
+    checkpoint is complete or absent. ``delay_s`` (debug) waits before the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if delay_s:
+            time.sleep(delay_s)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_folder(path.parent)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> list[Path]:

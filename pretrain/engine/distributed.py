@@ -60,8 +60,9 @@ class DistributedContext:
         return holder[0]
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistributedContext:
-    """Join the torchrun process group if there is one; choose the device."""
+def init_distributed(timeout_minutes: float = 30) -> DistributedContext:
+    """Join the torchrun process group if there is one; choose the device. ``timeout_minutes`` bounds
+    how long a collective waits for the slowest process (``train.distributed_timeout_minutes``)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

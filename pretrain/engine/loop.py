@@ -12,13 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -33,8 +30,9 @@ from ..model import (
     update_ema,
 )
 from ..optim import Schedules, apply_schedules, build_optimizer, clip_gradients
+from ..data.atomic_files import replace_file
 from . import checkpoint as ckpt
-from .data import build_loader, build_slice_dataset, slice_dataset_from_index
+from .data import build_loader, build_slice_dataset
 from .distributed import (
     DistributedContext,
     autocast,
@@ -50,12 +48,14 @@ from .monitors import CollapseMonitor, collapse_statistics
 from .objective import build_losses, compute_losses
 from .probe_curve import ProbeCurve
 from .progress import ProgressReporter
+from .resume import changed_settings, seed_process, starting_state
+from .signals import StopRequests
 from .teacher_targets import GLOBAL_BATCH, centred_targets, teacher_pass
 
 logger = logging.getLogger(__name__)
 
 FINISHED = "finished"  # reached train.iterations
-PAUSED = "paused"  # stopped early by train.max_iterations or SIGTERM, with a checkpoint to resume from
+PAUSED = "paused"  # stopped early by train.max_iterations or a signal, with a checkpoint to resume from
 STOPPED_NONFINITE = "stopped_nonfinite"
 STOPPED_COLLAPSE = "stopped_collapse"
 RUN_FILE = "run.json"
@@ -90,18 +90,14 @@ class Trainer:
         self.context = context
         self.resume = resume
         self.cache_dir = Path(cache_dir or config.data.cache_dir or self.run_dir / "slice_cache")
-        self.stop_requested = False
+        self.stop = StopRequests()
 
     # --- setup ------------------------------------------------------------------------------------
 
     def setup(self) -> None:
         cfg, ctx = self.config, self.context
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resume_from = ckpt.latest_checkpoint(self.run_dir)
-        if resume_from is not None and not self.resume:
-            raise FileExistsError(f"'{self.run_dir}' already has checkpoints; pass --resume to continue it, "
-                                  "or choose another --output")
-        state = ckpt.read_training_checkpoint(resume_from) if resume_from is not None else None
+        resume_from, state = starting_state(self.run_dir, self.resume, ctx.is_main)
         if state is not None:
             self._warn_config_changes(state["config"])
 
@@ -116,7 +112,7 @@ class Trainer:
             self._initialise_weights()
 
         # per-process randomness (drop path) must differ between ranks; a resume restores it below
-        _seed_process(cfg.train.seed, ctx.rank)
+        seed_process(cfg.train.seed, ctx.rank)
 
         self.slices = self._build_slices()
         world = ctx.world_size
@@ -158,17 +154,19 @@ class Trainer:
         self.losses = build_losses(cfg)
         self.probe = self._build_probe()
         if ctx.is_main:
-            (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            replace_file(self.run_dir / CONFIG_FILE, lambda f: f.write(text.encode()))
 
     def _build_slices(self):
-        # the main rank alone scans the data and writes the cache and its index; the others take
-        # its index (the broadcast also waits for the cache to be complete)
+        # every rank builds its share of what the cache lacks and waits for the others' (no collective,
+        # so no timeout, however long the build); then all hold the same index
         ctx = self.context
-        slices = build_slice_dataset(self.config, self.cache_dir) if ctx.is_main else None
-        index = ctx.broadcast_object(slices.index if ctx.is_main else None)
-        if not ctx.is_main:
-            slices = slice_dataset_from_index(self.config, self.cache_dir, index)
-        slices.require_slices()  # on every rank alike, after the broadcast
+        slices = build_slice_dataset(self.config, self.cache_dir, ctx.rank, ctx.world_size)
+        manifests = ctx.all_gather_object(slices.manifest_sha256)
+        if len(set(manifests)) > 1:
+            raise RuntimeError(f"the processes see different data (manifests {sorted(set(manifests))}): the data "
+                               "roots and the cache folder must be the same files on every node")
+        slices.require_slices()  # on every rank alike
         return slices
 
     def _build_probe(self) -> ProbeCurve | None:
@@ -221,9 +219,7 @@ class Trainer:
             self.gram_source = str(source)
 
     def _warn_config_changes(self, saved: dict) -> None:
-        volatile = {"train.max_iterations", "train.progress_bar", "data.num_workers", "debug.inject_nan_at_iteration"}
-        now, saved = _flatten(self.config.to_dict()), _flatten(saved)
-        changed = [k for k, v in now.items() if k not in volatile and saved.get(k) != v]
+        changed = changed_settings(self.config.to_dict(), saved)
         if changed and self.context.is_main:
             logger.warning("resuming with a config that differs from the checkpoint's in %s; the run will not "
                            "reproduce an uninterrupted one", ", ".join(changed))
@@ -289,7 +285,7 @@ class Trainer:
             "intensity": dict(self.config.data.intensity),
         }
         if self.context.is_main:
-            ckpt.write_atomic(state, path)
+            ckpt.write_atomic(state, path, delay_s=self.config.debug.checkpoint_write_delay_s)
             ckpt.prune_checkpoints(self.run_dir, self.config.train.keep_last, self.config.train.keep_every)
         self.context.barrier()
         return path
@@ -368,7 +364,7 @@ class Trainer:
                                          sync=micro == self.accumulation - 1).items():
                 sums[k] = sums.get(k, 0) + v / self.accumulation
         keys = sorted(sums)
-        stop_flag = torch.tensor(float(self.stop_requested), device=sums[keys[0]].device)
+        stop_flag = torch.tensor(float(self.stop.requested), device=sums[keys[0]].device)
         vector = torch.stack([sums[k] for k in keys] + [stop_flag])
         vector = self.context.all_reduce_mean(vector).tolist()
         metrics = dict(zip(keys, vector[:-1]))
@@ -404,10 +400,9 @@ class Trainer:
         loader = build_loader(cfg, self.slices, ctx.rank, ctx.world_size, self.accumulation, start, stop,
                               pin_memory=ctx.device.type == "cuda", patch_size=self.student.encoder.patch_size)
         batches = iter(loader)
-        installed, previous_handler = self._install_sigterm_handler()
         last_saved = self.resumed_from
         window_time, window_iterations = 0.0, 0
-        try:
+        with self.stop:
             for iteration in range(start, stop):
                 tick = time.perf_counter()
                 metrics = self.train_iteration(iteration, batches)
@@ -455,23 +450,11 @@ class Trainer:
                     if done < stop and not metrics["stop_requested"]:
                         progress.plot()  # at the end of the run _finish draws it
                 if metrics["stop_requested"]:
-                    return self._finish(PAUSED, done, last_saved, "stopped by SIGTERM after a checkpoint; resume "
-                                        "with --resume", progress)
+                    return self._finish(PAUSED, done, last_saved, f"stopped by {self.stop.signal_name or 'a signal'} "
+                                        "after a checkpoint; resume with --resume", progress)
             status = FINISHED if stop == total else PAUSED
             message = "done" if status == FINISHED else f"paused at train.max_iterations={stop}; resume with --resume"
             return self._finish(status, stop, last_saved, message, progress)
-        finally:
-            if installed:  # None (a handler set outside Python) restores the default
-                signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
-
-    def _install_sigterm_handler(self) -> tuple[bool, object]:
-        def request_stop(signum, frame):
-            self.stop_requested = True  # acted on (by every rank) at the end of the iteration
-
-        try:
-            return True, signal.signal(signal.SIGTERM, request_stop)
-        except ValueError:  # not the main thread: leave signals alone
-            return False, None
 
     def _finish(self, status: str, iteration: int, checkpoint: Path | None, message: str,
                 progress: ProgressReporter) -> RunResult:
@@ -483,26 +466,9 @@ class Trainer:
                       "checkpoint": str(checkpoint) if checkpoint else None, "config": self.config.name,
                       "stage": self.config.stage, "global_batch_size": self.global_batch,
                       "processes": self.context.world_size, "accumulation": self.accumulation}
-            (self.run_dir / RUN_FILE).write_text(json.dumps(record, indent=1))
+            replace_file(self.run_dir / RUN_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
         self.context.barrier()
         return RunResult(self.run_dir, status, iteration, Path(checkpoint) if checkpoint else None, message)
-
-
-def _seed_process(seed: int, rank: int) -> None:
-    process_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-    torch.manual_seed(process_seed)
-    np.random.seed(process_seed)
-    random.seed(process_seed)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "intensity":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def train(config: PretrainConfig | dict, run_dir: str | Path, resume: bool = False,
@@ -511,7 +477,7 @@ def train(config: PretrainConfig | dict, run_dir: str | Path, resume: bool = Fal
     if isinstance(config, dict):
         config = config_from_dict(config)
     own_context = context is None
-    context = context or init_distributed()
+    context = context or init_distributed(config.train.distributed_timeout_minutes)
     try:
         trainer = Trainer(config, run_dir, context, resume=resume, cache_dir=cache_dir)
         trainer.setup()

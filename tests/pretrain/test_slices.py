@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from pretrain_synthetic import DEPTH, EMPTY_SLICES, SIZE, ct_volume
 
 from pretrain.data.intensity import MEDDINOV3_CT
@@ -49,13 +50,14 @@ def test_index_slices_and_values(ct_sources, tmp_path):
     low, high = MEDDINOV3_CT.output_range()
     assert low - 1e-5 <= item.min() and item.max() <= high + 1e-5
 
-    # CT is cached as int16 HU; the DICOM series reads back exactly as written
+    # CT is cached as int16 HU, only the kept slices; the DICOM series reads back exactly as written
     (dicom,) = [v for v in ds.volumes if v["case_id"] == DICOM_UID]
-    cached = np.load(ds.cache_dir / dicom["cache_file"], mmap_mode="r")
-    assert cached.dtype == np.int16
-    np.testing.assert_array_equal(cached, ct_volume(5))
-    i = next(i for i in range(len(ds)) if ds.slice_location(i) == (dicom["key"], 3))
-    np.testing.assert_allclose(ds[i], MEDDINOV3_CT.apply(ct_volume(5)[3]), rtol=1e-6)
+    assert dicom["slices"] == list(range(1, DEPTH - 1))
+    for k in dicom["slices"]:
+        i = next(i for i in range(len(ds)) if ds.slice_location(i) == (dicom["key"], k))
+        assert ds.raw_slice(i).dtype == np.int16
+        np.testing.assert_array_equal(ds.raw_slice(i), ct_volume(5)[k])
+        np.testing.assert_allclose(ds[i], MEDDINOV3_CT.apply(ct_volume(5)[k]), rtol=1e-6)
 
 
 def test_in_plane_resampling(ct_sources, tmp_path):
@@ -66,8 +68,12 @@ def test_in_plane_resampling(ct_sources, tmp_path):
     np.testing.assert_allclose(volume["original_spacing"], [3.0, 0.8, 0.8])
     assert ds[0].shape == (SIZE // 2, SIZE // 2)
     # the body stays centred: linear resampling keeps the field of view
-    cached = np.load(ds.cache_dir / volume["cache_file"])
+    cached = np.stack([ds.raw_slice(i) for i in range(len(volume["slices"]))])
     assert cached.dtype == np.float32 and cached[:, 16, 16].max() > -100 and cached[:, 0, 0].max() == -1000
+    # slice by slice, the grid of resampling the volume's two in-plane axes at once
+    image = sitk.ReadImage(str(ct_sources["nifti"] / "nested" / "scan_b.nii"), sitk.sitkFloat32)
+    whole = sitk.GetArrayFromImage(_resample_volume_in_plane(image, (1.6, 1.6)))[volume["slices"]]
+    np.testing.assert_allclose(cached, whole, atol=1e-3)
 
 
 def test_body_mask_threshold_is_configurable(ct_sources, tmp_path):
@@ -107,7 +113,7 @@ def test_exclusions_are_recorded_and_change_the_manifest(ct_sources, tmp_path):
 def test_cache_is_reused(ct_sources, tmp_path):
     first = SliceDataset(roots(ct_sources), tmp_path / "cache")
     assert not first.reused_cache
-    files = sorted((tmp_path / "cache" / "volumes").iterdir())
+    files = sorted((first.cache_dir / "volumes").iterdir())
     mtimes = [f.stat().st_mtime_ns for f in files]
 
     second = SliceDataset(roots(ct_sources), tmp_path / "cache")
@@ -116,8 +122,12 @@ def test_cache_is_reused(ct_sources, tmp_path):
     assert second.index == first.index
     np.testing.assert_array_equal(second[7], first[7])
 
-    # a changed setting rebuilds the cache
-    assert not SliceDataset(roots(ct_sources), tmp_path / "cache", min_body_fraction=0.06).reused_cache
+    # a changed setting builds another cache beside it, in the same folder; both stay usable
+    other = SliceDataset(roots(ct_sources), tmp_path / "cache", min_body_fraction=0.06)
+    assert not other.reused_cache and other.cache_dir != first.cache_dir
+    assert other.cache_dir.parent == first.cache_dir.parent
+    assert SliceDataset(roots(ct_sources), tmp_path / "cache").reused_cache
+    assert SliceDataset(roots(ct_sources), tmp_path / "cache", min_body_fraction=0.06).reused_cache
 
 
 def test_changed_source_file_is_read_again(ct_sources, tmp_path):
@@ -139,19 +149,20 @@ def test_duplicate_roots_are_rejected(ct_sources, tmp_path):
 
 def test_from_index_reuses_the_built_dataset_without_scanning_or_writing(ct_sources, tmp_path, monkeypatch):
     built = SliceDataset(roots(ct_sources), tmp_path / "cache", exclude=Exclusion.from_case_ids(["synth_900"]))
+    listing = sorted(p.name for p in built.cache_dir.rglob("*"))
     written = built.index_path.read_bytes()
     mtime = built.index_path.stat().st_mtime_ns
 
-    import pretrain.data.slices as slices_module
+    import pretrain.data.cache_build as build_module
 
-    def no_scan(root):
+    def no_scan(root, series_cache=None):
         raise AssertionError("from_index must not scan the data")
 
-    monkeypatch.setattr(slices_module, "find_volumes", no_scan)
+    monkeypatch.setattr(build_module, "find_volumes", no_scan)
     index = json.loads(json.dumps(built.index))  # as another process receives it
     other = SliceDataset.from_index(index, tmp_path / "cache", MEDDINOV3_CT)
     assert built.index_path.read_bytes() == written and built.index_path.stat().st_mtime_ns == mtime
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["index.json", "volumes"]
+    assert sorted(p.name for p in built.cache_dir.rglob("*")) == listing
     assert len(other) == len(built) and other.manifest_sha256 == built.manifest_sha256
     assert other.excluded == built.excluded and other.exclusion == built.exclusion
     assert [other.slice_location(i) for i in range(len(other))] == [built.slice_location(i) for i in range(len(built))]
@@ -162,7 +173,8 @@ def test_from_index_reuses_the_built_dataset_without_scanning_or_writing(ct_sour
 
 
 def test_each_write_has_its_own_temporary_file(ct_sources, tmp_path, monkeypatch):
-    import pretrain.data.slices as slices_module
+    import pretrain.data.atomic_files as atomic_module
+    import pretrain.data.slice_store as store_module
 
     renamed = []
     real_replace = os.replace
@@ -171,19 +183,33 @@ def test_each_write_has_its_own_temporary_file(ct_sources, tmp_path, monkeypatch
         renamed.append((os.path.basename(src), os.path.basename(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(slices_module.os, "replace", recording_replace)
-    for cache in ("a", "b"):  # two writers of the same index and volume file names
+    monkeypatch.setattr(atomic_module.os, "replace", recording_replace)
+    monkeypatch.setattr(store_module.os, "replace", recording_replace)
+    for cache in ("a", "b"):  # two writers of the same file names
         SliceDataset([ct_sources["nifti"]], tmp_path / cache)
     temporaries = [src for src, _ in renamed]
-    assert len(renamed) == 2 * 3 and len(set(temporaries)) == len(temporaries)  # 2 volumes + index, twice
-    assert [dst for _, dst in renamed].count("index.json") == 2
+    # per cache: settings, 2 volumes and their 2 records, the index, the DICOM series list (empty)
+    assert len(set(temporaries)) == len(temporaries) == 2 * 6
+    assert sum(dst.startswith("index-") for _, dst in renamed) == 2
     assert all(src.startswith(dst + ".") and src.endswith(".tmp") for src, dst in renamed)
+
     # nothing is left behind, also when a write fails
-    def failing_save(file, array):
-        file.write(b"half")
+    def failing_compress(plane):
         raise OSError("disk full")
 
-    monkeypatch.setattr(slices_module.np, "save", failing_save)
+    monkeypatch.setattr(store_module, "_compress", failing_compress)
     with pytest.raises(OSError, match="disk full"):
         SliceDataset([ct_sources["nifti"]], tmp_path / "c")
-    assert list((tmp_path / "c" / "volumes").iterdir()) == []
+    assert [p for p in (tmp_path / "c").rglob("*") if p.is_file() and p.name != "settings.json"] == []
+
+
+def _resample_volume_in_plane(image: sitk.Image, spacing: tuple[float, float]) -> sitk.Image:
+    """The volume resampled at once (the old cache's way), for comparison with the slice-wise one."""
+    old = np.array(image.GetSpacing())
+    new = np.array([spacing[1], spacing[0], old[2]])
+    size = [int(s) for s in np.maximum(1, np.round(np.array(image.GetSize()) * old / new))]
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    origin = np.array(image.GetOrigin()) + direction @ ((new - old) / 2)
+    air = float(sitk.GetArrayViewFromImage(image).min())
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin.tolist(), new.tolist(),
+                         image.GetDirection(), air)

@@ -1,0 +1,176 @@
+"""Pretraining survives what clusters and users do to it: kill -9 anywhere (also mid-checkpoint and
+mid-cache-build) then --resume, bit for bit; Ctrl-C and SIGUSR1 like SIGTERM; unreadable newest
+checkpoints; a slow cache build under torchrun with a short collective timeout."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from pretrain_synthetic import ct_volume, write_nifti
+
+from pretrain.configs import load_config
+from pretrain.engine import FINISHED, train
+from pretrain.engine.checkpoint import (
+    UnreadableCheckpoints,
+    checkpoint_dir,
+    list_checkpoints,
+    read_training_checkpoint,
+)
+from pretrain.engine.loop import read_run_status
+from pretrain.export import export_run
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("volumes")
+    for i in range(3):
+        write_nifti(root / f"ct_{i}.nii.gz", ct_volume(60 + i))
+    return root
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _command(data_root, run, *overrides):
+    return [sys.executable, "-m", "pretrain", "train", "--config", "tiny_stage1", "--data", str(data_root),
+            "--output", str(run), "train.progress_bar=false", *overrides]
+
+
+def _wait_for(process, condition, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _in_process(data_root, run, overrides):
+    config = load_config("tiny_stage1", [f"data.roots=[{data_root}]", "train.progress_bar=false", *overrides])
+    return train(config, run)
+
+
+def _assert_same_weights(a, b):
+    for part in ("student", "teacher"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+
+
+def test_kill_9_anywhere_then_resume_is_bit_exact(data_root, tmp_path):
+    run = tmp_path / "chaos"
+    common = ["train.iterations=8", "train.checkpoint_every=2", "train.log_every=1"]
+    slow = ["debug.cache_build_delay_s=0.6", "debug.checkpoint_write_delay_s=0.4"]
+    command = _command(data_root, run, "--resume", *common, *slow)
+    records = lambda: list((run / "slice_cache").glob("*/records/*.json"))  # noqa: E731
+    indexed = lambda: list((run / "slice_cache").glob("*/index-*.json"))  # noqa: E731
+    writing = lambda: list(checkpoint_dir(run).glob("*.tmp"))  # noqa: E731
+    # (what, when to kill given the start time, what must hold right after the kill)
+    kills = [("mid cache build", lambda start: records(), lambda: not indexed()),
+             ("mid checkpoint write", lambda start: writing(), writing)]
+    for delay in np.random.default_rng(0).uniform(4, 9, 2):
+        kills.append((f"{delay:.1f} s after the start", lambda start, d=delay: time.time() >= start + d, None))
+    for what, when, then in kills:
+        process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            start = time.time()
+            _wait_for(process, lambda: when(start))
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+        finally:
+            process.kill()
+            process.stdout.close()
+        assert then is None or then(), what
+        for _, path in list_checkpoints(run):  # complete or absent, whenever the kill came
+            read_training_checkpoint(path)
+    final = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=180)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    assert read_run_status(run)["status"] == FINISHED
+    assert not writing() and not list((run / "slice_cache").rglob("*.tmp"))
+
+    _in_process(data_root, tmp_path / "straight", common)
+    a, b = read_training_checkpoint(tmp_path / "straight"), read_training_checkpoint(run)
+    assert a["iteration"] == b["iteration"] == 8
+    _assert_same_weights(a, b)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
+def test_ctrl_c_and_sigusr1_checkpoint_like_sigterm(data_root, tmp_path, signum):
+    run = tmp_path / "stopped"
+    command = _command(data_root, run, "train.iterations=400", "train.checkpoint_every=3")
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(process, lambda: list_checkpoints(run))
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output[-3000:]
+    status = read_run_status(run)
+    name = signal.Signals(signum).name
+    assert status["status"] == "paused" and name in status["message"], status
+    assert list_checkpoints(run)[-1][0] == status["iteration"] < 400
+    assert "Traceback" not in output
+
+
+def test_unreadable_checkpoints_and_leftovers(data_root, tmp_path, caplog):
+    run = tmp_path / "run"
+    common = ["train.iterations=3", "train.checkpoint_every=1"]
+    # --resume with nothing to resume from says so, and starts
+    config = load_config("tiny_stage1", [f"data.roots=[{data_root}]", "train.progress_bar=false", *common,
+                                         "train.max_iterations=2"])
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        train(config, run, resume=True)
+    assert any("no checkpoint to resume from" in r.message for r in caplog.records)
+    assert [i for i, _ in list_checkpoints(run)] == [1, 2]
+
+    # a cut newest checkpoint and a killed write's leftover
+    newest = list_checkpoints(run)[-1][1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    leftover = checkpoint_dir(run) / "checkpoint_00000003.pt.somehost.999999.0123abcd.tmp"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = leftover.with_name(leftover.name.replace("somehost.999999", f"{_host()}.{dead.stdout.strip()}"))
+    leftover.write_bytes(b"half a checkpoint")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        export_path, _ = export_run(run, output=tmp_path / "export.safetensors")  # export falls back too
+        result = train(load_config("tiny_stage1", [f"data.roots=[{data_root}]", "train.progress_bar=false",
+                                                   *common]), run, resume=True)
+    assert any("unreadable" in r.message and newest.name in r.message for r in caplog.records)
+    assert export_path.is_file() and result.status == FINISHED and result.iteration == 3
+    assert not leftover.exists()
+    assert newest.with_name(newest.name + ".unreadable").is_file()  # set aside, out of the way
+    straight = tmp_path / "straight"
+    _in_process(data_root, straight, common)
+    _assert_same_weights(read_training_checkpoint(straight), read_training_checkpoint(run))
+
+    # nothing readable at all: an error that says what to do
+    for _, path in list_checkpoints(run):
+        path.write_bytes(b"")
+    with pytest.raises(UnreadableCheckpoints, match="move them away"):
+        read_training_checkpoint(run)
+
+
+def _host():
+    from pretrain.data.atomic_files import _host as host
+
+    return host()
+
+
+def test_slow_cache_build_under_torchrun_does_not_time_out(data_root, tmp_path):
+    # 3 volumes of 4 s each over 2 processes: one waits 4 s for the other, longer than the 2.4 s
+    # collective timeout; the wait is no collective, and training then runs
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pretrain",
+               "train", "--config", "tiny_stage1", "--data", str(data_root), "--output", str(run),
+               "train.iterations=1", "train.progress_bar=false", "debug.cache_build_delay_s=4",
+               "train.distributed_timeout_minutes=0.04"]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert read_run_status(run)["status"] == FINISHED
+    assert "[rank 1]" in done.stderr and "[rank 0]" in done.stderr  # each rank built a share

@@ -110,7 +110,8 @@ def test_failed_load_changes_nothing(fixtures):
 def test_describe_checkpoint_reads_architecture(official):
     state, _ = to_encoder_layout(official)
     assert describe_checkpoint(state) == {"embed_dim": 64, "depth": 4, "n_storage_tokens": 4, "qkv_bias": True,
-                                          "num_heads": 4}
+                                          "num_heads": 4, "ffn": "mlp", "ffn_hidden_features": 256,
+                                          "untie_cls_and_patch_norms": False}
 
 
 def test_truncated_file_is_a_clear_error(fixtures, tmp_path):

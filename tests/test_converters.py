@@ -60,10 +60,10 @@ def meddino_features(fixtures, x):
     return features(build_encoder("meddinov3_tiny", in_channels=3, checkpoint=fixtures / "meddino_tiny_teacher.pth"), x)
 
 
-def converted_features(src, tmp_path, x, **kwargs):
+def converted_features(src, tmp_path, x, layers=LAYERS, **kwargs):
     dst = tmp_path / "converted.safetensors"
     convert_checkpoint(src, dst, **kwargs)
-    return features(build_encoder_from_checkpoint(dst, in_channels=3), x), read_checkpoint(dst).metadata
+    return features(build_encoder_from_checkpoint(dst, in_channels=3), x, layers), read_checkpoint(dst).metadata
 
 
 # --- Meta's layouts (fixtures) -------------------------------------------------------------------
@@ -150,6 +150,27 @@ def test_official_layout_every_size_against_timm(tmp_path, embed_dim, num_heads,
     assert rel_err(features(ours, x, [0]), expected) < 1e-5
 
 
+@pytest.mark.parametrize("model,timm_name,size", [
+    ("vits16plus", "vit_small_plus_patch16_dinov3_qkvb", dict(embed_dim=32, num_heads=2)),
+    ("vit7b16", "vit_7b_patch16_dinov3", dict(embed_dim=48, num_heads=3)),
+])
+def test_swiglu_family_against_timm(tmp_path, fixtures, x, model, timm_name, size):
+    # Independent of our converter: timm's checkpoint_filter_fn and its own S+ / 7B definitions
+    # (SwiGLU, its alignment and mlp_ratio) on the Meta-made tiny files, periods copied.
+    import timm
+    from timm.models.eva import checkpoint_filter_fn
+
+    state = torch.load(fixtures / "family" / f"{model}.pth", weights_only=True)
+    ref = timm.create_model(timm_name, pretrained=False, depth=2, num_classes=0, **size)
+    ref.load_state_dict(checkpoint_filter_fn(dict(state), ref), strict=True)
+    ref.rope.periods.copy_(state["rope_embed.periods"])
+    with torch.no_grad():
+        expected = ref.eval().forward_intermediates(x, indices=[0, 1], norm=True, output_fmt="NCHW",
+                                                    intermediates_only=True)
+    ours = build_encoder(model, in_channels=3, checkpoint=fixtures / "family" / f"{model}.pth", depth=2, **size)
+    assert rel_err(features(ours, x, [0, 1]), expected) < 1e-5
+
+
 # --- dinov3 sharded DCP checkpoints ---------------------------------------------------------------
 
 def save_dcp(state: dict, directory):
@@ -234,8 +255,11 @@ def reference_to_hf(state: dict) -> dict:
         if b + "attn.qkv.bias" in state:
             q, _, v = state[b + "attn.qkv.bias"].chunk(3)
             out[h + "attention.q_proj.bias"], out[h + "attention.v_proj.bias"] = q, v
-        renames = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.up_proj",
-                   "mlp.fc2": "mlp.down_proj"}
+        renames = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj"}
+        if b + "mlp.w1.weight" in state:  # SwiGLU: silu(w1 x) * w2 x = act(gate_proj x) * up_proj x
+            renames.update({"mlp.w1": "mlp.gate_proj", "mlp.w2": "mlp.up_proj", "mlp.w3": "mlp.down_proj"})
+        else:
+            renames.update({"mlp.fc1": "mlp.up_proj", "mlp.fc2": "mlp.down_proj"})
         for ref, hf in renames.items():
             for p in ("weight", "bias"):
                 out[h + f"{hf}.{p}"] = state[b + f"{ref}.{p}"]
@@ -277,12 +301,30 @@ def test_hf_transformers_save_pretrained(tmp_path, official, x, official_feature
     assert rel_err(feats, official_features) < 1e-5
 
 
-def test_hf_gated_mlp_is_refused(official):
-    from nnunet_meddinov3.checkpoints.converters import from_hf_transformers
-    hf = reference_to_hf(official)
-    hf["layer.0.mlp.gate_proj.weight"] = torch.zeros(256, 64)
-    with pytest.raises(LayoutError, match="SwiGLU"):
-        from_hf_transformers(hf)
+def test_hf_transformers_gated_mlp(tmp_path, fixtures, x):
+    """ViT-S+/H+/7B in transformers' layout: its own gated model, given the tiny S+ fixture, reproduces
+    Meta's reference, and our conversion of the file gives what the fixture gives directly."""
+    transformers = pytest.importorskip("transformers")
+    meta = torch.load(fixtures / "family" / "vits16plus.pth", weights_only=True)
+    expected = torch.load(fixtures / "family" / "expected.pt", weights_only=True)["models"]["vits16plus"]
+    config = transformers.DINOv3ViTConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=2, num_register_tokens=4, layer_norm_eps=1e-5,
+                                          use_gated_mlp=True, hidden_act="silu")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(reference_to_hf(meta), hub / "model.safetensors")
+    config.save_pretrained(hub)
+    model = transformers.DINOv3ViTModel.from_pretrained(hub).eval()
+    model.rope_embeddings.inv_freq.copy_(1 / meta["rope_embed.periods"])
+    with torch.no_grad():
+        tokens = model(pixel_values=x).last_hidden_state
+    assert rel_err([tokens[:, 5:]], [expected["outputs"]["x_norm_patchtokens"]]) < 1e-5
+
+    feats, md = converted_features(hub / "model.safetensors", tmp_path, x, [0, 1])
+    assert md.source["layout"] == "hf_transformers" and md.architecture["ffn_layer"] == "swiglu"
+    direct = build_encoder("vits16plus", in_channels=3, checkpoint=fixtures / "family" / "vits16plus.pth",
+                           embed_dim=32, depth=2, num_heads=2)
+    assert rel_err(feats, features(direct, x, [0, 1])) < 1e-5
 
 
 # --- our own format ----------------------------------------------------------------------------

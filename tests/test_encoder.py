@@ -1,6 +1,11 @@
-"""The encoder against Meta's reference outputs (tests/fixtures, see shared fixture README)."""
+"""The encoder against Meta's reference outputs (tests/fixtures, see shared fixture README).
+
+The fixtures were computed on another CPU, so they are matched within the bounds that
+tests/reference_tolerances.py derives, not bit for bit.
+"""
 import pytest
 import torch
+from reference_tolerances import assert_bf16_rope_close, assert_fp32_close
 
 from nnunet_meddinov3.checkpoints import build_encoder
 from nnunet_meddinov3.network import ENCODER_CONFIGS, default_feature_layers
@@ -17,21 +22,24 @@ def expected(fixtures, name, variant):
     return torch.load(fixtures / name, weights_only=True)[variant]
 
 
-@pytest.mark.parametrize("checkpoint,config,overrides,expected_file,variant", [
-    ("official_tiny.pth", "tiny", {}, "expected_official_tiny.pt", "rope_fp32"),
-    ("meddino_tiny_teacher.pth", "meddinov3_tiny", {}, "expected_meddino_tiny.pt", "rope_bf16"),
-    ("meddino_tiny_teacher.pth", "meddinov3_tiny", {"rope_dtype": "fp32"}, "expected_meddino_tiny.pt", "rope_fp32"),
+@pytest.mark.parametrize("checkpoint,config,overrides,expected_file,variant,eps", [
+    ("official_tiny.pth", "tiny", {}, "expected_official_tiny.pt", "rope_fp32", 1e-5),
+    ("meddino_tiny_teacher.pth", "meddinov3_tiny", {}, "expected_meddino_tiny.pt", "rope_bf16", 1e-6),
+    ("meddino_tiny_teacher.pth", "meddinov3_tiny", {"rope_dtype": "fp32"}, "expected_meddino_tiny.pt", "rope_fp32", 1e-6),
 ])
-def test_matches_reference_exactly(fixtures, reference_inputs, checkpoint, config, overrides, expected_file, variant):
+def test_matches_reference(fixtures, reference_inputs, checkpoint, config, overrides, expected_file, variant, eps):
     enc = build_encoder(config, in_channels=3, checkpoint=fixtures / checkpoint, **overrides).eval()
     ref = expected(fixtures, expected_file, variant)
     with torch.no_grad():
         feats = enc.intermediate_features(reference_inputs["x"], LAYERS)
         tokens = enc.forward_tokens(reference_inputs["x"])
     assert [f.shape for f in feats] == [torch.Size([2, 64, 4, 6])] * 4
-    assert max_abs_diff(feats, ref["intermediates_norm"]) == 0.0
-    for key in TOKEN_KEYS:
-        assert torch.equal(tokens[key], ref[key]), key
+    # a wrong eps moves the outputs by less than the fp32 bound (see reference_tolerances), so check it here
+    norms = [enc.vit.norm] + [n for blk in enc.vit.blocks for n in (blk.norm1, blk.norm2)]
+    assert {n.eps for n in norms} == {eps}
+    close = assert_bf16_rope_close if variant == "rope_bf16" else assert_fp32_close
+    close(feats, ref["intermediates_norm"], "intermediates_norm")
+    close([tokens[key] for key in TOKEN_KEYS], [ref[key] for key in TOKEN_KEYS], "tokens")
 
 
 def test_bf16_rope_is_what_separates_the_meddino_variants(fixtures, reference_inputs):
@@ -40,7 +48,10 @@ def test_bf16_rope_is_what_separates_the_meddino_variants(fixtures, reference_in
                         rope_dtype="fp32").eval()
     with torch.no_grad():
         feats = enc.intermediate_features(reference_inputs["x"], LAYERS)
-    assert max_abs_diff(feats, expected(fixtures, "expected_meddino_tiny.pt", "rope_bf16")["intermediates_norm"]) > 1e-2
+    ref = expected(fixtures, "expected_meddino_tiny.pt", "rope_bf16")["intermediates_norm"]
+    assert max_abs_diff(feats, ref) > 1e-2
+    with pytest.raises(AssertionError, match="mean"):  # the bf16 tolerance still tells fp32 RoPE apart
+        assert_bf16_rope_close(feats, ref)
 
 
 @pytest.mark.parametrize("checkpoint,config,expected_file", [
@@ -52,8 +63,7 @@ def test_one_channel_equals_gray_repeated_to_rgb(fixtures, reference_inputs, che
     assert enc.vit.patch_embed.proj.weight.shape[1] == 1
     with torch.no_grad():
         feats = enc.intermediate_features(reference_inputs["x1"], LAYERS)
-    ref = expected(fixtures, expected_file, "rope_fp32")["intermediates_norm"]
-    assert max_abs_diff(feats, ref) < 2e-5
+    assert_fp32_close(feats, expected(fixtures, expected_file, "rope_fp32")["intermediates_norm"])
 
 
 def test_many_channels_with_identical_content_equal_one_channel(fixtures, reference_inputs):
@@ -63,7 +73,7 @@ def test_many_channels_with_identical_content_equal_one_channel(fixtures, refere
     with torch.no_grad():
         a = one.intermediate_features(x1, [3])
         b = four.intermediate_features(x1.repeat(1, 4, 1, 1), [3])
-    assert max_abs_diff(a, b) < 1e-5
+    assert_fp32_close(b, a)  # a 1024-term patch-embedding sum against a 256-term one
 
 
 def test_named_configs_and_feature_layers():

@@ -118,7 +118,61 @@ def test_periods_rope_matches_timms_layout_with_timms_periods():
     torch.testing.assert_close(ours.get_embed(shape=(3, 5)), timms.get_embed(shape=(3, 5)), rtol=1e-6, atol=1e-6)
 
 
-def test_coordinate_rescaling_uses_timms_augmentation_in_training_only():
+def test_version_check_takes_the_release_part():
+    assert timm_adapter.timm_in_tested_range(timm_adapter.OLDEST_TIMM)
+    assert timm_adapter.timm_in_tested_range(timm_adapter.NEWEST_TIMM)
+    assert timm_adapter.timm_in_tested_range(timm_adapter.NEWEST_TIMM + "+local")
+    assert not timm_adapter.timm_in_tested_range("1.0.19")
+    assert not timm_adapter.timm_in_tested_range("1.0.32.dev0") and not timm_adapter.timm_in_tested_range("1.1.0")
+
+
+@pytest.mark.parametrize("augment", [dict(rescale_coords=2.0), dict(shift_coords=0.3, jitter_coords=1.5, rescale_coords=2.0)])
+def test_our_coordinate_augmentation_draws_as_timms(augment):
+    """Same draws in the same order as the installed timm's DINOv3 RoPE (and Meta's), so a seed gives
+    the same augmented table; the layout test above bounds what the coordinate dtype path changes."""
+    timms = RotaryEmbeddingDinoV3(dim=16, temperature=100.0, normalize_coords="separate", rotate_half=True, **augment)
+    ours = timm_adapter.PeriodsRotaryEmbedding(dim=16, periods=timms.periods.clone(), dtype=torch.float32,
+                                               temperature=100.0, normalize_coords="separate", rotate_half=True,
+                                               **augment)
+    timms.train(), ours.train()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = timms.get_embed(shape=(3, 5))
+        torch.manual_seed(seed)
+        torch.testing.assert_close(ours.get_embed(shape=(3, 5)), expected, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(0)
+    assert not torch.equal(ours.get_embed(shape=(3, 5)), ours.eval().get_embed(shape=(3, 5)))
+
+
+def test_periods_survive_moves_casts_and_timms_reset_hooks():
+    """timm >= 1.0.31 rebuilds a below-fp32 periods buffer from its formula on ``.to()``, and its reset
+    hooks refill it: our periods are the checkpoint's and must stay as loaded, bf16 included."""
+    encoder = build_encoder("meddinov3_tiny", in_channels=1)
+    rope = encoder.vit.rope
+    rope.periods.copy_(torch.tensor([1.0, 3.0, 9.0, 27.0]))  # no formula gives these
+    before = rope.periods.clone()
+    encoder.to("cpu").train().eval()
+    rope.reset_parameters()
+    rope.init_non_persistent_buffers()
+    assert rope.periods.dtype == torch.bfloat16 and torch.equal(rope.periods, before)
+    assert torch.equal(encoder.state_dict()["vit.rope.periods"], before)
+
+
+def test_ffn_width_is_exact_for_every_named_config():
+    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, FFN_LAYERS
+    for name, config in ENCODER_CONFIGS.items():
+        kwargs = timm_adapter.ffn_kwargs(config.embed_dim, config.mlp_ratio, config.ffn_hidden_features,
+                                         FFN_LAYERS[config.ffn_layer])
+        # timm's own arithmetic (eva.py): int(dim * mlp_ratio), then rounded up to swiglu_align_to
+        hidden = int(config.embed_dim * kwargs["mlp_ratio"])
+        align = kwargs.get("swiglu_align_to", 0)
+        assert hidden + (-hidden % align if align else 0) == config.ffn_hidden_features, name
+    encoder = build_encoder("vits16plus", in_channels=1, embed_dim=48, num_heads=3, depth=1)
+    mlp = encoder.vit.blocks[0].mlp
+    assert (mlp.fc1_g.out_features, mlp.fc1_x.out_features, mlp.fc2.in_features) == (192, 192, 192)
+
+
+def test_coordinate_rescaling_in_training_only():
     rope = build_encoder("tiny", in_channels=1).vit.rope
     rope.set_coordinate_rescaling(2.0)
     assert rope.aug_active and rope.rescale_coords == 2.0

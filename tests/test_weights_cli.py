@@ -52,9 +52,10 @@ def test_list_shows_the_registry_and_what_is_cached(cache):
     assert str(cache / "meddinov3-vitb16-ct3m.safetensors") in lines["meddinov3-vitb16-ct3m"]
     assert "meddinov3_vitb16" in lines["meddinov3-vitb16-ct3m"] and "DINOv3 License" in lines["meddinov3-vitb16-ct3m"]
     assert lines["dinov3-vitb16-lvd1689m"].split()[-1] == "no" and "gated" in lines["dinov3-vitb16-lvd1689m"]
-    # the licence is never cut, and an encoder this version cannot build is explained
+    # the licence is never cut, and every official ViT has an encoder this version builds
     assert "model card declares apache-2.0" in lines["meddinov3-vitb16-ct3m"]
-    assert "(none)" in lines["dinov3-vits16plus-lvd1689m"] and "ENCODER (none): this version cannot build" in note
+    assert "vits16plus" in lines["dinov3-vits16plus-lvd1689m"] and "vit7b16" in lines["dinov3-vit7b16-lvd1689m"]
+    assert "ENCODER (none)" not in note
 
 
 def test_fetch_offline_is_a_clear_error(cache, tmp_path):
@@ -124,7 +125,7 @@ def test_convert_choices_and_refusals(fixtures, tmp_path, run_main):
 
 
 def test_fetch_explains_what_cannot_be_fetched(cache, run_main):
-    code, _, err = run_main("fetch", "dinov3-vits16plus-lvd1689m")
+    code, _, err = run_main("fetch", "dinov3-vitl16plus-lvd1689m")  # no download source
     assert code == 1 and "cannot be fetched automatically" in err
     code, _, err = run_main("fetch", "no-such-model")
     assert code == 1 and "not registered" in err and "meddinov3-vitb16-ct3m" in err

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from reference_tolerances import assert_bf16_rope_close
 
 from nnunet_meddinov3.checkpoints import (
     CheckpointFormatError,
@@ -229,7 +230,8 @@ def test_encoder_rebuilt_from_metadata_matches_the_reference_as_built(fixtures, 
     expected = torch.load(fixtures / "expected_meddino_tiny.pt", weights_only=True)["rope_bf16"]
     with torch.no_grad():
         feats = encoder.intermediate_features(reference_inputs["x"], [0, 1, 2, 3])
-    assert all(torch.equal(a, b) for a, b in zip(feats, expected["intermediates_norm"]))
+    assert_bf16_rope_close(feats, expected["intermediates_norm"])  # computed on another CPU: not bit for bit
+    assert encoder.vit.norm.eps == 1e-6  # a wrong eps hides inside that tolerance: checked structurally
     gray = build_encoder_from_checkpoint(path, in_channels=1)  # channel adaptation stays a load-time step
     assert gray.vit.patch_embed.proj.weight.shape[1] == 1
 

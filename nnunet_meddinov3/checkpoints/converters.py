@@ -34,10 +34,14 @@ from nnunet_meddinov3.checkpoints.keys import (  # noqa: F401  (LayoutError, det
     detect_layout,
     teacher_state,
 )
-from nnunet_meddinov3.network.encoder import EncoderConfig
+from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, FFN_LAYERS, EncoderConfig
 
-# Keys of the reference model that have no counterpart when fine-tuning.
+# Keys of the reference model that have no counterpart when fine-tuning. ``local_cls_norm`` (SAT
+# ViT-L, 7B) normalises the cls token of local crops in training only: the reference's eval path,
+# and so every dense feature, never uses it.
 _REFERENCE_ONLY = ("mask_token", "local_cls_norm.")
+# The reference's SwiGLU (silu(w1 x) * w2 x, then w3) in timm's SwiGLU names (act(fc1_g x) * fc1_x x, then fc2).
+_SWIGLU_RENAMES = {".mlp.w1.": ".mlp.fc1_g.", ".mlp.w2.": ".mlp.fc1_x.", ".mlp.w3.": ".mlp.fc2."}
 
 
 def from_dinov3_training(state: dict) -> dict:
@@ -69,6 +73,8 @@ def from_dinov3_reference(state: dict) -> dict:
         key = key.replace("storage_tokens", "reg_token")
         key = re.sub(r"\.ls1\.gamma$", ".gamma_1", key)
         key = re.sub(r"\.ls2\.gamma$", ".gamma_2", key)
+        for theirs, ours in _SWIGLU_RENAMES.items():
+            key = key.replace(theirs, ours)
         out[key] = value
     return {ENCODER_PREFIX + k: v for k, v in out.items()}
 
@@ -90,6 +96,9 @@ _HF_BLOCK_RENAMES = {
     "mlp.up_proj.weight": "mlp.fc1.weight", "mlp.up_proj.bias": "mlp.fc1.bias",
     "mlp.down_proj.weight": "mlp.fc2.weight", "mlp.down_proj.bias": "mlp.fc2.bias",
 }
+# In a gated MLP, up_proj is the value half, not the MLP's first layer.
+_HF_GATED_RENAMES = {f"mlp.{hf}.{p}": f"mlp.{ours}.{p}" for hf, ours in
+                     (("gate_proj", "fc1_g"), ("up_proj", "fc1_x"), ("down_proj", "fc2")) for p in ("weight", "bias")}
 _HF_TOP_RENAMES = {
     "embeddings.cls_token": "cls_token",
     "embeddings.register_tokens": "reg_token",
@@ -123,9 +132,8 @@ def from_hf_transformers(state: dict) -> dict:
             raise LayoutError(f"unexpected key '{key}' in a Hugging Face DINOv3ViTModel state dict")
         blocks.setdefault(int(m.group(1)), {})[m.group(2)] = value
     for i, block in sorted(blocks.items()):
-        if "mlp.gate_proj.weight" in block:
-            raise LayoutError("this Hugging Face DINOv3 model uses a gated (SwiGLU) MLP (ViT-S+/H+/7B); "
-                              "only the plain-MLP ViT-S/B/L are buildable here")
+        if "mlp.gate_proj.weight" in block:  # gated MLP (S+/L+/H+/7B): act(gate_proj x) * up_proj x
+            block = {_HF_GATED_RENAMES.get(name, name): value for name, value in block.items()}
         try:
             q, k, v = (block.pop(f"attention.{n}_proj.weight") for n in "qkv")
         except KeyError as e:
@@ -137,6 +145,9 @@ def from_hf_transformers(state: dict) -> dict:
             missing = "attention.v_proj.bias" if has_q else "attention.q_proj.bias"
             block[missing] = torch.zeros_like(q[:, 0])
         for name, value in block.items():
+            if name.startswith(("mlp.fc1_g.", "mlp.fc1_x.", "mlp.fc2.")):
+                out[f"blocks.{i}.{name}"] = value
+                continue
             if name not in _HF_BLOCK_RENAMES:
                 raise LayoutError(f"unexpected key 'layer.{i}.{name}' in a Hugging Face DINOv3ViTModel state dict")
             out[f"blocks.{i}.{_HF_BLOCK_RENAMES[name]}"] = value
@@ -169,6 +180,22 @@ LAYOUT_NUMERICS = {
     "dinov3_dcp": {"norm_eps": 1e-6, "rope_dtype": "bf16"},
 }
 
+def swiglu_config(embed_dim: int, hidden_features: int) -> dict:
+    """``ffn_layer`` and ``mlp_ratio`` giving a SwiGLU layer ``hidden_features`` wide: a released
+    model's where one has this width (so a 7B reads as ``swiglu64``, ratio 3), else the reference's
+    ratio for plain ``swiglu`` (shapes cannot tell alignments apart that give the same width)."""
+    for config in ENCODER_CONFIGS.values():
+        if config.gated_ffn and (config.embed_dim, config.ffn_hidden_features) == (embed_dim, hidden_features):
+            return {"ffn_layer": config.ffn_layer, "mlp_ratio": config.mlp_ratio}
+    for ffn_layer in (name for name, align in FFN_LAYERS.items() if align):
+        candidate = EncoderConfig(embed_dim=embed_dim, depth=1, num_heads=1, ffn_layer=ffn_layer,
+                                  mlp_ratio=hidden_features * 1.5 / embed_dim)
+        if candidate.ffn_hidden_features == hidden_features:
+            return {"ffn_layer": ffn_layer, "mlp_ratio": candidate.mlp_ratio}
+    raise LayoutError(f"no SwiGLU ratio of the reference gives a hidden width of {hidden_features} on width "
+                      f"{embed_dim}; name the encoder config explicitly")
+
+
 # Head counts of the released sizes, for layouts that store no periods (timm, HF).
 _HEADS_BY_WIDTH = {64: 4, 384: 6, 768: 12, 1024: 16, 1280: 20, 4096: 32}
 
@@ -198,10 +225,12 @@ def infer_encoder_config(state: dict, layout: str, **known):
         raise LayoutError("cannot infer the architecture: no cls token or no blocks in the checkpoint")
     arch = dict(LAYOUT_NUMERICS[layout])
     arch.update(embed_dim=facts["embed_dim"], depth=facts["depth"], n_storage_tokens=facts["n_storage_tokens"],
-                qkv_bias=any(k.endswith("attn.q_bias") for k in state))
-    fc1 = state.get(f"{ENCODER_PREFIX}blocks.0.mlp.fc1.weight")
-    if fc1 is not None:
-        arch["mlp_ratio"] = fc1.shape[0] / facts["embed_dim"]
+                qkv_bias=any(k.endswith("attn.q_bias") for k in state),
+                untie_cls_and_patch_norms=facts["untie_cls_and_patch_norms"])
+    if facts.get("ffn") == "mlp":
+        arch["mlp_ratio"] = facts["ffn_hidden_features"] / facts["embed_dim"]
+    elif facts.get("ffn") == "swiglu":
+        arch.update(swiglu_config(facts["embed_dim"], facts["ffn_hidden_features"]))
     periods = state.get(PERIODS_KEY)
     if periods is not None:
         arch["num_heads"] = facts["num_heads"]

@@ -41,7 +41,7 @@ from nnunet_meddinov3.checkpoints.keys import (
 )
 from nnunet_meddinov3.data.intensity import IntensityError
 from nnunet_meddinov3.data.intensity import validate_intensity as validate_intensity_schema
-from nnunet_meddinov3.network.encoder import EncoderConfig
+from nnunet_meddinov3.network.encoder import FFN_LAYERS, EncoderConfig
 
 FORMAT_VERSION = 1
 METADATA_KEY = "meddinov3"  # safetensors metadata is str -> str: the whole header is one JSON string here
@@ -170,6 +170,11 @@ class CheckpointMetadata:
                and (arch["embed_dim"] // arch["num_heads"]) % 4 == 0,
                f"embed_dim {arch['embed_dim']} / num_heads {arch['num_heads']} must give a head dim divisible by 4")
         _check(isinstance(arch["qkv_bias"], bool), "architecture qkv_bias must be true or false")
+        full = dataclasses.asdict(EncoderConfig(**arch))  # with the fields to_dict leaves out at their defaults
+        _check(full["ffn_layer"] in FFN_LAYERS,
+               f"architecture ffn_layer must be one of {', '.join(FFN_LAYERS)}, got {full['ffn_layer']!r}")
+        _check(isinstance(full["untie_cls_and_patch_norms"], bool),
+               "architecture untie_cls_and_patch_norms must be true or false")
         for key in ("mlp_ratio", "layer_scale_init", "norm_eps", "rope_base", "drop_path_rate"):
             _check(_is_number(arch[key]), f"architecture {key} must be a number, got {arch[key]!r}")
         _check(arch["rope_dtype"] in ("fp32", "bf16"), f"rope_dtype must be 'fp32' or 'bf16', got {arch['rope_dtype']!r}")

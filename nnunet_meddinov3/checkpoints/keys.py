@@ -86,6 +86,11 @@ def describe_checkpoint(state: dict) -> dict:
     reg = state.get(f"{ENCODER_PREFIX}reg_token")
     facts["n_storage_tokens"] = 0 if reg is None else reg.shape[1]
     facts["qkv_bias"] = has_nonzero_qkv_bias(state)
+    for ffn, key in (("mlp", "mlp.fc1.weight"), ("swiglu", "mlp.fc1_g.weight")):
+        first = state.get(f"{ENCODER_PREFIX}blocks.0.{key}")
+        if first is not None:
+            facts["ffn"], facts["ffn_hidden_features"] = ffn, first.shape[0]
+    facts["untie_cls_and_patch_norms"] = f"{ENCODER_PREFIX}cls_norm.weight" in state
     if PERIODS_KEY in state and "embed_dim" in facts:
         head_dim = 4 * state[PERIODS_KEY].numel()
         facts["num_heads"] = facts["embed_dim"] // head_dim

@@ -1,6 +1,7 @@
 """Strict loading of encoder weights from any known layout, with errors that say what would fit."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -148,26 +149,34 @@ def _mismatch_message(missing, unexpected, misshaped, facts, source) -> str:
 
 # EncoderConfig fields that change what the weights compute. drop_path_rate and layer_scale_init
 # only matter for training from scratch, so a fine-tuning run may differ there.
-ARCHITECTURE_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "n_storage_tokens", "qkv_bias", "norm_eps",
-                       "rope_base", "rope_normalize_coords", "rope_dtype", "patch_size")
+ARCHITECTURE_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "ffn_layer", "n_storage_tokens", "qkv_bias",
+                       "untie_cls_and_patch_norms", "norm_eps", "rope_base", "rope_normalize_coords", "rope_dtype",
+                       "patch_size")
 
 
 def architecture_differences(recorded: dict, config, state: dict | None = None) -> dict:
     """{field: (checkpoint value, encoder value)} for every field in ARCHITECTURE_FIELDS that differs.
 
     A checkpoint with qkv biases that are all zero loads exactly into an encoder without them, so
-    that one difference is allowed.
+    that one difference is allowed; so is another spelling of the same feed-forward layer (SwiGLU
+    ratio and alignment that give the same width compute the same function).
     """
-    ours = config.to_dict()
-    diffs = {k: (recorded.get(k), ours[k]) for k in ARCHITECTURE_FIELDS if recorded.get(k) != ours[k]}
+    theirs = dataclasses.asdict(EncoderConfig(**recorded))  # defaults for fields an older file leaves out
+    ours = dataclasses.asdict(config)
+    diffs = {k: (theirs[k], ours[k]) for k in ARCHITECTURE_FIELDS if theirs[k] != ours[k]}
     if diffs.get("qkv_bias") == (True, False) and state is not None and not has_nonzero_qkv_bias(state):
         del diffs["qkv_bias"]
+    if {"mlp_ratio", "ffn_layer"} & set(diffs) and _same_ffn(EncoderConfig(**recorded), config):
+        diffs.pop("mlp_ratio", None), diffs.pop("ffn_layer", None)
     return diffs
 
 
+def _same_ffn(a: EncoderConfig, b: EncoderConfig) -> bool:
+    return (a.gated_ffn, a.ffn_hidden_features) == (b.gated_ffn, b.ffn_hidden_features)
+
+
 def _architecture_message(diffs: dict, recorded: dict, name: str) -> str:
-    fits = [n for n, cfg in ENCODER_CONFIGS.items()
-            if all(getattr(cfg, k) == recorded.get(k) for k in ARCHITECTURE_FIELDS)]
+    fits = [n for n, cfg in ENCODER_CONFIGS.items() if not architecture_differences(recorded, cfg)]
     lines = [f"encoder weights from {name} were pretrained with a different architecture than this encoder "
              "(checkpoint vs encoder):"]
     lines += [f"  {k}: {a!r} vs {b!r}" for k, (a, b) in diffs.items()]

@@ -8,7 +8,7 @@ equal them, so a new encoder or decoder that is not added here fails a test inst
 """
 
 ENCODERS = ("meddinov3_tiny", "meddinov3_vitb16", "meddinov3_vitl16", "meddinov3_vits16",
-            "tiny", "vitb16", "vitl16", "vits16")
+            "tiny", "vit7b16", "vitb16", "vith16plus", "vitl16", "vitl16plus", "vits16", "vits16plus")
 # ViT sizes (the plain names); the planner writes one into the plans
 VIT_SIZES = tuple(name for name in ENCODERS if "_" not in name)
 DECODERS = ("bottleneck", "multiscale", "single")

@@ -164,9 +164,26 @@ def _sizes(state: dict) -> str:
     return f"{len(state)} tensors, {n / 1e6:.2f}M values, {nbytes / 2 ** 20:.1f} MiB"
 
 
+def _model_notes(facts: dict, raw: dict) -> list[str]:
+    """What sets the DINOv3 family members apart, in words: the feed-forward layer and untied norms."""
+    notes = []
+    if facts.get("ffn") == "swiglu":
+        notes.append(f"feed-forward: SwiGLU, {facts['ffn_hidden_features']} wide (ViT-S+/L+/H+/7B)")
+    elif facts.get("ffn") == "mlp":
+        notes.append(f"feed-forward: GELU MLP, {facts['ffn_hidden_features']} wide")
+    if facts.get("untie_cls_and_patch_norms"):
+        notes.append("untied cls norm (cls_norm): loaded; the cls and storage tokens get a final norm of their own")
+    stored, _ = tensors_of(raw)
+    if any(".local_cls_norm." in f".{k}" for k in stored):
+        notes.append("untied global/local cls norm (local_cls_norm, SAT ViT-L / 7B): used on local crops in "
+                     "training only; not loaded, it changes no feature")
+    return notes
+
+
 def cmd_info(args) -> int:
     from nnunet_meddinov3.checkpoints.converters import LayoutError, infer_encoder_config
     from nnunet_meddinov3.checkpoints.conversion import hf_config_hints as _hf_config_hints
+    from nnunet_meddinov3.checkpoints.keys import LAYOUT_NAMES
     from nnunet_meddinov3.checkpoints.loading import describe_checkpoint, fitting_configs, read_source
 
     path = checkpoint_path(args.file)
@@ -189,9 +206,12 @@ def cmd_info(args) -> int:
         print(f"source: {md.source or 'not recorded'}")
         print(f"tensor sha256: {md.tensor_sha256}")
     else:
-        print(f"layout: {source.layout}" + (f" ({source.details})" if source.details else ""))
+        print(f"layout: {source.layout} ({LAYOUT_NAMES.get(source.layout, 'dinov3 sharded checkpoint')})"
+              + (f" {source.details}" if source.details else ""))
         facts = describe_checkpoint(source.state)
         print(f"architecture from shapes: {facts}")
+        for line in _model_notes(facts, source.raw):
+            print(line)
         try:
             config = infer_encoder_config(source.state, source.layout, **_hf_config_hints(path))
             print(f"inferred architecture (layout defaults for what shapes do not show): {config.to_dict()}")

@@ -26,7 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from nnunet_meddinov3.network.timm_adapter import (
     PeriodsRotaryEmbedding,
+    check_ffn_width,
     embed_tokens,
+    ffn_kwargs,
     replace_block_class,
     replace_qk_norm,
     replace_rope,
@@ -35,14 +37,32 @@ from nnunet_meddinov3.network.timm_adapter import (
 PATCH_SIZE = 16
 
 
+# The reference's feed-forward layers (``ffn_layer``) -> the width its hidden size is rounded up to
+# (0: a plain GELU MLP). A SwiGLU layer of ratio r on width D has hidden size int(int(D * r) * 2 / 3)
+# rounded up to that multiple: 4D for S+/L+/H+ (r = 6), 2D for 7B (r = 3).
+FFN_LAYERS = {"mlp": 0, "swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
+
+# Fields added after checkpoint format 1: ``to_dict`` leaves them out at their defaults, so the
+# metadata (and its hash) of every encoder that could be written before stays byte for byte the same.
+_LATER_FIELDS = {"ffn_layer": "mlp", "untie_cls_and_patch_norms": False}
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Everything needed to rebuild a DINOv3 ViT/16 (the reference's constructor arguments)."""
+    """Everything needed to rebuild a DINOv3 ViT/16 (the reference's constructor arguments).
+
+    ``mlp_ratio`` is the reference's ``ffn_ratio`` and ``ffn_layer`` its FFN name (see FFN_LAYERS);
+    ``untie_cls_and_patch_norms`` gives the cls and storage tokens a final norm of their own
+    (``cls_norm``). The reference's other untied norm, ``local_cls_norm`` (SAT ViT-L, 7B), only
+    ever sees local crops in training, so an encoder for dense features has no use for it.
+    """
 
     embed_dim: int
     depth: int
     num_heads: int
     mlp_ratio: float = 4.0
+    ffn_layer: str = "mlp"
+    untie_cls_and_patch_norms: bool = False
     n_storage_tokens: int = 4
     qkv_bias: bool = True
     layer_scale_init: float = 1e-5
@@ -61,19 +81,43 @@ class EncoderConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields, but those added after checkpoint format 1 only where they differ from their
+        default (see ``_LATER_FIELDS``); ``EncoderConfig(**d)`` restores the config either way."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
+    @property
+    def gated_ffn(self) -> bool:
+        return FFN_LAYERS[self.ffn_layer] > 0
 
-# Official DINOv3 layouts (Meta's hub weights: qkv bias present, LayerNorm eps 1e-5, RoPE fp32).
+    @property
+    def ffn_hidden_features(self) -> int:
+        """The reference's hidden width of the feed-forward layer of each block."""
+        hidden = int(self.embed_dim * self.mlp_ratio)
+        align = FFN_LAYERS[self.ffn_layer]
+        if not align:
+            return hidden
+        hidden = int(hidden * 2 / 3)
+        return hidden + (-hidden % align)
+
+
+# Official DINOv3 layouts, by Meta's hub names without ``dinov3_`` (hub/backbones.py: qkv bias
+# present, LayerNorm eps 1e-5, RoPE fp32, 4 storage tokens). The 7B has no qkv bias; its untied
+# global/local cls norm, like the SAT ViT-L's, is training-only (see EncoderConfig).
 ENCODER_CONFIGS: dict[str, EncoderConfig] = {
     "tiny": EncoderConfig(embed_dim=64, depth=4, num_heads=4),
     "vits16": EncoderConfig(embed_dim=384, depth=12, num_heads=6),
+    "vits16plus": EncoderConfig(embed_dim=384, depth=12, num_heads=6, mlp_ratio=6.0, ffn_layer="swiglu"),
     "vitb16": EncoderConfig(embed_dim=768, depth=12, num_heads=12),
     "vitl16": EncoderConfig(embed_dim=1024, depth=24, num_heads=16),
+    "vitl16plus": EncoderConfig(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=6.0, ffn_layer="swiglu"),
+    "vith16plus": EncoderConfig(embed_dim=1280, depth=32, num_heads=20, mlp_ratio=6.0, ffn_layer="swiglu"),
+    "vit7b16": EncoderConfig(embed_dim=4096, depth=40, num_heads=32, mlp_ratio=3.0, ffn_layer="swiglu64",
+                             qkv_bias=False),
 }
 
 # What the MedDINOv3 CT release changes relative to the official layout (its ``vit_base(...)`` call).
@@ -157,10 +201,12 @@ class BatchSubsetStochasticDepthBlock(EvaBlock):
         y = self.mlp(self.norm2(x))
         return y if self.gamma_2 is None else self.gamma_2 * y
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                **kwargs):
+        # kwargs: what newer timm blocks take besides (is_causal since 1.0.26), passed on unchanged
         if not self.training or self.sample_drop_ratio <= 0.0:
-            return super().forward(x, rope=rope, attn_mask=attn_mask)
-        if attn_mask is not None or (rope is not None and rope.dim() > 2):
+            return super().forward(x, rope=rope, attn_mask=attn_mask, **kwargs)
+        if attn_mask is not None or kwargs.get("is_causal") or (rope is not None and rope.dim() > 2):
             raise NotImplementedError("batch-subset stochastic depth takes no attention mask and one RoPE table "
                                       "for the whole batch")
         b = x.shape[0]
@@ -176,6 +222,8 @@ class DINOv3Encoder(nn.Module):
 
     def __init__(self, config: EncoderConfig, in_channels: int = 1):
         super().__init__()
+        if config.ffn_layer not in FFN_LAYERS:
+            raise ValueError(f"unknown ffn_layer '{config.ffn_layer}'; known: {', '.join(FFN_LAYERS)}")
         self.config = config
         self.in_channels = in_channels
         self.embed_dim = config.embed_dim
@@ -189,7 +237,8 @@ class DINOv3Encoder(nn.Module):
             embed_dim=config.embed_dim,
             depth=config.depth,
             num_heads=config.num_heads,
-            mlp_ratio=config.mlp_ratio,
+            **ffn_kwargs(config.embed_dim, config.mlp_ratio, config.ffn_hidden_features,
+                         FFN_LAYERS[config.ffn_layer]),
             qkv_bias=config.qkv_bias,
             init_values=config.layer_scale_init,
             drop_path_rate=0.0,  # stochastic depth is the reference's, set on the blocks below
@@ -203,6 +252,7 @@ class DINOv3Encoder(nn.Module):
             use_fc_norm=False,
             dynamic_img_size=True,
         )
+        check_ffn_width(self.vit, config.ffn_hidden_features)
         # Same parameters and keys; only forward differs (timm builds its blocks itself).
         replace_block_class(self.vit, BatchSubsetStochasticDepthBlock)
         for block in self.vit.blocks:
@@ -213,6 +263,9 @@ class DINOv3Encoder(nn.Module):
             temperature=config.rope_base, normalize_coords=config.rope_normalize_coords, rotate_half=True))
         if rope_dtype != torch.float32:
             replace_qk_norm(self.vit, lambda: RoundToDtype(rope_dtype))
+        if config.untie_cls_and_patch_norms:
+            # under vit. so its key is the reference's 'cls_norm.*' with our prefix
+            self.vit.cls_norm = LayerNorm(config.embed_dim, eps=config.norm_eps)
 
     @property
     def depth(self) -> int:
@@ -276,7 +329,15 @@ class DINOv3Encoder(nn.Module):
                 tokens = checkpoint(block, tokens, rope=rope, use_reentrant=False)
             else:
                 tokens = block(tokens, rope=rope)
-        return self.token_dict(vit.norm(tokens))
+        return self.token_dict(self.final_norm(tokens))
+
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The reference's final norm of (B, 1 + R + P, D) tokens: ``norm`` for all of them, or with
+        untied norms ``cls_norm`` for the cls and storage tokens and ``norm`` for the patches."""
+        if not self.config.untie_cls_and_patch_norms:
+            return self.vit.norm(tokens)
+        n_prefix = 1 + self.config.n_storage_tokens
+        return torch.cat([self.vit.cls_norm(tokens[:, :n_prefix]), self.vit.norm(tokens[:, n_prefix:])], dim=1)
 
     def token_dict(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """The reference's token dict from normalised (B, 1 + R + P, D) tokens; built here only."""

@@ -11,23 +11,63 @@ tests/test_timm_adapter.py checks the assumptions it makes against the installed
   parameters and keys, another ``forward``);
 - :func:`replace_qk_norm`: the (identity) ``attn.q_norm`` / ``attn.k_norm`` of each block;
 - :func:`replace_rope`: ``Eva.rope``;
-- :class:`PeriodsRotaryEmbedding`: ``RotaryEmbeddingDinoV3._create_embed`` overridden, its
-  ``_apply_coord_augs`` and its augmentation attributes (``shift_coords``, ``jitter_coords``,
-  ``rescale_coords``, ``aug_active``).
+- :func:`route_qkv_through_module`: ``EvaAttention.qkv_bias_separate``, so the fused qkv projection
+  goes through the ``qkv`` module (and a LoRA wrapper of it) when there is a q bias;
+- :class:`PeriodsRotaryEmbedding`: ``RotaryEmbeddingDinoV3._create_embed`` overridden, and the
+  hooks through which timm would recompute its periods (``_apply``, ``reset_parameters``,
+  ``init_non_persistent_buffers``) turned off for ours;
+- :func:`ffn_kwargs`: ``Eva``'s ``mlp_ratio`` / ``swiglu_mlp`` / ``swiglu_align_to``, which decide the
+  feed-forward class (``Mlp``, or ``SwiGLU`` with separate ``fc1_g`` / ``fc1_x``) and its width.
 
-:data:`TESTED_TIMM` is the range these were tested with; ``pyproject.toml`` pins timm to it.
+:data:`TESTED_TIMM` is the range these were tested with; ``pyproject.toml`` pins timm to it, CI runs
+the encoder tests at both ends (.ci/run), and importing this module with a timm outside it warns.
+What changed inside the range: 1.0.26 gave ``EvaBlock.forward`` an ``is_causal`` argument (our block
+passes on what it does not use); 1.0.31 made the coordinate augmentations a module function and
+recomputes a below-fp32 ``periods`` buffer on every ``.to()`` (we do our own augmentation, and keep
+our periods).
 """
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from typing import Callable
 
 import torch
 import torch.nn as nn
-from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
-from timm.models.eva import Eva, EvaBlock
 
-TESTED_TIMM = ">=1.0.20,<1.0.26"  # keep in step with pyproject.toml
+with warnings.catch_warnings():
+    # timm < 1.0.25 declares a torch.jit.interface (models/hrnet.py) that torch >= 2.14 warns about at
+    # import, on every command; nnU-Net 2.8.1 (dynamic-network-architectures 0.4.4: timm < 1.0.23)
+    # makes a fresh install take such a timm, so the warning is silenced here, where timm is imported
+    warnings.filterwarnings("ignore", message=".*torch.jit.interface.*", category=FutureWarning)
+    import timm
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+    from timm.models.eva import Eva, EvaBlock
+
+# 1.0.21: the first that builds on the meta device (1.0.20 added the DINOv3 Eva models, but its
+# drop-path schedule calls .item() there). 1.0.31: the newest on the
+# package index when last tested. nnU-Net 2.8.1 caps a fresh install at 1.0.22 (see above).
+OLDEST_TIMM, NEWEST_TIMM = "1.0.21", "1.0.31"
+TESTED_TIMM = f">={OLDEST_TIMM},<={NEWEST_TIMM}"  # keep in step with pyproject.toml
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(1, 0, 31) from '1.0.31', '1.0.31.dev0' or '1.0.31+local': the release part only."""
+    match = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(p) for p in match.group(0).split(".")) if match else ()
+
+
+def timm_in_tested_range(version: str | None = None) -> bool:
+    release = _release(timm.__version__ if version is None else version)
+    return _release(OLDEST_TIMM) <= release <= _release(NEWEST_TIMM)
+
+
+if not timm_in_tested_range():
+    warnings.warn(f"nnunet-meddinov3 was tested with timm {TESTED_TIMM}, not {timm.__version__}: the encoder uses "
+                  "a few timm internals (nnunet_meddinov3/network/timm_adapter.py) and may fail or differ from "
+                  f"Meta's reference. Install a tested one: pip install 'timm{TESTED_TIMM}'", RuntimeWarning,
+                  stacklevel=2)
 
 
 def embed_tokens(vit: Eva, x: torch.Tensor,
@@ -68,17 +108,71 @@ def replace_rope(vit: Eva, rope: RotaryEmbeddingDinoV3) -> None:
     vit.rope = rope
 
 
+def route_qkv_through_module(vit: Eva) -> None:
+    """Make every block's attention call its ``qkv`` module. With a q bias (official DINOv3 weights)
+    timm's ``EvaAttention`` computes ``F.linear(x, qkv.weight, bias)``, which skips a wrapped ``qkv``
+    (a LoRA adapter would be ignored); ``qkv_bias_separate`` makes it ``qkv(x) + bias`` instead, the
+    same sum up to rounding."""
+    for block in vit.blocks:
+        if not hasattr(block.attn, "qkv_bias_separate"):
+            raise TypeError(f"timm's {type(block.attn).__name__} has no qkv_bias_separate: the qkv projection "
+                            f"cannot be routed through a wrapped module with this timm version")
+        block.attn.qkv_bias_separate = True
+
+
+def ffn_kwargs(embed_dim: int, mlp_ratio: float, hidden_features: int, align_to: int) -> dict:
+    """``Eva`` arguments for the reference's feed-forward layer: timm's ``Mlp`` (``fc1``, ``fc2``) of
+    ratio ``mlp_ratio`` when ``align_to`` is 0 (timm's ``int(dim * ratio)`` is the reference's), else
+    its ``SwiGLU`` (``fc1_g``, ``fc1_x``, ``fc2``) exactly ``hidden_features`` wide.
+
+    For SwiGLU timm takes ``int(embed_dim * mlp_ratio)`` and rounds it up to ``swiglu_align_to``; an
+    aligned ``hidden_features`` survives both even where the float ratio lands a hair below it. A
+    non-zero alignment is also what makes timm use separate gate and value projections (not ``GluMlp``).
+    """
+    if not align_to:
+        return dict(mlp_ratio=mlp_ratio)
+    if hidden_features % align_to:
+        raise ValueError(f"SwiGLU hidden width {hidden_features} is not a multiple of {align_to}")
+    return dict(mlp_ratio=hidden_features / embed_dim, swiglu_mlp=True, swiglu_align_to=align_to)
+
+
+def check_ffn_width(vit: Eva, hidden_features: int) -> None:
+    """The feed-forward layers timm built have the hidden width asked for."""
+    mlp = vit.blocks[0].mlp
+    built = (mlp.fc1_g if hasattr(mlp, "fc1_g") else mlp.fc1).out_features
+    if built != hidden_features:
+        raise RuntimeError(f"timm {timm.__version__} built a feed-forward layer {built} wide instead of "
+                           f"{hidden_features}; see nnunet_meddinov3/network/timm_adapter.py")
+
+
 class PeriodsRotaryEmbedding(RotaryEmbeddingDinoV3):
     """timm's DINOv3 RoPE with given periods (a persistent buffer) and coordinates computed in the
     periods' dtype from the start.
 
     Only ``normalize_coords="separate"`` is reimplemented (DINOv3's setting); other modes fall back
-    to timm. Training-mode coordinate augmentations are timm's (``_apply_coord_augs``).
+    to timm. The training-mode coordinate augmentations are the reference's (shift, then per-axis
+    jitter, then one rescale, each drawn log-uniformly where multiplicative), in its order of
+    random draws, as timm draws them too.
     """
 
-    def __init__(self, dim: int, periods: torch.Tensor, dtype: torch.dtype, **kwargs):
+    def __init__(self, dim: int, periods: torch.Tensor, dtype: torch.dtype, shift_coords: float | None = None,
+                 jitter_coords: float | None = None, rescale_coords: float | None = None, **kwargs):
         super().__init__(dim=dim, **kwargs)
         self.register_buffer("periods", periods.to(dtype), persistent=True)
+        self.shift_coords, self.jitter_coords = shift_coords, jitter_coords
+        self.set_coordinate_rescaling(rescale_coords)
+
+    # The periods are data (the checkpoint's, bf16-rounded, possibly stored in bf16), not something
+    # to recompute: timm >= 1.0.31 rebuilds a below-fp32 periods buffer from the formula on every
+    # ``.to()``, and its reset hooks refill it from the formula.
+    def _apply(self, fn, *args, **kwargs):
+        return nn.Module._apply(self, fn, *args, **kwargs)
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def init_non_persistent_buffers(self) -> None:
+        pass
 
     def set_coordinate_rescaling(self, factor: float | None) -> None:
         """In training mode, scale all coordinates by one factor drawn log-uniformly from
@@ -87,6 +181,21 @@ class PeriodsRotaryEmbedding(RotaryEmbeddingDinoV3):
             raise ValueError(f"RoPE coordinate rescaling factor must be >= 1 or None, got {factor}")
         self.rescale_coords = factor
         self.aug_active = any(a is not None for a in (self.shift_coords, self.jitter_coords, self.rescale_coords))
+
+    def augment_coords(self, coords: torch.Tensor) -> torch.Tensor:
+        """(HW, 2) coordinates in [-1, 1], moved by the training-mode augmentations that are set."""
+        if not self.training or not self.aug_active:
+            return coords
+        dd = dict(device=coords.device, dtype=coords.dtype)
+        if self.shift_coords is not None:
+            coords = coords + torch.empty(2, **dd).uniform_(-self.shift_coords, self.shift_coords)[None, :]
+        if self.jitter_coords is not None:
+            log_jitter = math.log(self.jitter_coords)
+            coords = coords * torch.empty(2, **dd).uniform_(-log_jitter, log_jitter).exp()[None, :]
+        if self.rescale_coords is not None:
+            log_rescale = math.log(self.rescale_coords)
+            coords = coords * torch.empty(1, **dd).uniform_(-log_rescale, log_rescale).exp()
+        return coords
 
     def _create_embed(self, feat_shape, no_aug: bool = False) -> torch.Tensor:
         if self.normalize_coords != "separate":
@@ -98,7 +207,7 @@ class PeriodsRotaryEmbedding(RotaryEmbeddingDinoV3):
         coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)
         coords = 2.0 * coords - 1.0
         if not no_aug:
-            coords = self._apply_coord_augs(coords)
+            coords = self.augment_coords(coords)
         angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]
         angles = angles.flatten(1).tile(2)
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)

@@ -60,7 +60,8 @@ def estimate_training_memory_gb(encoder: str, decoder: str, patch_size, batch_si
         decoder_act += 3 * channels * size * bytes_bf16
     head_act = 4 * num_classes * h * w * 4 + in_channels * h * w * 4
     per_image = encoder_act + decoder_act + head_act
-    enc_params = cfg.depth * 12 * cfg.embed_dim ** 2
+    # per block: qkv + proj (4 D^2) and the feed-forward (2 or, gated, 3 matrices of D x hidden)
+    enc_params = cfg.depth * (4 * cfg.embed_dim + (3 if cfg.gated_ffn else 2) * cfg.ffn_hidden_features) * cfg.embed_dim
     dec_in = cfg.embed_dim * (n_layers if decoder == "multiscale" else 1)
     dec_params = sum((dec_in >> i) * (dec_in >> (i + 1)) * 4 for i in range(4))
     state = (enc_params + dec_params) * 16  # fp32 weights, grads, two AdamW moments

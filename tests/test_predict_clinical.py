@@ -236,3 +236,37 @@ def test_a_short_series_with_truncated_first_files_is_skipped_or_predicted_parti
     sidecar = json.loads((tmp_path / "partial" / "PAT-03_short.json").read_text())
     assert sidecar["unreadable_files"] == truncated and len(sidecar["files"]) == 2
     assert sitk.ReadImage(str(tmp_path / "partial" / "PAT-03_short.nii.gz")).GetSize()[2] == 2
+
+
+def test_non_finite_voxels_are_replaced_with_a_warning(nnunet_env, tmp_path, capsys):
+    image = sitk.Cast(sitk.ReadImage(str(nnunet_env["raw"] / "imagesTs" / "case_006_0000.nii.gz")), sitk.sitkFloat32)
+    values = sitk.GetArrayFromImage(image)
+    low, high = values.min(), values.max()
+    values[0, :2, :3], values[1, 5, 5], values[2, 7, 7] = np.nan, np.inf, -np.inf
+    holes = sitk.GetImageFromArray(values)
+    holes.CopyInformation(image)
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    sitk.WriteImage(holes, str(inputs / "holes.nii.gz"))
+    sitk.WriteImage(holes * np.nan, str(inputs / "all_nan.nii.gz"))
+    assert main(["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), *MODEL_ARGS, "-npp", "0", "-nps", "0"]) == 0
+    out = capsys.readouterr().out
+    assert (f"WARNING holes.nii.gz: non-finite voxels replaced before predicting (6 NaN -> {low:.6g}, 1 -Inf -> "
+            f"{low:.6g}, 1 +Inf -> {high:.6g})") in out
+    assert "SKIPPED all_nan.nii.gz: cannot read: no finite voxel (all NaN or Inf)" in out
+    assert "1 predicted, 1 skipped" in out
+    assert_same_geometry(sitk.ReadImage(str(tmp_path / "out" / "holes.nii.gz")), image)
+
+
+def test_replace_non_finite_per_channel_and_only_where_needed():
+    from nnunet_meddinov3.inference.non_finite import replace_non_finite
+    clean = sitk.GetImageFromArray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    ints = sitk.GetImageFromArray(np.arange(12, dtype=np.int16).reshape(3, 4))
+    assert replace_non_finite([clean, ints]) == ([clean, ints], None)
+    holes = np.arange(12, dtype=np.float32).reshape(3, 4) - 5
+    holes[0, 0], holes[2, 3] = -np.inf, np.inf
+    fixed, note = replace_non_finite([clean, sitk.GetImageFromArray(holes)])
+    assert fixed[0] is clean and note.startswith("non-finite voxels replaced before predicting (channel 1: "
+                                                 "1 -Inf -> -4, 1 +Inf -> 5)")
+    repaired = sitk.GetArrayFromImage(fixed[1])
+    assert repaired[0, 0] == -4 and repaired[2, 3] == 5 and np.isfinite(repaired).all()

@@ -38,6 +38,10 @@ inputs (the folder tree is searched; DICOM and image files may be mixed):
   a DICOM file that cannot be read is named with the series it belongs to, and that series is skipped:
   its readable slices may cover less anatomy than was acquired (--allow-partial-series predicts them anyway;
   the .json sidecar then lists the files used and the unreadable ones)
+checks (stock nnUNetv2_predict makes none and fails with a traceback; this command skips the case and says why):
+  the model's number of channels per case; 2D or 3D images with one value per voxel (no 4D, no colour);
+  channels of one case with the same size and geometry; readable DICOM files and even slice spacing
+  NaN/-Inf voxels become the image's lowest finite value and +Inf its highest, with a WARNING line per case
 exit status: 0 if anything was predicted, 1 if nothing could be, 2 for setup errors
 """
 
@@ -99,6 +103,8 @@ def run(args) -> int:
         print(f"meddinov3 predict: error: {e}", file=sys.stderr)
         return 2
     print()
+    for note in report.warnings:
+        print(f"WARNING {note.source}: {note.message}")
     for case, output in report.predicted:
         print(f"predicted {output}  <-  {case.source}")
         left_out = (case.dicom or {}).get("unreadable_files")

@@ -5,6 +5,7 @@
     meddinov3 weights convert SRC DST [--encoder NAME] [--intensity ct-meddinov3|nnunet|...] [--licence TEXT]
     meddinov3 weights verify FILE
     meddinov3 weights fetch NAME
+    meddinov3 weights merge-lora CHECKPOINT --output FILE
 
 Every file the trainer should load is converted once into this project's format (safetensors with
 a metadata header, see ``nnunet_meddinov3/checkpoints/format.py``); ``convert`` accepts Meta's hub
@@ -46,6 +47,12 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("fetch", help="download a registered checkpoint (Hugging Face) and convert it into the cache")
     p.add_argument("name", help="registry name (see `meddinov3 weights list`)")
     p.add_argument("--force", action="store_true", help="convert again even if the converted file exists")
+
+    p = sub.add_parser("merge-lora", help="write the encoder of a LoRA fine-tuning run (nnU-Net checkpoint), "
+                                          "adapters merged, in this project's format")
+    p.add_argument("checkpoint", help="checkpoint_final.pth (or _best/_latest) of a run with lora_rank > 0")
+    p.add_argument("--output", required=True, help="output .safetensors file")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     parser.set_defaults(weights_parser=parser)
 
 
@@ -56,7 +63,7 @@ def run(args) -> int:
         return 2
     # errors (FileNotFoundError, ValueError, FetchError, ...) carry their message to meddinov3's main
     return {"list": cmd_list, "info": cmd_info, "convert": cmd_convert, "verify": cmd_verify,
-            "fetch": cmd_fetch}[action](args)
+            "fetch": cmd_fetch, "merge-lora": cmd_merge_lora}[action](args)
 
 
 def checkpoint_path(value: str | Path, *, folder_ok: bool = True) -> Path:
@@ -287,6 +294,23 @@ def cmd_verify(args) -> int:
           f"norm_eps={md.architecture['norm_eps']}")
     print(f"  forward pass on 1x{args.in_channels}x32x32: blocks {list(layers)} -> "
           f"{[tuple(f.shape) for f in features]}, all finite")
+    return 0
+
+
+def cmd_merge_lora(args) -> int:
+    from nnunet_meddinov3.training.lora_export import export_merged_encoder
+
+    source = checkpoint_path(args.checkpoint, folder_ok=False)
+    output = Path(args.output)
+    if output.suffix != ".safetensors" or output.is_dir():
+        raise ValueError(f"the output must be a .safetensors file, got '{output}'")
+    if output.exists() and not args.force:
+        raise ValueError(f"'{output}' exists; pass --force to overwrite it")
+    metadata = export_merged_encoder(source, output)
+    stage = metadata.stages[-1]
+    print(f"merged the LoRA adapters of {source} ({stage['lora']}) -> {output}")
+    print(f"  architecture: {metadata.architecture['embed_dim']}-dim, {metadata.architecture['depth']} blocks; "
+          f"tensor sha256: {metadata.tensor_sha256} (verified by a strict load)")
     return 0
 
 

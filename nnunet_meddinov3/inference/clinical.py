@@ -44,6 +44,9 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_meddinov3.inference.non_finite import replace_non_finite
+from nnunet_meddinov3.training.crash_safety import CHECKPOINT_ORDER, unreadable_reason
+
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 # Dataset file endings we can stage to: SimpleITK writes them with the full geometry and nnU-Net reads them back.
 STAGEABLE_ENDINGS = IMAGE_ENDINGS
@@ -79,9 +82,17 @@ class Skipped:
 
 
 @dataclass
+class Note:
+    """Something changed in a case's input before it was predicted (e.g. NaN voxels replaced)."""
+    source: str
+    message: str
+
+
+@dataclass
 class PredictionReport:
     predicted: list[tuple[Case, Path]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[Note] = field(default_factory=list)
 
     def summary(self) -> str:
         return f"{len(self.predicted)} predicted, {len(self.skipped)} skipped"
@@ -125,6 +136,23 @@ def resolve_folds(model_folder: Path, folds: list[str] | None, checkpoint: str) 
         raise PredictError(f"{checkpoint} missing for fold(s) {', '.join(map(str, missing))} in {model_folder}: "
                            f"train them, pick other folds with -f, or another checkpoint with -chk")
     return [f if f == "all" else int(f) for f in folds]
+
+
+def unreadable_checkpoint_note(model_folder: Path, folds: list[int | str], checkpoint: str) -> str | None:
+    """What to say about a fold's checkpoint that cannot be read (a write killed halfway, a full disk): nnU-Net's
+    predictor fails on it with a message that names no file."""
+    for fold in folds:
+        path = model_folder / f"fold_{fold}" / checkpoint
+        reason = unreadable_reason(str(path))
+        if reason is None:
+            continue
+        intact = [n for n in CHECKPOINT_ORDER if n != checkpoint and (path.parent / n).is_file()
+                  and unreadable_reason(str(path.parent / n)) is None]
+        return (f"{path} cannot be read ({reason}); it was probably cut short by a killed write or a full disk. "
+                + (f"Intact in fold_{fold}: {', '.join(intact)} (predict with -chk NAME), or" if intact else "Either")
+                + " finish the training with nnUNetv2_train ... --c (it goes on from the newest readable checkpoint "
+                  "and writes a new checkpoint_final.pth), or pick other folds with -f.")
+    return None
 
 
 def make_predictor(model_folder: Path, folds: list[int | str], checkpoint: str, device: str = "cuda",
@@ -373,10 +401,12 @@ def stage_cases(cases: list[Case], images_folder: Path, file_ending: str,
     for index, case in enumerate(cases):
         staged_name = f"case_{index:05d}"
         try:
-            images = read_case(case)
+            images, note = replace_non_finite(read_case(case), None if case.dicom else case.files)
         except (RuntimeError, ValueError) as e:
             report.skipped.append(Skipped(case.source, f"cannot read: {_reason(e)}"))
             continue
+        if note:
+            report.warnings.append(Note(case.source, note))
         for channel, image in enumerate(images):
             sitk.WriteImage(image, str(images_folder / f"{staged_name}_{channel:04d}{file_ending}"))
         staged[staged_name] = case
@@ -446,8 +476,10 @@ def predict_cases(input_folder: str | Path, output_folder: str | Path, model_fol
             try:
                 predictor = make_predictor(model_folder, folds, checkpoint, device, step_size, use_mirroring)
             except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
+                note = unreadable_checkpoint_note(model_folder, folds, checkpoint)
                 raise PredictError(f"cannot load the model in {model_folder} ({_reason(e)}); it must be a finished "
-                                   f"nnUNetv2_train output: plans.json, dataset.json and fold_N/{checkpoint}") from None
+                                   f"nnUNetv2_train output: plans.json, dataset.json and fold_N/{checkpoint}"
+                                   + (f"\n  {note}" if note else "")) from None
             try:
                 run_nnunet(predictor, images_folder, list(staged), predictions_folder, file_ending, num_channels,
                            npp, nps)

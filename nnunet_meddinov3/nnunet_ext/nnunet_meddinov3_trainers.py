@@ -5,6 +5,7 @@ from nnunet_meddinov3.training.trainer import (  # noqa: F401
     nnUNetTrainerMedDINOv3_DINOv3,
     nnUNetTrainerMedDINOv3_FrozenEncoder,
     nnUNetTrainerMedDINOv3_LLRD,
+    nnUNetTrainerMedDINOv3_LoRA,
     nnUNetTrainerMedDINOv3_Scratch,
     nnUNetTrainerMedDINOv3_Tiny,
     nnUNetTrainerMedDINOv3_TinyBottleneck,

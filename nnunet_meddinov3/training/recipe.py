@@ -1,6 +1,6 @@
 """The MedDINOv3 fine-tuning recipe: its default numbers, and the recipe as data.
 
-A run's recipe (schedule, learning rates, layer decay, freezing, warm-up, weight decay) comes from,
+A run's recipe (schedule, learning rates, layer decay, freezing, warm-up, weight decay, LoRA) comes from,
 in order, each level overriding the one before:
 
 1. the trainer class's defaults (its name says what it is: ``_FrozenEncoder``, ``_LLRD``, ...);
@@ -30,6 +30,10 @@ DECODER_LR = 3e-4
 WEIGHT_DECAY = 0.05
 HIGHRES_PATCH = 896  # longest side of the 2d_highres patch
 PLANS_NAME = "nnUNetPlansMedDINOv3"
+# LoRA (nnunet_meddinov3/network/lora.py): adapters' output scaled by alpha / rank; attention layers by default
+LORA_ALPHA = 16.0
+LORA_TARGET_NAMES = ("qkv", "proj", "mlp")  # = nnunet_meddinov3.network.lora.TARGETS (no torch import here)
+LORA_TARGETS = "qkv,proj"
 
 PLANS_KEY = "meddinov3"  # the block in a plans configuration
 OVERRIDE_ENV = "MEDDINOV3_RECIPE_OVERRIDE"
@@ -73,6 +77,17 @@ def _decay(text: str) -> float:
 
 _decay.__name__ = "number in (0, 1] (1 = off)"
 
+
+def _lora_targets(text: str) -> str:
+    names = [t.strip() for t in text.split(",")]
+    if not any(names) or any(t not in LORA_TARGET_NAMES for t in names):
+        raise ValueError(text)
+    return ",".join(t for t in LORA_TARGET_NAMES if t in names)  # one spelling per choice, for the recipe lock
+
+
+_lora_targets.__name__ = f"comma-separated subset of {','.join(LORA_TARGET_NAMES)}"
+_positive_float = _at_least(float, 1e-12, "number > 0")
+
 # key -> (parser of its text form, meaning)
 KEYS = {
     "epochs": (_positive_int, "number of epochs"),
@@ -84,6 +99,9 @@ KEYS = {
     "layer_decay": (_decay, "layer-wise LR decay over the encoder blocks"),
     "warmup_epochs": (_non_negative_int, "linear warm-up epochs"),
     "freeze_encoder": (parse_flag, "train the decoder only"),
+    "lora_rank": (_non_negative_int, "LoRA rank of the encoder adapters; 0 = off (the whole encoder trains)"),
+    "lora_alpha": (_positive_float, "LoRA alpha: the adapters' output is scaled by lora_alpha / lora_rank"),
+    "lora_targets": (_lora_targets, "encoder layers with adapters: qkv, proj (attention), mlp"),
 }
 
 # The variables that carried the recipe before it was data. Still read (documented commands keep

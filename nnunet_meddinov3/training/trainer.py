@@ -9,7 +9,9 @@ What differs from the stock trainer, and nothing else:
 - pretrained encoder weights, loaded when a new training starts (never on ``--c`` or at inference);
 - the recipe as data (:mod:`nnunet_meddinov3.training.recipe`): class defaults < the plans'
   ``meddinov3`` block < ``MEDDINOV3_RECIPE_OVERRIDE``; recorded in the checkpoint and the log,
-  restored and checked by ``--c`` / ``--val``.
+  restored and checked by ``--c`` / ``--val``;
+- crash safety (:mod:`nnunet_meddinov3.training.crash_safety`): atomic checkpoints, ``--c`` past an
+  unreadable checkpoint, finished runs left alone, SIGTERM / SIGUSR1 save ``checkpoint_latest.pth``.
 
 Environment variables are left for machine settings (MEDDINOV3_GRAD_CHECKPOINTING,
 MEDDINOV3_CPU_BF16, MEDDINOV3_CACHE), for the weights file (MEDDINOV3_WEIGHTS; its name, path and
@@ -22,7 +24,6 @@ import os
 from pathlib import Path
 
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_meddinov3.checkpoints import load_encoder_weights, resolve_weights
 from nnunet_meddinov3.checkpoints.conventions import recorded_intensity
@@ -32,9 +33,11 @@ from nnunet_meddinov3.data.intensity import compare_with_nnunet
 from nnunet_meddinov3.network import MedDINOv3Net
 from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
 from nnunet_meddinov3.network.encoder import MEDDINOV3_LAYOUT
+from nnunet_meddinov3.network import lora
 from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, build_adamw, group_base_lr, parameter_groups
 from nnunet_meddinov3.training import recipe
 from nnunet_meddinov3.training.recipe import RecipeError
+from nnunet_meddinov3.training.recipe_trainer import RecipeTrainerBase, read_recorded_recipe  # noqa: F401 (API)
 
 
 def _env(name: str, cast, default):
@@ -57,183 +60,6 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return getattr(network, "_orig_mod", network)
 
 
-def read_recorded_recipe(checkpoint_file: str) -> tuple[dict | None, int]:
-    """(the recipe record, current_epoch) of an nnU-Net checkpoint, without reading its tensors
-    (memory-mapped: nnU-Net's own ``load_checkpoint`` reads the file right after)."""
-    try:
-        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # not a zip-format file: read it whole
-        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
-    return (checkpoint.get("init_args") or {}).get(recipe.CHECKPOINT_KEY), int(checkpoint.get("current_epoch", 0))
-
-
-class RecipeTrainerBase(nnUNetTrainer):
-    """The recipe as data, for any nnUNetTrainer subclass: resolved in ``__init__``, recorded in the
-    checkpoint (``init_args["meddinov3_recipe"]``: nnU-Net saves and restores ``init_args`` itself,
-    so ``save_checkpoint`` needs no override and no second write), printed at the start of training,
-    restored and checked by ``load_checkpoint`` (``--c``, ``--val``)."""
-
-    # the recipe keys this trainer takes, and their class defaults (attribute names)
-    recipe_keys: tuple = ("epochs", "iterations", "val_iterations")
-    num_epochs_default = 1000
-    iterations_default = 250
-    val_iterations_default = 50
-    # what a variant's name promises: key -> (test of the value, the promise, what to use instead)
-    defining_recipe: dict = {}
-    # keys that shape the optimizer's parameter groups: a resumed run cannot change them
-    structural_keys: frozenset = frozenset()
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.recipe_override = recipe.EnvironmentOverride(keys=self.recipe_keys)
-        self.recipe_plans_where = f"{self.plans_manager.plans_name}/{configuration}"
-        block = recipe.parse_plans_block(self.configuration_manager.configuration.get(recipe.PLANS_KEY),
-                                         f"the '{recipe.PLANS_KEY}' block of plans {self.recipe_plans_where}",
-                                         self.recipe_keys)
-        # plans + class defaults alone: what --c compares a checkpoint's recipe against
-        self.recipe_base = recipe.resolve(self.recipe_defaults(), block, {}, self.recipe_plans_where,
-                                          self.__class__.__name__)
-        override = self.recipe_override.values()
-        values, sources = recipe.resolve(self.recipe_defaults(), block, override, self.recipe_plans_where,
-                                         self.__class__.__name__,
-                                         {k: self.recipe_override.source(k) for k in override})
-        self.check_defining_recipe(values, sources)
-        self.recipe_history: list = []
-        self.weights_record: dict | None = None
-        self.recipe_notices = [n for n in (self.recipe_override.legacy_notice(),) if n]
-        for notice in self.recipe_notices:
-            if self.local_rank == 0:
-                print(notice)
-        self.set_recipe(values, sources)
-
-    # --- what the recipe is and does -------------------------------------------------------------
-
-    def recipe_defaults(self) -> dict:
-        """The class's values of ``recipe_keys`` (class attributes: instance ones hold the resolved recipe)."""
-        cls = type(self)
-        return {"epochs": cls.num_epochs_default, "iterations": cls.iterations_default,
-                "val_iterations": cls.val_iterations_default}
-
-    def apply_recipe(self, values: dict) -> None:
-        self.num_epochs = values["epochs"]
-        self.num_iterations_per_epoch = values["iterations"]
-        self.num_val_iterations_per_epoch = values["val_iterations"]
-
-    def set_recipe(self, values: dict, sources: dict) -> None:
-        self.recipe_values, self.recipe_sources = dict(values), dict(sources)
-        self.apply_recipe(self.recipe_values)
-        self.store_recipe_record()
-
-    def recipe_record(self) -> dict:
-        return {"trainer": self.__class__.__name__, "plans": self.recipe_plans_where,
-                "values": dict(self.recipe_values), "sources": dict(self.recipe_sources),
-                "history": list(self.recipe_history), "weights": self.weights_record}
-
-    def store_recipe_record(self) -> None:
-        # saved by nnU-Net's save_checkpoint as checkpoint["init_args"][...]
-        self.my_init_kwargs[recipe.CHECKPOINT_KEY] = self.recipe_record()
-
-    def check_defining_recipe(self, values: dict, sources: dict) -> None:
-        for key, (test, promise, instead) in self.defining_recipe.items():
-            if not test(values[key]):
-                raise RecipeError(
-                    f"{self.__class__.__name__} is defined by {promise}; {recipe.format_assignments({key: values[key]})} "
-                    f"from {sources[key]} would make it the opposite, under a folder name that says otherwise. "
-                    f"Remove {key} from {sources[key]}, or train {instead}.")
-
-    def log_recipe(self) -> None:
-        for notice in self.recipe_notices:
-            self.print_to_log_file(notice, also_print_to_console=False)
-        self.print_to_log_file(f"Recipe ({self.__class__.__name__}, plans {self.recipe_plans_where}; "
-                               f"class defaults < plans '{recipe.PLANS_KEY}' block < {recipe.OVERRIDE_ENV}):\n"
-                               + recipe.describe(self.recipe_values, self.recipe_sources))
-        for change in self.recipe_history:
-            self.print_to_log_file(f"Recipe changed at epoch {change['epoch']} by {change['by']}: " + ", ".join(
-                f"{k} {old} -> {new}" for k, (old, new) in change["changed"].items()))
-
-    def on_train_start(self):
-        self.log_recipe()
-        super().on_train_start()
-
-    # --- --c and --val ---------------------------------------------------------------------------
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if isinstance(filename_or_checkpoint, dict):
-            stored = (filename_or_checkpoint.get("init_args") or {}).get(recipe.CHECKPOINT_KEY)
-            epoch, where = int(filename_or_checkpoint.get("current_epoch", 0)), "the given checkpoint"
-        else:
-            (stored, epoch), where = read_recorded_recipe(filename_or_checkpoint), filename_or_checkpoint
-        changed = self.restore_recipe(stored, epoch, where)
-        if changed and self.was_initialized:  # the optimizer and schedule were built from the old values
-            self.optimizer, self.lr_scheduler = self.configure_optimizers()
-        super().load_checkpoint(filename_or_checkpoint)
-        self.after_checkpoint_loaded()
-        self.store_recipe_record()  # nnU-Net replaced init_args with the checkpoint's
-
-    def after_checkpoint_loaded(self) -> None:
-        """Hook: re-apply the recipe to restored optimizer state where it keeps its own copy."""
-
-    def restore_recipe(self, stored: dict | None, epoch: int, where: str) -> bool:
-        """Adopt the checkpoint's recipe; refuse if the plans or the environment now disagree, unless
-        MEDDINOV3_RECIPE_OVERRIDE names the change. Returns whether the values changed."""
-        if stored is None:
-            self.print_to_log_file(f"{where} records no recipe (written before recipes were recorded); going on with "
-                                   f"the current one:\n" + recipe.describe(self.recipe_values, self.recipe_sources))
-            return False
-        old_values, old_sources = stored.get("values", {}), stored.get("sources", {})
-        base_values, base_sources = self.recipe_base
-        conflicts, forced = [], {}
-        for key in self.recipe_keys:
-            if key not in old_values:
-                continue  # a key newer than the checkpoint: the current value holds
-            old, old_source = old_values[key], old_sources.get(key, "?")
-            if key in self.recipe_override.explicit:
-                if self.recipe_override.explicit[key] != old:
-                    forced[key] = (old, self.recipe_override.explicit[key])
-            elif key in self.recipe_override.legacy:
-                variable, value = self.recipe_override.legacy[key]
-                if value != old:
-                    conflicts.append((key, old, old_source, value, f"{variable} (legacy)"))
-            elif not recipe.is_override_source(old_source) and base_values[key] != old:
-                conflicts.append((key, old, old_source, base_values[key], base_sources[key]))
-        if conflicts:
-            keep = recipe.format_assignments({k: old for k, old, *_ in conflicts})
-            change = recipe.format_assignments({k: new for k, _, _, new, _ in conflicts})
-            lines = "\n".join(f"  {k}: checkpoint {recipe.format_assignments({k: old})} ({old_source}), now "
-                              f"{recipe.format_assignments({k: new})} ({new_source})"
-                              for k, old, old_source, new, new_source in conflicts)
-            raise RecipeError(
-                f"{self.__class__.__name__}: the recipe recorded in {where} differs from what the plans and the "
-                f"environment say now:\n{lines}\nA resumed run keeps its recipe. To resume it unchanged, restore the "
-                f"plans / unset the variables (or set {recipe.OVERRIDE_ENV}='{keep}'); to change it on purpose "
-                f"(recorded in the checkpoint and the log), set {recipe.OVERRIDE_ENV}='{change}'; or start a new "
-                f"training under a plans name of its own (meddinov3 plan_and_preprocess --plans-name ... --recipe ...).")
-        structural = sorted(set(forced) & self.structural_keys)
-        if structural:
-            raise RecipeError(
-                f"{self.__class__.__name__}: {', '.join(structural)} cannot change in a resumed run ({where}): it "
-                f"decides which parameters the optimizer trains. Drop it from {recipe.OVERRIDE_ENV}, or start a new "
-                f"training under a plans name of its own (meddinov3 plan_and_preprocess --plans-name ... --recipe ...).")
-        values = {k: old_values.get(k, self.recipe_values[k]) for k in self.recipe_keys}
-        sources = {k: old_sources.get(k, self.recipe_sources[k]) if k in old_values else self.recipe_sources[k]
-                   for k in self.recipe_keys}
-        for key, (_, new) in forced.items():
-            values[key], sources[key] = new, recipe.OVERRIDE_ENV
-        self.check_defining_recipe(values, sources)
-        self.recipe_history = list(stored.get("history") or [])
-        if forced:
-            self.recipe_history.append({"epoch": epoch, "by": recipe.OVERRIDE_ENV,
-                                        "changed": {k: [old, new] for k, (old, new) in forced.items()}})
-        self.weights_record = stored.get("weights")
-        changed = values != self.recipe_values
-        self.set_recipe(values, sources)
-        self.print_to_log_file(f"Recipe restored from {where}" + (
-            f"; changed by {recipe.OVERRIDE_ENV}: " + ", ".join(f"{k} {o} -> {n}" for k, (o, n) in forced.items())
-            if forced else ""))
-        return changed
-
-
 class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
     """MedDINOv3 ViT-B/16 CT weights, multi-scale aggregation decoder (the paper's recipe)."""
 
@@ -251,12 +77,16 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
     weights_from_environment = True
     # The recipe's class defaults (see recipe.py for the keys).
     recipe_keys = tuple(recipe.KEYS)
-    structural_keys = frozenset({"freeze_encoder", "layer_decay"})
+    structural_keys = frozenset({"freeze_encoder", "layer_decay", "lora_rank", "lora_alpha", "lora_targets"})
     encoder_lr = recipe.ENCODER_LR
     decoder_lr = recipe.DECODER_LR
     weight_decay_default = recipe.WEIGHT_DECAY
     layer_decay = 1.0
     freeze_encoder = False
+    # LoRA (lora_rank > 0): the base encoder frozen, adapters trained at encoder_lr (see network/lora.py)
+    lora_rank = 0
+    lora_alpha = recipe.LORA_ALPHA
+    lora_targets = recipe.LORA_TARGETS
     warmup_epochs = 0
     num_epochs_default = 1000
     iterations_default = 250
@@ -274,13 +104,25 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
         return {**super().recipe_defaults(), "encoder_lr": cls.encoder_lr,
                 "decoder_lr": cls.decoder_lr, "weight_decay": cls.weight_decay_default,
                 "layer_decay": cls.layer_decay, "warmup_epochs": cls.warmup_epochs,
-                "freeze_encoder": cls.freeze_encoder}
+                "freeze_encoder": cls.freeze_encoder, "lora_rank": cls.lora_rank, "lora_alpha": cls.lora_alpha,
+                "lora_targets": cls.lora_targets}
+
+    def recipe_attributes(self) -> dict:
+        return {**super().recipe_attributes(), "encoder_lr": self.encoder_lr, "decoder_lr": self.decoder_lr,
+                "weight_decay": self.weight_decay, "layer_decay": self.layer_decay,
+                "warmup_epochs": self.warmup_epochs, "freeze_encoder": self.freeze_encoder,
+                "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets}
 
     def apply_recipe(self, values: dict) -> None:
         super().apply_recipe(values)
         self.encoder_lr, self.decoder_lr = values["encoder_lr"], values["decoder_lr"]
         self.weight_decay, self.layer_decay = values["weight_decay"], values["layer_decay"]
         self.warmup_epochs, self.freeze_encoder = values["warmup_epochs"], values["freeze_encoder"]
+        self.lora_rank, self.lora_alpha, self.lora_targets = values["lora_rank"], values["lora_alpha"], values["lora_targets"]
+        if self.lora_rank and self.freeze_encoder:
+            raise RecipeError(f"{self.__class__.__name__}: freeze_encoder=true trains the decoder only, lora_rank="
+                              f"{self.lora_rank} trains encoder adapters too; set one of them (freeze_encoder=false "
+                              f"or lora_rank=0)")
         self.initial_lr = self.decoder_lr  # what nnU-Net logs
 
     def after_checkpoint_loaded(self) -> None:
@@ -331,12 +173,20 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         # Called on the class by the predictor too: everything comes from the plans and the class.
-        return MedDINOv3Net(num_input_channels, num_output_channels, **cls.network_kwargs(configuration_manager))
+        network = MedDINOv3Net(num_input_channels, num_output_channels, **cls.network_kwargs(configuration_manager))
+        # the predictor builds it without adapters: a LoRA checkpoint's adapters are merged as it loads
+        return lora.merge_adapters_on_load(network)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # MedDINOv3Net has a single full-resolution output
 
     def configure_optimizers(self):
+        if self.lora_rank:  # before the groups (only adapters train) and before DDP wraps the network
+            encoder = unwrap(self.network).encoder
+            lora.add_lora(encoder, self.lora_rank, self.lora_alpha, self.lora_targets)
+            counts = lora.parameter_counts(encoder)
+            self.print_to_log_file(f"LoRA: {encoder.lora.extra_repr()}; base encoder frozen, {counts['trainable']:,} of "
+                                   f"{counts['total']:,} encoder parameters train (the adapters)")
         groups = parameter_groups(unwrap(self.network), encoder_lr=self.encoder_lr, decoder_lr=self.decoder_lr,
                                   weight_decay=self.weight_decay, layer_decay=self.layer_decay,
                                   freeze_encoder=self.freeze_encoder)
@@ -364,7 +214,8 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
                 f"{self.__class__.__name__} fine-tunes pretrained weights, but they were not found.\n{e}\n"
                 f"Set {WEIGHTS_ENV} to a checkpoint path or registry name (`meddinov3 weights list`), or "
                 f"train from scratch with -tr nnUNetTrainerMedDINOv3_Scratch.") from None
-        layout = load_encoder_weights(unwrap(self.network).encoder, path)
+        with lora.plain_view(unwrap(self.network).encoder) as encoder:  # into the base layers of adapters
+            layout = load_encoder_weights(encoder, path)
         self.weights_record = describe_weights(requested, origin, path, layout)
         self.store_recipe_record()
         self.print_to_log_file(f"Encoder weights: {path} (layout {layout})")
@@ -432,6 +283,18 @@ class nnUNetTrainerMedDINOv3_FrozenEncoder(nnUNetTrainerMedDINOv3):
     freeze_encoder = True
     defining_recipe = {"freeze_encoder": (lambda frozen: frozen is True, "a frozen encoder (freeze_encoder=true)",
                                          "-tr nnUNetTrainerMedDINOv3 for a fine-tuned encoder")}
+
+
+class nnUNetTrainerMedDINOv3_LoRA(nnUNetTrainerMedDINOv3):
+    """LoRA fine-tuning: the pretrained encoder frozen, rank-8 adapters on its attention layers
+    (``lora_targets``, scaled by lora_alpha / lora_rank) trained at encoder_lr, and the decoder. Needs
+    peft (``pip install 'nnunet-meddinov3[lora]'``). The checkpoint holds the base weights unchanged
+    and the adapters apart; ``meddinov3 weights merge-lora`` writes the merged encoder."""
+
+    lora_rank = 8
+    encoder_lr = 3e-4  # adapters start at B = 0 and, like the decoder, learn from scratch
+    defining_recipe = {"lora_rank": (lambda rank: rank > 0, "LoRA adapters (lora_rank > 0)",
+                                     "-tr nnUNetTrainerMedDINOv3 to fine-tune the whole encoder")}
 
 
 class nnUNetTrainerMedDINOv3_LLRD(nnUNetTrainerMedDINOv3):

@@ -52,21 +52,20 @@ def _console_script() -> list[str]:
 def test_tiny_bench_via_console_script(tmp_path, standin):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "MEDDINOV3_REFERENCE_REPO"}
+    # each configuration is a worker process that imports torch and nnU-Net: a decoder without a reference
+    # (bottleneck) is left to the interleaved run below, which has all of them in one process
     proc = subprocess.run([*_console_script(), "bench", *TINY, "--device", "cpu", "--decoders", "multiscale",
-                           "bottleneck", "--reference-repo", str(standin), "-o", str(out)],
+                           "--reference-repo", str(standin), "-o", str(out)],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "no reference configuration for the bottleneck decoder" in proc.stderr
     assert "nnU-Net PlainConvUNet" in proc.stdout and "reference tiny+multiscale" in proc.stdout
     assert "x ref" in proc.stdout
 
     report = json.loads(out.read_text())
     results = report["results"]
     # per patch: the baseline, then per encoder x decoder ours followed by the reference of that decoder
-    # (the reference has no bottleneck decoder)
-    assert [r["label"] for r in results] == ["nnU-Net PlainConvUNet", "tiny+multiscale", "reference tiny+multiscale",
-                                             "tiny+bottleneck"]
-    assert [r["config"]["network"] for r in results] == [BASELINE, OURS, REFERENCE, OURS]
+    assert [r["label"] for r in results] == ["nnU-Net PlainConvUNet", "tiny+multiscale", "reference tiny+multiscale"]
+    assert [r["config"]["network"] for r in results] == [BASELINE, OURS, REFERENCE]
     for r in results:
         assert "error" not in r, r.get("error")
         assert r["parameters"] > 0
@@ -79,7 +78,7 @@ def test_tiny_bench_via_console_script(tmp_path, standin):
             assert "grad_scaler" not in r[phase]  # the reference's GradScaler is CUDA only
         # a training step (forward + backward) costs more FLOPs than a forward
         assert r["training"]["flops_per_step"] > r["inference"]["flops_per_step"]
-    baseline, ours, reference, bottleneck = results
+    baseline, ours, reference = results
     assert reference["config"]["reference_repo"] == str(standin / REFERENCE_PACKAGE_PARENT)
     assert "ratios_to_baseline" not in baseline
     for r in results[1:]:
@@ -93,7 +92,7 @@ def test_tiny_bench_via_console_script(tmp_path, standin):
         ours["training"]["images_per_s"] / reference["training"]["images_per_s"])
     assert ratios["training_step_time"] == pytest.approx(1 / ratios["training_throughput"])
     assert ratios["inference_throughput"] > 0
-    for r in (baseline, reference, bottleneck):
+    for r in (baseline, reference):
         assert "ratios_to_reference" not in r
     assert report["meta"]["device"] == "cpu" and report["meta"]["complete"] is True
     assert "loss" in report["meta"]["method"] and "reference" in report["meta"]["method"]
@@ -101,19 +100,24 @@ def test_tiny_bench_via_console_script(tmp_path, standin):
 
 
 def test_interleaved_bench_times_all_training_steps_in_one_process(tmp_path, standin):
-    """--interleave: round-robin training steps; --plain-decoder-too adds ours with the decoder's plain path."""
+    """--interleave: round-robin training steps; --plain-decoder-too adds ours with the decoder's plain path;
+    a decoder the reference does not have (bottleneck) is measured, with a note and without a reference."""
     out = tmp_path / "interleaved.json"
     env = {k: v for k, v in os.environ.items() if k != "MEDDINOV3_REFERENCE_REPO"}
     proc = subprocess.run([*_console_script(), "bench", *TINY, "--device", "cpu", "--dtype", "fp32",
-                           "--decoders", "multiscale", "--interleave", "--plain-decoder-too",
+                           "--decoders", "multiscale", "bottleneck", "--interleave", "--plain-decoder-too",
                            "--reference-repo", str(standin), "-o", str(out)],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "round 3/3" in proc.stderr  # 1 warm-up + 2 timed rounds
+    assert "no reference configuration for the bottleneck decoder" in proc.stderr
     report = json.loads(out.read_text())
     results = report["results"]
+    # ours followed by the reference of that decoder; the reference has no bottleneck decoder
     assert [r["label"] for r in results] == ["nnU-Net PlainConvUNet", "tiny+multiscale",
-                                             "tiny+multiscale plain-decoder", "reference tiny+multiscale"]
+                                             "tiny+multiscale plain-decoder", "reference tiny+multiscale",
+                                             "tiny+bottleneck", "tiny+bottleneck plain-decoder"]
+    assert [r["config"]["network"] for r in results] == [BASELINE, OURS, OURS, REFERENCE, OURS, OURS]
     for r in results:
         assert "error" not in r, r.get("error")
         assert r["interleaved"] is True and "inference" not in r
@@ -123,6 +127,8 @@ def test_interleaved_bench_times_all_training_steps_in_one_process(tmp_path, sta
     for r in (ours, plain):
         assert r["ratios_to_reference"]["training_step_time"] == pytest.approx(
             r["training"]["median_step_s"] / results[3]["training"]["median_step_s"])
+    for r in results[4:]:
+        assert "ratios_to_reference" not in r and r["ratios_to_baseline"]["training_throughput"] > 0
     assert "interleaved" in report["meta"]["method"] and report["meta"]["complete"] is True
     assert "median training step (s):" in proc.stdout
     assert "tiny+multiscale plain-decoder:" in proc.stdout and "x the reference's" in proc.stdout

@@ -3,9 +3,9 @@
 The stock commands must find our trainer through nnU-Net's own nnUNet_extTrainer lookup, train,
 resume with --c, and predict with the pretrained weights file deleted.
 """
+import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -23,27 +23,29 @@ TINY = "nnUNetTrainerMedDINOv3_Tiny"
 SHORT = "epochs={epochs} iterations=2 val_iterations=1"  # a recipe short enough for a test
 
 
-from e2e_helpers import isolated_nnunet_env, run  # noqa: E402  (shared by the e2e tests; see tests/e2e_helpers.py)
+from e2e_helpers import run  # noqa: E402  (shared by the e2e tests; see tests/e2e_helpers.py)
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, fixtures):
-    root = tmp_path_factory.mktemp("nnunet")
-    from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
-    raw = write_nnunet_raw_dataset(root / "raw", DATASET, num_train=6, num_test=2, shape=(5, 64, 64))
+def workspace(stock_planned_ct, fixtures):
+    # the session's stock-planned dataset (tests/conftest.py); this module owns its folder
+    root, raw = stock_planned_ct["root"], stock_planned_ct["raw"]
+    assert stock_planned_ct["id"] == DATASET
     weights = root / "tiny_weights.pth"
     shutil.copy(fixtures / "meddino_tiny_teacher.pth", weights)
-    env = isolated_nnunet_env(root, nnUNet_n_proc_DA="1", MEDDINOV3_CACHE=str(root / "cache"),
-                              MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=2))
+    env = dict(stock_planned_ct["env"], nnUNet_n_proc_DA="1", MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=2))
     exported = run(["meddinov3", "env", "--export"], env, root).stdout.strip()
     assert exported.startswith("export nnUNet_extTrainer=")
     env["nnUNet_extTrainer"] = exported.split("=", 1)[1].strip("'")
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET), "-c", "2d", "-np", "1"], env, root)
     # with activation checkpointing, so the 2d_highres training below runs it through nnU-Net for real
     # with a recipe in the plans (the trainings on these plans run without the environment override)
     run(["meddinov3", "plan_and_preprocess", "-d", str(DATASET), "--target-patch", "128", "--grad-checkpointing",
          "-np", "1", "--recipe", *SHORT.format(epochs=1).split()], env, root)
     return {"root": root, "raw": raw, "env": env, "weights": weights}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def results_folder(ws, plans, config="2d"):
@@ -98,6 +100,8 @@ def test_train_on_stock_plans_resume_and_predict_without_weights(workspace):
     run(["nnUNetv2_predict", "-i", str(ws["raw"] / "imagesTs"), "-o", str(pred), "-d", str(DATASET), "-c", "2d",
          "-tr", TINY, "-f", "0", "-device", "cpu"], env, ws["root"])
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["case_006.nii.gz", "case_007.nii.gz"]
+    # the model-selection test compares its installed model's predictions with these
+    ws["stock_predictions"] = (pred, _sha256(fold / "checkpoint_final.pth"))
     run(["nnUNetv2_evaluate_folder", str(ws["raw"] / "labelsTs"), str(pred), "-djfile",
          str(ws["raw"] / "dataset.json"), "-pfile", str(pred / "plans.json")], env, ws["root"])
     summary = json.loads((pred / "summary.json").read_text())
@@ -118,7 +122,9 @@ def test_nnunet_model_selection_ensembling_and_zip_export_take_our_trainer(works
     run(["nnUNetv2_train", str(DATASET), "2d", "0", "-tr", TINY, "--val", "--npz", "-device", "cpu"], env, ws["root"])
     assert list((fold / "validation").glob("*.npz"))
     baseline = "nnUNetTrainerShortSchedule"
-    run(["nnUNetv2_train", str(DATASET), "2d", "0", "-tr", baseline, "--npz", "-device", "cpu"], env, ws["root"])
+    # one epoch is enough for a model to ensemble with
+    run(["nnUNetv2_train", str(DATASET), "2d", "0", "-tr", baseline, "--npz", "-device", "cpu"],
+        dict(env, MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=1)), ws["root"])
 
     best = run(["nnUNetv2_find_best_configuration", str(DATASET), "-c", "2d", "-tr", baseline, TINY, "-f", "0",
                 "-np", "1"], env, ws["root"]).stdout
@@ -135,8 +141,12 @@ def test_nnunet_model_selection_ensembling_and_zip_export_take_our_trainer(works
     predictions = {}
     for name, environment in (("original", env), ("installed", installed)):
         out = tmp_path / name
-        run(["nnUNetv2_predict", "-i", str(ws["raw"] / "imagesTs"), "-o", str(out), "-d", str(DATASET), "-c", "2d",
-             "-tr", TINY, "-f", "0", "-device", "cpu"], environment, ws["root"])
+        earlier, digest = ws.get("stock_predictions", (None, None))
+        if name == "original" and digest == _sha256(fold / "checkpoint_final.pth"):
+            out = earlier  # test_train_on_stock_plans predicted with this very checkpoint already
+        else:
+            run(["nnUNetv2_predict", "-i", str(ws["raw"] / "imagesTs"), "-o", str(out), "-d", str(DATASET), "-c",
+                 "2d", "-tr", TINY, "-f", "0", "-device", "cpu"], environment, ws["root"])
         predictions[name] = {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in out.glob("*.nii.gz")}
     assert sorted(predictions["installed"]) == ["case_006.nii.gz", "case_007.nii.gz"]
     for case, labels in predictions["original"].items():

@@ -74,10 +74,13 @@ def _write(array: np.ndarray, path: Path, spacing_xyz, image_io: str) -> None:
 
 def write_nnunet_raw_dataset(raw_folder: str | Path, dataset_id: int = 501, name: str = "SyntheticCT",
                              num_train: int = 12, num_test: int = 4, shape=(12, 96, 96),
-                             spacing_xyz=(0.8, 0.8, 2.5), seed: int = 0, image_io: str = "SimpleITKIO") -> Path:
+                             spacing_xyz=(0.8, 0.8, 2.5), seed: int = 0, image_io: str = "SimpleITKIO",
+                             make_case=synthetic_case, labels: dict | None = None, module: str = __name__) -> Path:
     """Write ``DatasetXXX_Name`` (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json); returns it.
     ``image_io="NibabelIO"`` writes with nibabel and tells nnU-Net to read with its NibabelIO (for a machine
-    without SimpleITK)."""
+    without SimpleITK). ``make_case(rng, shape)`` makes each (image, label) pair and ``labels`` names its classes
+    (default: this module's abdomen); another generator (``synthetic_thorax``) passes its own, and its
+    ``module`` name for the description."""
     if image_io not in IMAGE_IO:
         raise ValueError(f"image_io must be one of {', '.join(IMAGE_IO)}, not {image_io!r}")
     folder = Path(raw_folder) / f"Dataset{dataset_id:03d}_{name}"
@@ -85,15 +88,15 @@ def write_nnunet_raw_dataset(raw_folder: str | Path, dataset_id: int = 501, name
         (folder / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(num_train + num_test):
-        image, label = synthetic_case(rng, shape)
+        image, label = make_case(rng, shape)
         split = "Tr" if i < num_train else "Ts"
         case = f"case_{i:03d}"
         _write(image.round().astype(np.int16), folder / f"images{split}" / f"{case}_0000.nii.gz", spacing_xyz,
                image_io)
         _write(label, folder / f"labels{split}" / f"{case}.nii.gz", spacing_xyz, image_io)
-    dataset_json = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": num_train,
-                    "file_ending": ".nii.gz", "name": name,
-                    "description": "synthetic CT-like volumes written by nnunet_meddinov3.data.synthetic_ct"}
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": LABELS if labels is None else labels,
+                    "numTraining": num_train, "file_ending": ".nii.gz", "name": name,
+                    "description": f"synthetic CT-like volumes written by {module}"}
     if image_io != "SimpleITKIO":
         dataset_json["overwrite_image_reader_writer"] = image_io
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))

@@ -32,7 +32,7 @@ def _env():
 def _torchrun(data_root, run, *overrides):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "pretrain", "train", "--config", "tiny_stage1", "--data", str(data_root), "--output", str(run),
-               "train.iterations=4", "train.checkpoint_every=2", "optim.global_batch_size=16",
+               "train.iterations=4", "train.checkpoint_every=2", "data.batch_size=4", "optim.global_batch_size=16",
                # KoLeo neighbours across both ranks: its backward all-reduce runs inside DDP's/FSDP's
                "loss.koleo_group_size=8", *overrides]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)

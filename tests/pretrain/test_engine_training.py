@@ -70,11 +70,11 @@ def test_tiny_recipe_learns_on_textures(tmp_path):
 def test_tiny_recipe_learns_on_the_demo_phantoms(tmp_path):
     """The demo's own data and intensities: its 16 training volumes (``meddinov3 demo``'s generator and
     seed) less fold 0's validation cases, normalised as nnU-Net's CTNormalization does (foreground
-    percentiles 0.5/99.5, mean, std). In 800 iterations the DINO loss leaves ln K and the head's logit
-    spread grows, and the default monitors let the run finish. Measured: DINO 5.451 in the last 100
-    iterations (ln K = 5.545), logit spread 0.013 -> 0.032; with the demo's nnU-Net plans, seeds 0, 1,
-    2: 5.370 / 5.404 / 5.477. Before this recipe (teacher 0.04, 3-layer heads, flips, CT windowing) it
-    stayed at 5.5452 with the spread falling below 0.001."""
+    percentiles 0.5/99.5, mean, std). In 500 iterations the DINO loss leaves ln K and the head's logit
+    spread grows, and the default monitors let the run finish. Measured with the demo's nnU-Net plans
+    (seed 0, 43 CPU s on one thread): DINO 5.298 in the last 100 iterations (ln K = 5.545), logit
+    spread 0.015 -> 0.061. The batch-4 recipe before it stayed at ln K on other data (the thorax of
+    pretrain/README.md, "Does it learn?")."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -90,7 +90,7 @@ def test_tiny_recipe_learns_on_the_demo_phantoms(tmp_path):
         f"data.roots=[{raw}]", f"data.cache_dir={tmp_path / 'cache'}", f"data.exclude_test_images_of=[{raw}]",
         "data.exclude_case_ids=[case_000, case_007, case_008, case_011]",
         f"data.intensity.window=[{low}, {high}]", f"data.intensity.mean={foreground.mean()}",
-        f"data.intensity.std={foreground.std()}", "train.iterations=800", "train.checkpoint_every=0"])
+        f"data.intensity.std={foreground.std()}", "train.iterations=500", "train.checkpoint_every=0"])
     result = train(config, tmp_path / "run")
     assert result.status == FINISHED, result.message
     metrics = read_metrics(tmp_path / "run")
@@ -99,7 +99,7 @@ def test_tiny_recipe_learns_on_the_demo_phantoms(tmp_path):
         return sum(m[key] for m in part) / len(part)
 
     first, last = metrics[:100], metrics[-100:]
-    assert mean("dino_loss", last) < math.log(256) - 0.03, mean("dino_loss", last)
+    assert mean("dino_loss", last) < math.log(256) - 0.1, mean("dino_loss", last)
     assert mean("teacher_logit_std", last) > 1.5 * mean("teacher_logit_std", first)
 
 
@@ -273,6 +273,6 @@ def test_loss_plot_drawn_once_per_occasion_and_resume_names_changed_settings(dat
 def test_a_koleo_group_that_splits_a_batch_stops_before_training(data, tmp_path):
     from pretrain.configs import ConfigError
 
-    with pytest.raises(ConfigError, match=r"loss.koleo_group_size: .*divide the per-rank batch 4"):
+    with pytest.raises(ConfigError, match=r"loss.koleo_group_size: .*divide the per-rank batch 8"):
         train(tiny(data, "train.iterations=2", "loss.koleo_group_size=3"), tmp_path / "run")
     assert not list_checkpoints(tmp_path / "run")  # nothing written, nothing lost

@@ -80,6 +80,8 @@ def test_named_configs_and_feature_layers():
     assert default_feature_layers(12) == (2, 5, 8, 11)
     assert default_feature_layers(24) == (5, 11, 17, 23)
     assert default_feature_layers(4) == (0, 1, 2, 3)
+    # shallower than 4 blocks: each block once (timm returns a repeated index once; round(0.5) = 0)
+    assert [default_feature_layers(d) for d in (1, 2, 3)] == [(0,), (0, 1), (0, 1, 2)]
     for name in ("vits16", "vitb16", "vitl16", "tiny", "meddinov3_vitb16"):
         assert name in ENCODER_CONFIGS
     med = ENCODER_CONFIGS["meddinov3_vitb16"]

@@ -70,6 +70,8 @@ def test_invalid_hyperparameters_are_explained():
         MedDINOv3Net(1, 2, encoder="tiny", decoder="unet")
     with pytest.raises(ValueError, match="out of range"):
         MedDINOv3Net(1, 2, encoder="tiny", feature_layers=[7])
+    with pytest.raises(ValueError, match="repeat a block"):
+        MedDINOv3Net(1, 2, encoder="tiny", feature_layers=[1, 1, 3])
 
 
 def test_network_is_built_from_hyperparameters_only():

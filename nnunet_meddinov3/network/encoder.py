@@ -140,8 +140,11 @@ def resolve_encoder_config(name_or_config: str | EncoderConfig | dict, **overrid
 
 
 def default_feature_layers(depth: int, n: int = 4) -> tuple[int, ...]:
-    """Evenly spaced blocks ending at the last one: (2, 5, 8, 11) for depth 12, as in the paper."""
-    return tuple(round((i + 1) * depth / n) - 1 for i in range(n))
+    """Evenly spaced blocks ending at the last one: (2, 5, 8, 11) for depth 12, as in the paper; every
+    block where the depth is below ``n`` (depth 2: (0, 1)), since timm returns a block repeated in
+    ``indices`` only once and the decoder's width is set by the number of layers."""
+    # round() halves to even: without the clamp round(0.5) - 1 would be block -1 for depth 2
+    return tuple(dict.fromkeys(max(round((i + 1) * depth / n) - 1, 0) for i in range(n)))
 
 
 def reference_rope_periods(config: EncoderConfig) -> torch.Tensor:

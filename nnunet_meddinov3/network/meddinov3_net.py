@@ -59,6 +59,8 @@ class MedDINOv3Net(nn.Module):
         self.feature_layers = tuple(int(i) for i in feature_layers)
         if not all(0 <= i < config.depth for i in self.feature_layers):
             raise ValueError(f"feature_layers {self.feature_layers} out of range for depth {config.depth}")
+        if len(set(self.feature_layers)) != len(self.feature_layers):  # timm returns a repeated block once
+            raise ValueError(f"feature_layers {self.feature_layers} repeat a block; name each block once")
         self.decoder = DECODERS[decoder](config.embed_dim, len(self.feature_layers), num_classes)
         self.autocast_dtype = _AUTOCAST_DTYPES[autocast_dtype]
         self.num_classes = num_classes

@@ -29,19 +29,33 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
+@pytest.fixture(scope="module")
+def slice_cache(data_root, tmp_path_factory):
+    """The slice cache, built once by `python -m pretrain cache`: the torchrun runs below then start
+    from a complete cache instead of each building it on both ranks (spawned workers importing torch
+    made that 4 processes on 2 busy cores, and the run overran its timeout)."""
+    cache = tmp_path_factory.mktemp("slice_cache")
+    command = [sys.executable, "-m", "pretrain", "cache", "--config", "tiny_stage1", "--data", str(data_root),
+               "--cache-dir", str(cache), "--workers", "1"]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return cache
+
+
 def _torchrun(data_root, run, *overrides):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "pretrain", "train", "--config", "tiny_stage1", "--data", str(data_root), "--output", str(run),
                "train.iterations=4", "train.checkpoint_every=2", "data.batch_size=4", "optim.global_batch_size=16",
                # KoLeo neighbours across both ranks: its backward all-reduce runs inside DDP's/FSDP's
                "loss.koleo_group_size=8", *overrides]
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def test_torchrun_two_processes_gloo_ddp_and_fsdp(data_root, tmp_path):
+def test_torchrun_two_processes_gloo_ddp_and_fsdp(data_root, slice_cache, tmp_path):
+    cache = f"data.cache_dir={slice_cache}"
     run = tmp_path / "ddp"
-    _torchrun(data_root, run)
+    _torchrun(data_root, run, cache)
     status = read_run_status(run)
     # 2 processes x batch 4, accumulated twice to the global batch of 16
     assert status["status"] == FINISHED and status["processes"] == 2 and status["accumulation"] == 2
@@ -54,7 +68,7 @@ def test_torchrun_two_processes_gloo_ddp_and_fsdp(data_root, tmp_path):
     assert [m["iteration"] for m in read_metrics(run)] == [1, 2, 3, 4]  # rank 0 alone writes the log
 
     # FSDP2 (fully_shard) computes the same step: the gathered checkpoints agree
-    _torchrun(data_root, tmp_path / "fsdp", "train.parallel=fsdp")
+    _torchrun(data_root, tmp_path / "fsdp", "train.parallel=fsdp", cache)
     sharded = read_training_checkpoint(tmp_path / "fsdp")
     for key, value in state["teacher"].items():
         torch.testing.assert_close(sharded["teacher"][key], value, rtol=1e-4, atol=1e-5)

@@ -11,8 +11,8 @@
 #   2. The multiscale network and the reference compiled whole (--compile network), as nnU-Net's
 #      trainers run on CUDA by default (nnUNet_compile); compiling is the cost of this step, so it is
 #      bounded by a timeout and may be cut short.       -> bench_vitb16_896_compile.{json,txt}
-#   3. The compiled multiscale network at batch 8 (the planner's batch for `--gpu-memory-gb 25`; its memory
-#      model says 24.4 GB): MFU at a batch that amortises the launch overheads of 3141-token GEMMs.
+#   3. The compiled multiscale network at batch 8 (the planner's batch for `--gpu-memory-gb 26`; its memory
+#      model says 25.4 GB): MFU at a batch that amortises the launch overheads of 3141-token GEMMs.
 #                                                       -> bench_vitb16_896_compile_b8.{json,txt}
 #
 # Results go to $OUT when set (the device tool's folder), else ./bench_out. BENCH_STEPS="1 3" runs only those

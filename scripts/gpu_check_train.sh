@@ -113,10 +113,10 @@ PREDICT_IN="$nnUNet_raw/predict/Dataset${DATASET}_GpuCheckTrain/imagesTr"
 # as the README's workflow: nnU-Net finds our trainers through nnUNet_extTrainer
 eval "$("$PY" -m nnunet_meddinov3.cli.main env --export)" || exit 3
 
-# 25 GB plans batch 8 at 896 for this dataset: the batch of scripts/gpu_check_bench.sh's step 3, so that an epoch
+# 26 GB plans batch 8 at 896 for this dataset (the memory model says 25.4 GB): the batch of scripts/gpu_check_bench.sh's step 3, so that an epoch
 # compares with the bench's steps
 timed plan_meddinov3 "$PY" -m nnunet_meddinov3.cli.main plan_and_preprocess -d "$DATASET" --vit "$VIT" \
-    --target-patch "$TARGET_PATCH" --gpu-memory-gb "${GPU_MEMORY_GB:-25}" || exit 4
+    --target-patch "$TARGET_PATCH" --gpu-memory-gb "${GPU_MEMORY_GB:-26}" || exit 4
 timed plan_stock nnunet plan -d "$DATASET" -c 2d || exit 4
 "$PY" - "$nnUNet_preprocessed/Dataset${DATASET}_GpuCheckTrain/nnUNetPlansMedDINOv3.json" "$SUMMARY" <<'EOF'
 import json, sys

@@ -66,6 +66,32 @@ def test_planner_with_activation_checkpointing_fits_bigger_batches(tmp_path, mon
     assert plans["configurations"]["2d"]["patch_size"] == [64, 64]
 
 
+def test_lora_frees_the_encoders_gradient_and_optimiser_memory():
+    full = estimate_training_memory_gb("vitl16", "multiscale", (896, 896), 2, 14)
+    lora = estimate_training_memory_gb("vitl16", "multiscale", (896, 896), 2, 14, lora_rank=8)
+    # 12 of the 16 bytes of each of ViT-L's ~302 M encoder parameters: grads and two AdamW moments
+    assert 3.0 < full - lora < 3.8
+
+
+def test_planner_switches_checkpointing_on_and_warns_when_the_encoder_does_not_fit(tmp_path, monkeypatch, capsys):
+    planner = _planner_for_a_tiny_dataset(tmp_path, monkeypatch, gpu_memory_gb=8)
+    capsys.readouterr()
+    planner.encoder = "vitb16"  # batch 2 at 896 fits 8 GB as it is: nothing changes
+    assert planner.fit_memory("2d_highres", [896, 896], 1e12) == (2, False)
+    assert capsys.readouterr().out == ""
+    planner.encoder = "vitl16"  # ~15.5 GB at batch 2 without checkpointing, ~11.1 GB with it
+    assert planner.fit_memory("2d_highres", [896, 896], 1e12) == (2, True)
+    out = capsys.readouterr().out
+    assert "activation checkpointing on" in out
+    assert "WARNING: 2d_highres" in out and "--recipe lora_rank=8" in out and "--gpu-memory-gb" in out
+    planner.fine_tuning_recipe = {"lora_rank": 8}  # frozen ViT-L, checkpointed: ~7.5 GB
+    assert planner.fit_memory("2d_highres", [896, 896], 1e12) == (2, True)
+    assert "WARNING" not in capsys.readouterr().out
+    planner.UNet_vram_target_GB = 80  # a big GPU: no checkpointing, a bigger batch
+    batch, checkpointing = planner.fit_memory("2d_highres", [896, 896], 1e12)
+    assert not checkpointing and batch > 8
+
+
 def test_plan_options_are_checked_before_anything_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
     proc = meddinov3(["plan_and_preprocess", "-d", "1", "--target-patch", "900"], env, tmp_path)

@@ -37,21 +37,25 @@ def round_up(value: float, multiple: int = PATCH_SIZE) -> int:
 
 
 def estimate_training_memory_gb(encoder: str, decoder: str, patch_size, batch_size: int, num_classes: int,
-                                in_channels: int = 1, grad_checkpointing: bool = False) -> float:
-    """Rough peak GPU memory of one bf16 training step with AdamW (fp32 master weights + 2 moments).
+                                in_channels: int = 1, grad_checkpointing: bool = False, lora_rank: int = 0) -> float:
+    """Rough peak GPU memory of one bf16 training step with AdamW (fp32 master weights + 2 moments;
+    with ``lora_rank`` the frozen encoder keeps only its fp32 weights).
 
-    Activations saved for backward, per image: ~18 tensors of N x D per transformer block (norms,
-    qkv, attention output with a fused kernel, the 4x MLP) and ~3 per decoder stage (transposed
-    conv output, its LayerNorm, GELU), all bf16; logits and loss in fp32. With activation
-    checkpointing the blocks keep only their fp32 inputs, plus one block's activations while it is
-    recomputed. Calibrate with ``meddinov3 bench``; the planner only needs the right order of magnitude.
+    Activations saved for backward, per image: per transformer block 15 tensors of N x D (norms,
+    qkv, attention output with a fused kernel, residuals, stochastic-depth scaling) plus 2 (GELU MLP)
+    or 4 (SwiGLU) of N x hidden (counted with autograd's saved-tensor hooks: 23.4 N x D for ViT-B,
+    23.2 for L, 31.4 for S+; benchmark/RESULTS.md, "Memory per image"), and ~3 per decoder stage (transposed conv output, its
+    LayerNorm, GELU), all bf16; logits and loss in fp32. With activation checkpointing the blocks keep
+    only their fp32 inputs, plus one block's activations while it is recomputed. The planner only needs
+    the right order of magnitude.
     """
     cfg = resolve_encoder_config(encoder)
     h, w = (round_up(s) for s in patch_size)
     tokens = (h // PATCH_SIZE) * (w // PATCH_SIZE) + 1 + cfg.n_storage_tokens
     n_layers = 1 if decoder == "single" else len(default_feature_layers(cfg.depth))
     bytes_bf16 = 2
-    saved_tensors = cfg.depth * 2 + 18 if grad_checkpointing else cfg.depth * 18  # of N x D each
+    per_block = 15 + (4 if cfg.gated_ffn else 2) * cfg.ffn_hidden_features / cfg.embed_dim  # of N x D each
+    saved_tensors = cfg.depth * 2 + per_block if grad_checkpointing else cfg.depth * per_block
     encoder_act = saved_tensors * tokens * cfg.embed_dim * bytes_bf16
     channels = cfg.embed_dim * (n_layers if decoder == "multiscale" else 1)
     decoder_act, size = 0, (h // PATCH_SIZE) * (w // PATCH_SIZE)
@@ -64,7 +68,11 @@ def estimate_training_memory_gb(encoder: str, decoder: str, patch_size, batch_si
     enc_params = cfg.depth * (4 * cfg.embed_dim + (3 if cfg.gated_ffn else 2) * cfg.ffn_hidden_features) * cfg.embed_dim
     dec_in = cfg.embed_dim * (n_layers if decoder == "multiscale" else 1)
     dec_params = sum((dec_in >> i) * (dec_in >> (i + 1)) * 4 for i in range(4))
-    state = (enc_params + dec_params) * 16  # fp32 weights, grads, two AdamW moments
+    if lora_rank:  # frozen fp32 weights; adapters on qkv and proj (the default targets) train
+        adapters = cfg.depth * lora_rank * (4 * cfg.embed_dim + 2 * cfg.embed_dim)
+        state = enc_params * 4 + (adapters + dec_params) * 16
+    else:
+        state = (enc_params + dec_params) * 16  # fp32 weights, grads, two AdamW moments
     return (state + batch_size * per_image) / 1024 ** 3 + 0.5  # + CUDA context / allocator slack
 
 
@@ -89,26 +97,56 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
 
-    def architecture(self) -> dict:
+    def architecture(self, grad_checkpointing: bool | None = None) -> dict:
         return {
             "network_class_name": NETWORK_CLASS_NAME,
             "arch_kwargs": {"encoder": self.encoder, "decoder": self.decoder, "feature_layers": None,
                             "drop_path_rate": self.drop_path_rate, "autocast_dtype": "bf16",
-                            "grad_checkpointing": self.grad_checkpointing},
+                            "grad_checkpointing": self.grad_checkpointing if grad_checkpointing is None
+                            else grad_checkpointing},
             "_kw_requires_import": [],
         }
 
-    def vit_batch_size(self, patch_size, n_voxels_dataset: float) -> int:
-        num_classes = len(self.dataset_json["labels"])
-        channels = len(self.dataset_json["channel_names"])
+    def _memory_gb(self, patch_size, batch: int, grad_checkpointing: bool) -> float:
+        return estimate_training_memory_gb(
+            self.encoder, self.decoder, patch_size, batch, len(self.dataset_json["labels"]),
+            len(self.dataset_json["channel_names"]), grad_checkpointing,
+            int(self.fine_tuning_recipe.get("lora_rank", 0)))
+
+    def vit_batch_size(self, patch_size, n_voxels_dataset: float, grad_checkpointing: bool | None = None) -> int:
+        checkpointing = self.grad_checkpointing if grad_checkpointing is None else grad_checkpointing
         batch = self.min_batch_size
-        while (batch < self.max_batch_size and estimate_training_memory_gb(
-                self.encoder, self.decoder, patch_size, batch + 1, num_classes, channels,
-                self.grad_checkpointing) <= self.UNet_vram_target_GB):
+        while (batch < self.max_batch_size and
+               self._memory_gb(patch_size, batch + 1, checkpointing) <= self.UNet_vram_target_GB):
             batch += 1
         # nnU-Net's overfitting guard: a batch covers at most 5% of the dataset
         cap = round(n_voxels_dataset * self.max_dataset_covered / np.prod(patch_size, dtype=np.float64))
         return int(max(min(batch, cap), self.min_batch_size))
+
+    def fit_memory(self, name: str, patch_size, n_voxels_dataset: float) -> tuple[int, bool]:
+        """Batch size and activation checkpointing for one configuration. Checkpointing is switched on
+        when the smallest batch does not fit the memory target without it (it changes compute, not
+        results); if even that does not fit, the plan keeps the smallest batch and says what would."""
+        checkpointing = self.grad_checkpointing
+        if not checkpointing and self._memory_gb(patch_size, self.min_batch_size, False) > self.UNet_vram_target_GB:
+            checkpointing = True
+            print(f"{name}: activation checkpointing on, since batch {self.min_batch_size} of {self.encoder} at "
+                  f"{list(patch_size)} needs ~{self._memory_gb(patch_size, self.min_batch_size, False):.1f} GB "
+                  f"without it (target {self.UNet_vram_target_GB:g} GB)")
+        need = self._memory_gb(patch_size, self.min_batch_size, checkpointing)
+        if need > self.UNet_vram_target_GB:
+            lora = int(self.fine_tuning_recipe.get("lora_rank", 0))
+            levers = ["--gpu-memory-gb with your GPU's memory"]
+            if not lora:
+                lora_need = estimate_training_memory_gb(
+                    self.encoder, self.decoder, patch_size, self.min_batch_size, len(self.dataset_json["labels"]),
+                    len(self.dataset_json["channel_names"]), True, 8)
+                levers.append(f"--recipe lora_rank=8 (frozen encoder: ~{lora_need:.1f} GB)")
+            levers.append("a smaller --target-patch or --vit")
+            print(f"WARNING: {name}: batch {self.min_batch_size} of {self.encoder} at {list(patch_size)} needs "
+                  f"~{need:.1f} GB of GPU memory, above the target of {self.UNet_vram_target_GB:g} GB; levers: "
+                  f"{'; '.join(levers)}")
+        return self.vit_batch_size(patch_size, n_voxels_dataset, checkpointing), checkpointing
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
                                     _cache) -> dict:
@@ -122,8 +160,8 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
                 f"{PATCH_SIZE}-pixel patches (need at least {2 * PATCH_SIZE} per side). Use the stock nnU-Net "
                 f"configurations for this dataset (nnUNetv2_plan_and_preprocess).")
         plan["patch_size"] = [round_up(s) for s in plan["patch_size"]]
-        plan["batch_size"] = self.vit_batch_size(plan["patch_size"], approximate_n_voxels_dataset)
-        plan["architecture"] = self.architecture()
+        plan["batch_size"], checkpointing = self.fit_memory("2d", plan["patch_size"], approximate_n_voxels_dataset)
+        plan["architecture"] = self.architecture(checkpointing)
         plan["batch_dice"] = True
         self._n_voxels_dataset = approximate_n_voxels_dataset
         return plan
@@ -142,7 +180,8 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
                                             zip(plan_2d["median_image_size_in_voxels"], plan_2d["spacing"], spacing)],
         })
         n_voxels = self._n_voxels_dataset * float(np.prod(np.array(plan_2d["spacing"]) / np.array(spacing)))
-        plan["batch_size"] = self.vit_batch_size(patch, n_voxels)
+        plan["batch_size"], checkpointing = self.fit_memory("2d_highres", patch, n_voxels)
+        plan["architecture"] = self.architecture(checkpointing)
         return plan
 
     def match_intensity(self, plans: dict) -> dict:

@@ -51,6 +51,24 @@ def _wait_for(process, condition, timeout=120):
         time.sleep(0.01)
 
 
+def _after_new_checkpoint(run, delay):
+    """A kill condition: ``delay`` seconds after the process writes a checkpoint newer than the ones it
+    resumed from, so that the kill lands while iterations are still left to run."""
+    resumed_from = None
+    seen_at = None
+
+    def when(start):
+        nonlocal resumed_from, seen_at
+        newest = max((i for i, _ in list_checkpoints(run)), default=0)
+        if resumed_from is None:
+            resumed_from = newest
+        if seen_at is None and newest > resumed_from:
+            seen_at = time.time()
+        return seen_at is not None and time.time() >= seen_at + delay
+
+    return when
+
+
 def _in_process(data_root, run, overrides):
     config = load_config("tiny_stage1", [f"data.roots=[{data_root}]", "train.progress_bar=false", *overrides])
     return train(config, run)
@@ -73,8 +91,10 @@ def test_kill_9_anywhere_then_resume_is_bit_exact(data_root, tmp_path):
     # (what, when to kill given the start time, what must hold right after the kill)
     kills = [("mid cache build", lambda start: records(), lambda: not indexed()),
              ("mid checkpoint write", lambda start: writing(), writing)]
-    for delay in np.random.default_rng(0).uniform(4, 9, 2):
-        kills.append((f"{delay:.1f} s after the start", lambda start, d=delay: time.time() >= start + d, None))
+    # Random moments mid-training, timed from the run's own progress rather than the wall clock: a fast
+    # machine must not finish all 8 iterations before the kill (CI once did, 4-9 s after the start).
+    for delay in np.random.default_rng(0).uniform(0, 0.3, 2):
+        kills.append((f"{delay:.2f} s after a new checkpoint", _after_new_checkpoint(run, delay), None))
     for what, when, then in kills:
         process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:

@@ -166,9 +166,15 @@ def _benchmark_data(args) -> int:
 
 
 def _export(args) -> int:
+    from nnunet_meddinov3.checkpoints.format import CheckpointFormatError
+
     from .export import export_run
 
-    path, metadata = export_run(args.run, name=args.name, output=args.output)
+    try:
+        path, metadata = export_run(args.run, name=args.name, output=args.output)
+    except CheckpointFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     stages = ", ".join(f"{s.get('name')} ({s.get('iterations')} it)" for s in metadata.stages)
     print(f"exported to {path}\n  architecture: {metadata.architecture['embed_dim']}-dim, "
           f"{metadata.architecture['depth']} blocks\n  stages: {stages}\n  licence: {metadata.licence}")

@@ -19,6 +19,7 @@ from nnunet_meddinov3.checkpoints.format import (
     MEDDINOV3_CITATION,
     CheckpointMetadata,
     file_sha256,
+    require_safetensors_suffix,
     write_checkpoint,
 )
 from nnunet_meddinov3.checkpoints.keys import PATCH_EMBED_KEY
@@ -62,6 +63,8 @@ def export_run(run_or_checkpoint: str | os.PathLike, name: str | None = None,
     Written to ``output`` if given, else to :func:`default_export_path` of ``name`` (default:
     the run folder's name). Returns the path and the metadata as written.
     """
+    if output is not None:
+        require_safetensors_suffix(output)  # before reading the run, which can take a while
     state = read_training_checkpoint(run_or_checkpoint)
     checkpoint = Path(state["path"])
     run_dir = checkpoint.parent.parent

@@ -270,3 +270,15 @@ def test_trainer_path_prefers_the_converted_file(fixtures, tmp_path, monkeypatch
     path = resolve_weights("meddinov3-vitb16-ct3m")
     assert path == tmp_path / "meddinov3-vitb16-ct3m.safetensors"
     assert load_encoder_weights(build_encoder("meddinov3_tiny"), path) == "meddinov3"
+
+
+def test_the_format_is_written_and_recognised_only_as_safetensors(written, tmp_path, official_state):
+    # a user exporting to weights.pt got a file that nnUNetv2_train then called "not a PyTorch checkpoint"
+    path, metadata = written
+    with pytest.raises(CheckpointFormatError, match=r"must end in '\.safetensors'.*weights\.safetensors"):
+        write_checkpoint(tmp_path / "weights.pt", official_state, metadata)
+    assert not (tmp_path / "weights.pt").exists() and not list(tmp_path.glob(".weights*"))
+    renamed = tmp_path / "renamed.pt"
+    renamed.write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match=r"is a safetensors file under another suffix; rename it to 'renamed\.safetensors'"):
+        read_source(renamed)  # what reading a .pt does, MEDDINOV3_WEIGHTS in the trainers included

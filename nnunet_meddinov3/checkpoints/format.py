@@ -275,13 +275,24 @@ def check_state_matches_metadata(state_dict: dict, metadata: CheckpointMetadata)
                                     f"'{PERIODS_KEY}' tensor {periods}")
 
 
+def require_safetensors_suffix(path: str | os.PathLike) -> Path:
+    """``path``, if it ends in ``.safetensors``. The loaders tell this format from torch.save files by
+    the suffix, so a weights.pt holding it would be written fine and refused at the first nnUNetv2_train."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointFormatError(f"'{path}': weights in this project's format are safetensors files and must "
+                                    f"end in '.safetensors' (the loaders go by the suffix); write "
+                                    f"'{path.with_suffix('.safetensors')}'")
+    return path
+
+
 def write_checkpoint(path: str | os.PathLike, state_dict: dict, metadata: CheckpointMetadata) -> CheckpointMetadata:
     """Write ``state_dict`` (encoder keys) with ``metadata`` atomically; returns the metadata as written.
 
     Empty ``rope_periods`` are taken from the tensor. The file appears complete or not at all:
     it is written to a temporary file in the same folder, then renamed over ``path``.
     """
-    path = Path(path)
+    path = require_safetensors_suffix(path)
     tensors = {k: _owned(v) for k, v in state_dict.items()}
     _check_encoder_keys(tensors)
     metadata = dataclasses.replace(metadata)

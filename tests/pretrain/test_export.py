@@ -103,3 +103,10 @@ def test_export_cli_to_a_path_and_licence_of_released_weights(chain, tmp_path):
     _, metadata = export_run(tmp_path / "run", output=tmp_path / "from_released.safetensors")
     assert metadata.licence == "DINOv3 License (test)"
     assert metadata.source["start_weights"]["source"] == "dinov3_vitb16.pth"
+
+
+def test_export_cli_refuses_an_output_that_is_not_safetensors(chain, tmp_path, capsys):
+    stage1 = chain["output"] / "01_tiny_stage1"
+    assert main(["export", "--run", str(stage1), "--output", str(tmp_path / "stage1.pt")]) == 2
+    assert "must end in '.safetensors'" in capsys.readouterr().err
+    assert not list(tmp_path.glob("stage1*"))

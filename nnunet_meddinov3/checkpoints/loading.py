@@ -44,9 +44,13 @@ class CheckpointMismatchError(RuntimeError):
     """Checkpoint and encoder disagree; the message lists every difference and what would fit."""
 
 
-def _looks_like_safetensors(head: bytes) -> bool:
-    # a safetensors file starts with its JSON header's length (8 bytes, little-endian), then the JSON
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+def is_safetensors_file(path: str | os.PathLike) -> bool:
+    """Whether the file's bytes are safetensors, whatever its name: an 8-byte little-endian header
+    length, then the JSON header."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:
@@ -67,11 +71,11 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, KeyError) as e:  # a text file makes the unpickler raise KeyError
-        with open(path, "rb") as f:
-            head = f.read(9)
-        if _looks_like_safetensors(head):
+        if is_safetensors_file(path):
             raise ValueError(f"'{path}' is a safetensors file under another suffix; rename it to "
                              f"'{path.with_suffix('.safetensors').name}' (safetensors files are read by their suffix)") from e
+        with open(path, "rb") as f:
+            head = f.read(4)
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a raw pickle
             raise ValueError(f"'{path}' is not a PyTorch checkpoint (neither a torch.save file nor a pickle); "
                              f"accepted: .safetensors (this project's format, timm, Hugging Face), .pth/.pt/.bin "

@@ -69,6 +69,7 @@ def run(args) -> int:
 def checkpoint_path(value: str | Path, *, folder_ok: bool = True) -> Path:
     """``value`` as a path that exists and can hold weights, or a ValueError/FileNotFoundError saying what
     to give instead: no empty file, and a folder only where a dinov3 DCP checkpoint folder is accepted."""
+    from nnunet_meddinov3.checkpoints.loading import is_safetensors_file
     from pretrain.engine.checkpoint import is_training_checkpoint
 
     path = Path(value).expanduser()
@@ -85,17 +86,11 @@ def checkpoint_path(value: str | Path, *, folder_ok: bool = True) -> Path:
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"'{path}' is empty (0 bytes), not a checkpoint; an interrupted download or copy leaves "
                          "such files: copy or fetch it again")
-    if path.is_file() and path.suffix != ".safetensors" and _is_safetensors(path):
+    if path.is_file() and path.suffix != ".safetensors" and is_safetensors_file(path):
         raise ValueError(f"'{path}' holds a safetensors file under a '{path.suffix}' name, and the file name decides "
                          f"how it is read: rename it to {path.with_suffix('.safetensors').name}")
     return path
 
-
-def _is_safetensors(path: Path) -> bool:
-    """safetensors files start with an 8-byte little-endian header length, then the JSON header."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 # --- list --------------------------------------------------------------------------------------

@@ -92,7 +92,6 @@ def checkpoint_path(value: str | Path, *, folder_ok: bool = True) -> Path:
     return path
 
 
-
 # --- list --------------------------------------------------------------------------------------
 
 UNSUPPORTED = "(none)"

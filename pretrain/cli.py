@@ -166,13 +166,11 @@ def _benchmark_data(args) -> int:
 
 
 def _export(args) -> int:
-    from nnunet_meddinov3.checkpoints.format import CheckpointFormatError
-
     from .export import export_run
 
     try:
         path, metadata = export_run(args.run, name=args.name, output=args.output)
-    except CheckpointFormatError as e:
+    except ValueError as e:  # an output name or a --run that is not what export needs
         print(f"error: {e}", file=sys.stderr)
         return 2
     stages = ", ".join(f"{s.get('name')} ({s.get('iterations')} it)" for s in metadata.stages)

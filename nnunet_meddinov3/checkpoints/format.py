@@ -279,6 +279,8 @@ def require_safetensors_suffix(path: str | os.PathLike) -> Path:
     """``path``, if it ends in ``.safetensors``. The loaders tell this format from torch.save files by
     the suffix, so a weights.pt holding it would be written fine and refused at the first nnUNetv2_train."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointFormatError(f"'{path}' is a folder; give the file's name, e.g. '{path / 'encoder.safetensors'}'")
     if path.suffix != ".safetensors":
         raise CheckpointFormatError(f"'{path}': weights in this project's format are safetensors files and must "
                                     f"end in '.safetensors' (the loaders go by the suffix); write "

@@ -76,9 +76,14 @@ def is_training_checkpoint(path_or_run: str | os.PathLike) -> bool:
 
 
 def _read_file(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    what = (f"'{path}' is not a pretraining checkpoint of this project ({CHECKPOINT_FORMAT}); give a run folder "
+            "(the --output of python -m pretrain train) or one of its checkpoints/checkpoint_*.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever torch.load raises on a file that is no torch.save of tensors
+        raise ValueError(f"{what} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"'{path}' is not a pretraining checkpoint of this project ({CHECKPOINT_FORMAT})")
+        raise ValueError(what)
     state["path"] = str(path)
     return state
 

@@ -110,3 +110,11 @@ def test_export_cli_refuses_an_output_that_is_not_safetensors(chain, tmp_path, c
     assert main(["export", "--run", str(stage1), "--output", str(tmp_path / "stage1.pt")]) == 2
     assert "must end in '.safetensors'" in capsys.readouterr().err
     assert not list(tmp_path.glob("stage1*"))
+    # a folder as the output, and an export (not a run) as --run: a message each, no traceback
+    assert main(["export", "--run", str(stage1), "--output", str(tmp_path)]) == 2
+    assert "is a folder; give the file's name" in capsys.readouterr().err
+    exported = tmp_path / "stage1.safetensors"
+    assert main(["export", "--run", str(stage1), "--output", str(exported)]) == 0
+    capsys.readouterr()
+    assert main(["export", "--run", str(exported), "--output", str(tmp_path / "again.safetensors")]) == 2
+    assert "is not a pretraining checkpoint of this project" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from nnunet_meddinov3.checkpoints.format import DINOV3_LICENCE, read_checkpoint
 from nnunet_meddinov3.checkpoints.keys import teacher_state
 from nnunet_meddinov3.checkpoints.loading import load_encoder_weights, read_state_dict
 from nnunet_meddinov3.checkpoints.registry import resolve_weights
-from nnunet_meddinov3.network.encoder import DINOv3Encoder, EncoderConfig, resolve_encoder_config
+from nnunet_meddinov3.network.configs import EncoderConfig, resolve_encoder_config
+from nnunet_meddinov3.network.encoder import DINOv3Encoder
 
 from .configs.schema import ModelConfig
 from .heads import DINOHead

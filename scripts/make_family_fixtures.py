@@ -16,8 +16,6 @@ CPU, float32, one thread. tests/fixtures/family/README.md says what each model i
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import math
 import platform
 import sys
@@ -25,18 +23,16 @@ from pathlib import Path
 
 import torch
 
-REFERENCE_COMMIT = "6876159a11b4df116f30f667f8c9888617df0751"
-REFERENCE_URL = "https://github.com/facebookresearch/dinov3"
-REFERENCE_FILE_SHA256 = {
-    "dinov3/models/vision_transformer.py": "1af05405e19bc42188f80bfcb204b87ed1ec72af998e0bbd4658a85d7fae93f2",
-    "dinov3/layers/attention.py": "dfc21def6ba17d00cba18ea23a8726e7f1dd5a0dc8e43510852c999a173d37a8",
-    "dinov3/layers/block.py": "809a3615ec93019042ab440f31c21d5242186d9e503c67ac0f42a324ceae1950",
-    "dinov3/layers/rope_position_encoding.py": "af8ea35acb76d18ad4d53b844d5057bf01472a848375c51d70583a87f044efd1",
-    "dinov3/layers/patch_embed.py": "c592c7262779c8e1789ed502aee81bdd55eba4607065f8d04ae95eea683d0ef1",
-    "dinov3/layers/layer_scale.py": "f9a10ee763a62136f9e814bfe2f2209c2cb501dfdc5573f858ab01ba9a69c23f",
-    "dinov3/layers/ffn_layers.py": "fa2caadb52ff43a7e6888966a00ee07842fed9fd05c68305962cc1577d221fbe",
-    "dinov3/hub/backbones.py": "6c9a18aca0b5fcb1fce439213a94a528e072376a6023718e03dbd9fcfaa10deb",
-}
+from reference_checkout import (
+    ENCODER_FILES,
+    REFERENCE_COMMIT,
+    REFERENCE_URL,
+    fixture_main,
+    import_reference,
+    reference_file_hashes,
+)
+
+REFERENCE_FILES = ENCODER_FILES + ("dinov3/hub/backbones.py",)
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "family"
 INPUTS = OUT.parent / "inputs.pt"
 THREADS = 1
@@ -56,10 +52,6 @@ MODELS = {
 }
 # the builder's own arguments, not DinoVisionTransformer's
 _BUILDER_ONLY = ("pretrained", "weights", "hash", "check_hash", "compact_arch_name", "version")
-
-
-def reference_file_hashes(root: Path) -> dict[str, str]:
-    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in REFERENCE_FILE_SHA256}
 
 
 def hub_kwargs(backbones, factory: str, extra: dict) -> dict:
@@ -125,13 +117,13 @@ def outputs(model, x: torch.Tensor, layers: list[int]) -> dict:
 
 def make(root: Path) -> dict[str, dict]:
     """{file name: content} of every fixture file, computed by the reference under ``root``."""
-    sys.path.insert(0, str(root))
+    import_reference(root)
     from dinov3.hub import backbones
     from dinov3.models.vision_transformer import DinoVisionTransformer
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    hashes = reference_file_hashes(root)
+    hashes = reference_file_hashes(root, REFERENCE_FILES)
     x = torch.load(INPUTS, weights_only=True)["x"]
     files, expected = {}, {}
     for name, (factory, extra, size, changes, seed) in MODELS.items():
@@ -152,51 +144,9 @@ def make(root: Path) -> dict[str, dict]:
     return files
 
 
-def _tensors(tree, prefix=""):
-    if isinstance(tree, torch.Tensor):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _tensors(value, f"{prefix}/{key}")
-    elif isinstance(tree, list):
-        for i, value in enumerate(tree):
-            yield from _tensors(value, f"{prefix}[{i}]")
-
-
-def differences(made: dict, stored: dict) -> list[str]:
-    ours, theirs = dict(_tensors(made)), dict(_tensors(stored))
-    problems = [f"{k}: only in one of them" for k in sorted(set(ours) ^ set(theirs))]
-    problems += [f"{k}: not bitwise equal" for k in sorted(set(ours) & set(theirs))
-                 if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
-    return problems
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference-root", required=True, type=Path,
-                        help=f"folder containing the 'dinov3' package of {REFERENCE_URL} at {REFERENCE_COMMIT}")
-    parser.add_argument("--check", action="store_true", help="compare with the stored files; write nothing")
-    parser.add_argument("--allow-other-reference", action="store_true",
-                        help="run even if the reference files differ from those of the named commit")
-    args = parser.parse_args(argv)
-    root = args.reference_root.resolve()
-    if not (root / "dinov3" / "hub" / "backbones.py").is_file():
-        parser.error(f"{root} has no dinov3/hub/backbones.py; pass the folder holding the 'dinov3' package")
-    changed = [n for n, h in reference_file_hashes(root).items() if REFERENCE_FILE_SHA256[n] != h]
-    if changed and not args.allow_other_reference:
-        parser.error(f"{', '.join(changed)} differ from commit {REFERENCE_COMMIT}; check that commit out "
-                     "(or pass --allow-other-reference)")
-    made = make(root)
-    if args.check:
-        problems = [f"{name}{p}" for name, content in made.items()
-                    for p in differences(content, torch.load(OUT / name, weights_only=True))]
-        print("\n".join(problems) or f"every file in {OUT} is reproduced bit for bit by {REFERENCE_COMMIT}")
-        return 1 if problems else 0
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name, content in made.items():
-        torch.save(content, OUT / name)
-        print(f"wrote {OUT / name} ({(OUT / name).stat().st_size:,} bytes)")
-    return 0
+    return fixture_main(argv, __doc__.split("\n\n")[0], "dinov3/hub/backbones.py", REFERENCE_FILES, make, OUT,
+                        f"every file in {OUT} is reproduced bit for bit by {REFERENCE_COMMIT}")
 
 
 if __name__ == "__main__":

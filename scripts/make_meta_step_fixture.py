@@ -1,6 +1,6 @@
 """Regenerate tests/fixtures/meta_step_micro.pt: Meta's DINOv3 training step on a micro config.
 
-tests/pretrain/test_meta_step.py holds our pretraining step (pretrain/engine/loop.py's
+tests/pretrain/test_meta_step.py holds our pretraining step (pretrain/engine/step.py's
 ``Trainer.train_iteration``) to what Meta's reference training code computes from the same weights
 and the same batch. The reference is facebookresearch/dinov3 at commit REFERENCE_COMMIT: its
 ``SSLMetaArch`` (dinov3/train/ssl_meta_arch.py) computes the losses and gradients (``forward_backward``);
@@ -35,7 +35,6 @@ moments still take its gradient), 1 has LR peak / 2 with the last layer unfrozen
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import sys
@@ -49,29 +48,29 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nnunet_meddinov3.checkpoints.converters import from_dinov3_reference  # noqa: E402
-from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, EncoderConfig  # noqa: E402
+from nnunet_meddinov3.network.configs import ENCODER_CONFIGS, EncoderConfig  # noqa: E402
+from reference_checkout import (  # noqa: E402
+    ENCODER_FILES,
+    REFERENCE_COMMIT,
+    REFERENCE_URL,
+    changed_reference_files,
+    import_reference,
+    reference_file_hashes,
+)
 
-REFERENCE_COMMIT = "6876159a11b4df116f30f667f8c9888617df0751"
-REFERENCE_URL = "https://github.com/facebookresearch/dinov3"
-REFERENCE_FILE_SHA256 = {
-    "dinov3/train/ssl_meta_arch.py": "1b11d7f9f94e6292c3be141ac50ebd10d7357103cb63ce4965b69e3da4ff0781",
-    "dinov3/train/train.py": "1f979df26be1f1a7344d5a75716a95470b86b3fdd0294a5c69abe48a85ec576e",
-    "dinov3/train/cosine_lr_scheduler.py": "671d3a7c16fcc7b73a6ff76d702664ccfe141895d89bc9d0137bee6a3ce4b02c",
-    "dinov3/train/param_groups.py": "b3d638888c03a63b7bc585c2f886ca4cedb6ba24f4e9511bfa3840f97b90716f",
-    "dinov3/loss/dino_clstoken_loss.py": "2ee114321a3c38b4e9426bb200f3c13de4672e6531a7a3e30c4b399881529166",
-    "dinov3/loss/ibot_patch_loss.py": "bfb9e358aaf872949ce3150c22599f89f7dbdafd0137652b7e1944a9853f40d4",
-    "dinov3/loss/koleo_loss.py": "942ccd42b06105c95c04d62ca2105d9e5bf22987b509c19fb81a645fac5a8cf6",
-    "dinov3/models/__init__.py": "3e993968b5ffe2be00eaea8b16cd52f8d165ac683b9035d3ceb769cffdd72914",
-    "dinov3/models/vision_transformer.py": "1af05405e19bc42188f80bfcb204b87ed1ec72af998e0bbd4658a85d7fae93f2",
-    "dinov3/layers/attention.py": "dfc21def6ba17d00cba18ea23a8726e7f1dd5a0dc8e43510852c999a173d37a8",
-    "dinov3/layers/block.py": "809a3615ec93019042ab440f31c21d5242186d9e503c67ac0f42a324ceae1950",
-    "dinov3/layers/rope_position_encoding.py": "af8ea35acb76d18ad4d53b844d5057bf01472a848375c51d70583a87f044efd1",
-    "dinov3/layers/patch_embed.py": "c592c7262779c8e1789ed502aee81bdd55eba4607065f8d04ae95eea683d0ef1",
-    "dinov3/layers/layer_scale.py": "f9a10ee763a62136f9e814bfe2f2209c2cb501dfdc5573f858ab01ba9a69c23f",
-    "dinov3/layers/ffn_layers.py": "fa2caadb52ff43a7e6888966a00ee07842fed9fd05c68305962cc1577d221fbe",
-    "dinov3/layers/dino_head.py": "cd7a83f00ac449f962484bad0f2959be477781e57943508428d32ff88f41fe33",
-    "dinov3/configs/ssl_default_config.yaml": "ab32485a2cc80712ab85ef4fe12113eea667902c9cf1f22859ad743a0758c41b",
-}
+REFERENCE_FILES = (
+    "dinov3/train/ssl_meta_arch.py",
+    "dinov3/train/train.py",
+    "dinov3/train/cosine_lr_scheduler.py",
+    "dinov3/train/param_groups.py",
+    "dinov3/loss/dino_clstoken_loss.py",
+    "dinov3/loss/ibot_patch_loss.py",
+    "dinov3/loss/koleo_loss.py",
+    "dinov3/models/__init__.py",
+    *ENCODER_FILES,
+    "dinov3/layers/dino_head.py",
+    "dinov3/configs/ssl_default_config.yaml",
+)
 FIXTURE = REPO / "tests" / "fixtures" / "meta_step_micro.pt"
 SEED = 0
 ITERATIONS = (0, 1)  # the steps run, in order, from the initial weights
@@ -109,10 +108,6 @@ CONFIG_OVERRIDES = [
 # vitb16_stage1's schedules at global batch 512, compared at these iterations (its arrays are 125k long)
 LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")  # Meta's loss_dict
 STAGE1_POINTS = [0, 1, 2, 6249, 12498, 12499, 12500, 12501, 37498, 37499, 37500, 68750, 124999, 125000, 125010]
-
-
-def reference_file_hashes(root: Path) -> dict[str, str]:
-    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in REFERENCE_FILE_SHA256}
 
 
 def our_config():
@@ -234,7 +229,7 @@ class Reference:
     """Meta's modules, imported from the checkout with the runtime patches the module docstring lists."""
 
     def __init__(self, root: Path):
-        sys.path.insert(0, str(root))
+        import_reference(root)
         torch._dynamo.config.disable = True  # before the iBOT loss compiles its Sinkhorn-Knopp module
         torch.Tensor.cuda = lambda self, *args, **kwargs: self  # forward_backward moves its batch to CUDA
         import dinov3.distributed.torch_distributed_wrapper as wrapper
@@ -353,7 +348,7 @@ def make(root: Path) -> dict:
     return {
         "info": {
             "reference_url": REFERENCE_URL, "reference_commit": REFERENCE_COMMIT,
-            "ref_file_sha256": reference_file_hashes(root), "torch": str(torch.__version__),
+            "ref_file_sha256": reference_file_hashes(root, REFERENCE_FILES), "torch": str(torch.__version__),
             "python": platform.python_version(), "threads": 1, "seed": SEED, "iterations": list(ITERATIONS),
             "config_overrides": list(CONFIG_OVERRIDES),
         },
@@ -391,8 +386,7 @@ def main(argv=None) -> int:
                         help="accept reference files whose sha256 differs from the commit's")
     parser.add_argument("--output", type=Path, default=FIXTURE)
     args = parser.parse_args(argv)
-    hashes = reference_file_hashes(args.reference_root)
-    changed = [n for n, h in hashes.items() if h != REFERENCE_FILE_SHA256[n]]
+    changed = changed_reference_files(args.reference_root, REFERENCE_FILES)
     if changed and not args.allow_other_reference:
         print(f"reference files differ from commit {REFERENCE_COMMIT}: {changed}", file=sys.stderr)
         return 2

@@ -12,34 +12,28 @@ weights strictly and writes the outputs in eval mode under ``torch.no_grad()``.
     python scripts/make_reference_fixtures.py --reference-root dinov3 --check    # compare, write nothing
 
 ``--reference-root`` is the folder that contains the ``dinov3`` package. The reference files used are
-identified by sha256 (REFERENCE_FILE_SHA256, also stored in each file's ``info``); a checkout whose
+identified by sha256 (scripts/reference_checkout.py, also stored in each file's ``info``); a checkout whose
 files differ is refused unless ``--allow-other-reference``. CPU, float32, 2 threads (1 gives the
 same bits). How the weights and inputs were made, and what each output is, is told in
 tests/fixtures/README.md.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
-REFERENCE_COMMIT = "6876159a11b4df116f30f667f8c9888617df0751"
-REFERENCE_URL = "https://github.com/facebookresearch/dinov3"
-REFERENCE_FILE_SHA256 = {
-    "dinov3/models/vision_transformer.py": "1af05405e19bc42188f80bfcb204b87ed1ec72af998e0bbd4658a85d7fae93f2",
-    "dinov3/layers/attention.py": "dfc21def6ba17d00cba18ea23a8726e7f1dd5a0dc8e43510852c999a173d37a8",
-    "dinov3/layers/block.py": "809a3615ec93019042ab440f31c21d5242186d9e503c67ac0f42a324ceae1950",
-    "dinov3/layers/rope_position_encoding.py": "af8ea35acb76d18ad4d53b844d5057bf01472a848375c51d70583a87f044efd1",
-    "dinov3/layers/patch_embed.py": "c592c7262779c8e1789ed502aee81bdd55eba4607065f8d04ae95eea683d0ef1",
-    "dinov3/layers/layer_scale.py": "f9a10ee763a62136f9e814bfe2f2209c2cb501dfdc5573f858ab01ba9a69c23f",
-    "dinov3/layers/ffn_layers.py": "fa2caadb52ff43a7e6888966a00ee07842fed9fd05c68305962cc1577d221fbe",
-    "dinov3/layers/dino_head.py": "cd7a83f00ac449f962484bad0f2959be477781e57943508428d32ff88f41fe33",
-    "dinov3/hub/backbones.py": "6c9a18aca0b5fcb1fce439213a94a528e072376a6023718e03dbd9fcfaa10deb",
-}
+from reference_checkout import (
+    ENCODER_FILES,
+    REFERENCE_COMMIT,
+    fixture_main,
+    import_reference,
+    reference_file_hashes,
+)
+
+REFERENCE_FILES = ENCODER_FILES + ("dinov3/layers/dino_head.py", "dinov3/hub/backbones.py")
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 INTERMEDIATE_INDICES = [0, 1, 2, 3]
 THREADS = 2
@@ -58,10 +52,6 @@ OFFICIAL_KWARGS = dict(_COMMON, pos_embed_rope_base=100, pos_embed_rope_rescale_
 MEDDINO_KWARGS = dict(_COMMON, pos_embed_rope_base=100.0, pos_embed_rope_rescale_coords=None,
                       pos_embed_rope_dtype="bf16", qkv_bias=False, drop_path_rate=0.2, norm_layer="layernorm")
 HEAD_KWARGS = dict(in_dim=64, nlayers=3, hidden_dim=32, bottleneck_dim=16, out_dim=32)
-
-
-def reference_file_hashes(root: Path) -> dict[str, str]:
-    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in REFERENCE_FILE_SHA256}
 
 
 def outputs(model, x: torch.Tensor) -> dict:
@@ -94,12 +84,12 @@ def info(kwargs: dict, as_built: str, config: str, hashes: dict, **extra) -> dic
 
 def make(root: Path) -> dict[str, dict]:
     """The two expected files' contents, computed by the reference under ``root``."""
-    sys.path.insert(0, str(root))
+    import_reference(root)
     from dinov3.models.vision_transformer import DinoVisionTransformer
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    hashes = reference_file_hashes(root)
+    hashes = reference_file_hashes(root, REFERENCE_FILES)
     x = torch.load(FIXTURES / "inputs.pt", weights_only=True)["x"]
 
     official = build(DinoVisionTransformer, OFFICIAL_KWARGS, torch.load(FIXTURES / "official_tiny.pth", weights_only=True))
@@ -119,50 +109,9 @@ def make(root: Path) -> dict[str, dict]:
             "expected_meddino_tiny.pt": {**meddino, "info": meddino_info}}
 
 
-def _tensors(tree, prefix=""):
-    if isinstance(tree, torch.Tensor):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _tensors(value, f"{prefix}/{key}")
-    elif isinstance(tree, list):
-        for i, value in enumerate(tree):
-            yield from _tensors(value, f"{prefix}[{i}]")
-
-
-def differences(made: dict, stored: dict) -> list[str]:
-    ours, theirs = dict(_tensors(made)), dict(_tensors(stored))
-    problems = [f"{k}: only in one of them" for k in sorted(set(ours) ^ set(theirs))]
-    problems += [f"{k}: not bitwise equal" for k in sorted(set(ours) & set(theirs))
-                 if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
-    return problems
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference-root", required=True, type=Path,
-                        help=f"folder containing the 'dinov3' package of {REFERENCE_URL} at {REFERENCE_COMMIT}")
-    parser.add_argument("--check", action="store_true", help="compare with the stored files; write nothing")
-    parser.add_argument("--allow-other-reference", action="store_true",
-                        help="run even if the reference files differ from those of the named commit")
-    args = parser.parse_args(argv)
-    root = args.reference_root.resolve()
-    if not (root / "dinov3" / "models" / "vision_transformer.py").is_file():
-        parser.error(f"{root} has no dinov3/models/vision_transformer.py; pass the folder holding the 'dinov3' package")
-    changed = [n for n, h in reference_file_hashes(root).items() if REFERENCE_FILE_SHA256[n] != h]
-    if changed and not args.allow_other_reference:
-        parser.error(f"{', '.join(changed)} differ from commit {REFERENCE_COMMIT}; check that commit out "
-                     "(or pass --allow-other-reference)")
-    made = make(root)
-    if args.check:
-        problems = [f"{name}{p}" for name, content in made.items()
-                    for p in differences(content, torch.load(FIXTURES / name, weights_only=True))]
-        print("\n".join(problems) or f"both expected files are reproduced bit for bit by {REFERENCE_COMMIT}")
-        return 1 if problems else 0
-    for name, content in made.items():
-        torch.save(content, FIXTURES / name)
-        print(f"wrote {FIXTURES / name}")
-    return 0
+    return fixture_main(argv, __doc__.split("\n\n")[0], "dinov3/models/vision_transformer.py", REFERENCE_FILES,
+                        make, FIXTURES, f"both expected files are reproduced bit for bit by {REFERENCE_COMMIT}")
 
 
 if __name__ == "__main__":

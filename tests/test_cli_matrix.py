@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import save_file
 from test_converters import reference_to_hf, save_dcp
 
-from nnunet_meddinov3.cli import choices
 from nnunet_meddinov3.cli.main import main
 
 LAYOUTS = ["hub_pth", "teacher_with_heads", "teacher_without_heads", "dcp_folder", "hf", "timm", "ours",
@@ -351,24 +350,6 @@ def test_every_option_has_help_text():
             missing += [f"{label} {action.option_strings or action.dest}" for action in sub._actions
                         if action.help is None and not isinstance(action, argparse._SubParsersAction)]
     assert missing == []
-
-
-def test_choices_equal_the_registries():
-    from nnunet_meddinov3.benchmark.configs import COMPILE_MODES  # noqa: F401 - imported by bench's parser
-    from nnunet_meddinov3.data.intensity import INTENSITY_PRESETS
-    from nnunet_meddinov3.evaluation.probe import PROBE_METHODS
-    from nnunet_meddinov3.network import DECODERS, ENCODER_CONFIGS
-    from nnunet_meddinov3.network.encoder import PATCH_SIZE
-    from nnunet_meddinov3.visualize import features
-
-    assert sorted(choices.ENCODERS) == sorted(ENCODER_CONFIGS)
-    assert sorted(choices.DECODERS) == sorted(DECODERS)
-    assert choices.PATCH_SIZE == PATCH_SIZE
-    assert sorted(choices.CHECKPOINT_INTENSITIES) == sorted(INTENSITY_PRESETS)
-    assert sorted(choices.FEATURE_INTENSITIES) == sorted(features.INTENSITY_PRESETS)
-    assert choices.FEATURE_DEFAULT_INTENSITY == features.DEFAULT_INTENSITY
-    assert choices.FEATURE_FOREGROUND_THRESHOLD == features.DEFAULT_FOREGROUND_THRESHOLD
-    assert choices.PROBE_METHODS == PROBE_METHODS
 
 
 # ------------------------------------------------------------------------------------------- console script

@@ -19,15 +19,9 @@ import pytest
 import SimpleITK as sitk
 from scipy.stats import wilcoxon
 
-from nnunet_meddinov3.evaluation.compare import (
-    case_identifier,
-    class_display_name,
-    compare_metric,
-    normalized_surface_distance,
-    paired_wilcoxon_p,
-    parse_class_key,
-    read_label_names,
-)
+from nnunet_meddinov3.evaluation.folders import case_identifier, class_display_name, parse_class_key, read_label_names
+from nnunet_meddinov3.evaluation.statistics import compare_metric, paired_wilcoxon_p
+from nnunet_meddinov3.evaluation.surface_distance import normalized_surface_distance
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET = "Dataset001_Organs"

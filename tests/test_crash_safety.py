@@ -13,8 +13,9 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_meddinov3.training import recipe
-from nnunet_meddinov3.training.crash_safety import (CheckpointUnreadable, StopSignals, remove_stale_temp_files,
-                                                    unreadable_reason)
+from nnunet_meddinov3.durable_files import remove_stale_temporaries as remove_stale_temp_files
+from nnunet_meddinov3.nnunet_checkpoints import CheckpointUnreadable, unreadable_reason
+from nnunet_meddinov3.stop_signals import StopSignals
 from nnunet_meddinov3.training.recipe import RecipeError
 from nnunet_meddinov3.training.trainer import nnUNetTrainerMedDINOv3_Tiny, read_recorded_recipe
 from test_cli_errors import nnunet_env, predict  # noqa: F401 (a fixture)

@@ -60,7 +60,10 @@ def test_env_reports_the_trainer_folder(workspace):
 def test_our_plans_are_vit_plans(workspace):
     plans = json.loads((workspace["root"] / "pre" / f"Dataset{DATASET:03d}_SyntheticCT" /
                         "nnUNetPlansMedDINOv3.json").read_text())
-    assert set(plans["configurations"]) == {"2d", "2d_highres"}
+    assert set(plans["configurations"]) == {"2d", "2d_highres", "3d_fullres"}  # no 3d_lowres, no cascade
+    c3d = plans["configurations"]["3d_fullres"]
+    assert c3d["architecture"]["network_class_name"] == "nnunet_meddinov3.network.volumetric.MedDINOv3Net3D"
+    assert all(p % 16 == 0 for p in c3d["patch_size"][1:]) and c3d["data_identifier"].startswith("nnUNetPlansMedDINOv3")
     c2d, hi = plans["configurations"]["2d"], plans["configurations"]["2d_highres"]
     assert all(p % 16 == 0 for p in c2d["patch_size"] + hi["patch_size"])
     assert hi["patch_size"] == [128, 128]

@@ -167,7 +167,7 @@ def test_full_size_parameter_counts_are_metas():
 
 
 def test_the_planner_knows_every_official_vit():
-    from nnunet_meddinov3.cli.choices import VIT_SIZES
+    from nnunet_meddinov3.network.configs import VIT_SIZES
     from nnunet_meddinov3.training.planner import estimate_training_memory_gb
 
     order = ["vits16", "vits16plus", "vitb16", "vitl16", "vitl16plus", "vith16plus", "vit7b16"]

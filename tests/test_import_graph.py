@@ -166,3 +166,117 @@ def test_imports_between_our_modules_are_at_module_top():
                     if ours:
                         late.append(f"{where}:{node.lineno}")
     assert not late, f"function-level imports of our own modules (move them to the top, or document why): {late}"
+
+
+# The layers of nnunet_meddinov3, lowest first: a module imports only from its own layer or below (the
+# arrows of DEVELOPERS' layout: cli -> features -> training/checkpoints -> network). Top-level modules
+# (durable files) and data/ are the ground floor. pretrain builds on nnunet_meddinov3; of the latter only
+# cli/ reaches pretrain.
+LAYERS = {
+    "nnunet_meddinov3": 0, "data": 0, "network": 1, "checkpoints": 2, "training": 3,
+    "evaluation": 4, "inference": 4, "benchmark": 4, "visualize": 4, "nnunet_ext": 4, "cli": 5,
+}
+PRODUCT_FILE_LINE_LIMIT = 450
+
+
+def area(module: str) -> str:
+    """The folder a module belongs to: ``training`` for nnunet_meddinov3.training.x, ``pretrain`` for
+    anything in pretrain, ``nnunet_meddinov3`` for a top-level module."""
+    parts = module.split(".")
+    if parts[0] == "pretrain":
+        return "pretrain"
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else "nnunet_meddinov3"
+
+
+def back_up_arrows(graph: dict[str, set[str]]) -> list[str]:
+    arrows = []
+    for module, targets in graph.items():
+        for target in targets:
+            if area(module) == "pretrain" or area(target) == area(module):
+                continue
+            if area(target) == "pretrain":
+                if area(module) != "cli":
+                    arrows.append(f"{module} -> {target}")
+            elif LAYERS[area(target)] > LAYERS[area(module)]:
+                arrows.append(f"{module} -> {target}")
+    return sorted(arrows)
+
+
+def folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Which folders (``area``) import which, from the module graph."""
+    folders: dict[str, set[str]] = {area(m): set() for m in graph}
+    for module, targets in graph.items():
+        folders[area(module)] |= {area(t) for t in targets} - {area(module)}
+    return folders
+
+
+def floors(graph: dict[str, set[str]]) -> dict[str, int]:
+    """A node's floor: 0 if it imports none of the others, else one above the highest one it imports."""
+    floor: dict[str, int] = {}
+
+    def visit(node, path=()):
+        if node not in floor:
+            if node in path:  # a cycle: counted by find_cycles, not here
+                return 0
+            floor[node] = 1 + max((visit(t, path + (node,)) for t in graph[node]), default=-1)
+        return floor[node]
+
+    for node in graph:
+        visit(node)
+    return floor
+
+
+def product_file_lengths() -> dict[str, int]:
+    return {path.relative_to(ROOT).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+            for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def figures() -> dict:
+    graph, lengths = import_graph(), product_file_lengths()
+    folder_floor = floors(folder_graph(graph))
+    largest = max(lengths, key=lengths.get)
+    return {
+        "modules": len(graph),
+        "largest file": f"{largest} ({lengths[largest]} lines)",
+        f"files over {PRODUCT_FILE_LINE_LIMIT} lines": sorted(p for p, n in lengths.items() if n > PRODUCT_FILE_LINE_LIMIT),
+        "import cycles": find_cycles(graph),
+        "back-up arrows": back_up_arrows(graph),
+        "floor of inference/": folder_floor["inference"],
+        "floors of the folders": dict(sorted(folder_floor.items(), key=lambda item: item[1])),
+    }
+
+
+def test_no_arrow_points_back_up_the_layers():
+    arrows = back_up_arrows(import_graph())
+    assert not arrows, "imports against the layers (cli -> features -> training/checkpoints -> network):\n" + \
+        "\n".join(arrows)
+
+
+def test_inference_does_not_import_training():
+    graph = import_graph()
+    assert not {(m, t) for m, targets in graph.items() if area(m) == "inference"
+                for t in targets if area(t) == "training"}
+
+
+def test_only_the_command_line_reaches_pretrain():
+    graph = import_graph()
+    assert not {m for m, targets in graph.items() if area(m) not in ("pretrain", "cli")
+                and any(area(t) == "pretrain" for t in targets)}
+
+
+def test_no_product_file_is_over_the_line_limit():
+    long_files = {p: n for p, n in product_file_lengths().items() if n > PRODUCT_FILE_LINE_LIMIT}
+    assert not long_files, f"split these along their concerns: {long_files}"
+
+
+def test_back_up_arrows_are_found():
+    graph = {"nnunet_meddinov3.network.x": {"nnunet_meddinov3.training.y"}, "nnunet_meddinov3.training.y": set(),
+             "nnunet_meddinov3.cli.z": {"pretrain.engine"}, "pretrain.engine": set()}
+    assert back_up_arrows(graph) == ["nnunet_meddinov3.network.x -> nnunet_meddinov3.training.y"]
+    assert floors(graph)["nnunet_meddinov3.network.x"] == 1
+    assert floors(folder_graph(graph)) == {"network": 1, "training": 0, "cli": 1, "pretrain": 0}
+
+
+if __name__ == "__main__":  # the figures the restructuring is judged by: python tests/test_import_graph.py
+    for name, value in figures().items():
+        print(f"{name}: {value}")

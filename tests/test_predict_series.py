@@ -13,7 +13,8 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_meddinov3.cli.main import main
-from nnunet_meddinov3.inference.clinical import find_cases, series_uid_of_broken_file
+from nnunet_meddinov3.inference.dicom_series import series_uid_of_broken_file
+from nnunet_meddinov3.inference.inputs import find_cases
 
 SERIES_UID = "1.2.826.0.1.3680043.8.498.77"
 DATASET = "Dataset503_Series"

@@ -159,7 +159,7 @@ def test_periods_survive_moves_casts_and_timms_reset_hooks():
 
 
 def test_ffn_width_is_exact_for_every_named_config():
-    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, FFN_LAYERS
+    from nnunet_meddinov3.network.configs import ENCODER_CONFIGS, FFN_LAYERS
     for name, config in ENCODER_CONFIGS.items():
         kwargs = timm_adapter.ffn_kwargs(config.embed_dim, config.mlp_ratio, config.ffn_hidden_features,
                                          FFN_LAYERS[config.ffn_layer])

@@ -26,7 +26,7 @@ from nnunet_meddinov3.checkpoints import (
 from nnunet_meddinov3.checkpoints.conversion import convert_checkpoint
 from nnunet_meddinov3.checkpoints.format import METADATA_KEY
 from nnunet_meddinov3.checkpoints import build_encoder
-from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
+from nnunet_meddinov3.network.configs import ENCODER_CONFIGS
 
 CT = {"kind": "ct", "window": [-1000.0, 1000.0], "mean": 65.1084, "std": 178.0166}
 

@@ -22,7 +22,7 @@ from nnunet_meddinov3.benchmark.reference import (
     reference_parameter_groups,
 )
 from nnunet_meddinov3.network import MedDINOv3Net
-from nnunet_meddinov3.network.encoder import default_feature_layers, resolve_encoder_config
+from nnunet_meddinov3.network.configs import default_feature_layers, resolve_encoder_config
 from nnunet_meddinov3.training import recipe
 from nnunet_meddinov3.training.optim import build_adamw, parameter_groups
 

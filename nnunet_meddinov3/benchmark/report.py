@@ -8,6 +8,7 @@ import platform
 import torch
 
 from nnunet_meddinov3.benchmark.configs import BASELINE, OURS, REFERENCE
+from nnunet_meddinov3.durable_files import write_atomically
 
 def _ratio(numerator, denominator):
     return numerator / denominator if numerator is not None and denominator else None
@@ -80,12 +81,8 @@ def environment(device: str) -> dict:
 
 def write_report(path: str | os.PathLike, results: list[dict], meta: dict) -> None:
     """Write the JSON report; replaced in one step, so a run killed mid-write leaves the last one."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2)
-    os.replace(partial, path)
+    text = json.dumps({"meta": meta, "results": results}, indent=2)
+    write_atomically(os.path.abspath(path), lambda f: f.write(text.encode()))
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:

@@ -31,7 +31,8 @@ from nnunet_meddinov3.checkpoints.loading import (
     without_zero_qkv_biases,
 )
 from nnunet_meddinov3.data.intensity import INTENSITY_PRESETS
-from nnunet_meddinov3.network.encoder import DINOv3Encoder, resolve_encoder_config
+from nnunet_meddinov3.network.configs import resolve_encoder_config
+from nnunet_meddinov3.network.encoder import DINOv3Encoder
 
 
 def hf_config_hints(path: Path) -> dict:

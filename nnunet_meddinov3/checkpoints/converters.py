@@ -34,7 +34,7 @@ from nnunet_meddinov3.checkpoints.keys import (  # noqa: F401  (LayoutError, det
     detect_layout,
     teacher_state,
 )
-from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, FFN_LAYERS, EncoderConfig
+from nnunet_meddinov3.network.configs import ENCODER_CONFIGS, FFN_LAYERS, EncoderConfig
 
 # Keys of the reference model that have no counterpart when fine-tuning. ``local_cls_norm`` (SAT
 # ViT-L, 7B) normalises the cls token of local crops in training only: the reference's eval path,

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,8 @@ from nnunet_meddinov3.checkpoints.keys import (
 )
 from nnunet_meddinov3.data.intensity import IntensityError
 from nnunet_meddinov3.data.intensity import validate_intensity as validate_intensity_schema
-from nnunet_meddinov3.network.encoder import FFN_LAYERS, EncoderConfig
+from nnunet_meddinov3.durable_files import file_kind, write_atomically
+from nnunet_meddinov3.network.configs import FFN_LAYERS, EncoderConfig
 
 FORMAT_VERSION = 1
 METADATA_KEY = "meddinov3"  # safetensors metadata is str -> str: the whole header is one JSON string here
@@ -307,20 +307,9 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict, metadata: Checkp
     check_state_matches_metadata(tensors, metadata)
     metadata.metadata_sha256 = metadata.content_sha256()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: _canonical_json(metadata.to_dict())})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a shared cache needs the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    header = {"format": "pt", METADATA_KEY: _canonical_json(metadata.to_dict())}
+    write_atomically(path, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata=header),
+                     write_to="path", hidden=True)
     return metadata
 
 
@@ -343,12 +332,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    with open(path, "rb") as f:
-        start = f.read(9)
-    # safetensors begins with a little-endian u64 header length, then the JSON header ('{')
-    header_length = int.from_bytes(start[:8], "little") if len(start) == 9 else -1
-    looks_safetensors = start[8:9] == b"{" and 0 < 8 + header_length <= path.stat().st_size
-    if not looks_safetensors and (start[:2] == b"PK" or start[:1] == b"\x80"):  # torch.save zip / legacy pickle
+    if file_kind(path) in ("zip", "pickle"):  # torch.save's format / its legacy one
         raise CheckpointFormatError(
             f"'{path}' is a PyTorch (torch.save) checkpoint, not a safetensors file; convert it with "
             f"`meddinov3 weights convert {path} OUT.safetensors`")

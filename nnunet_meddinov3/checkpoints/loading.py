@@ -28,29 +28,15 @@ from nnunet_meddinov3.checkpoints.keys import (  # noqa: F401  (describe_checkpo
     has_nonzero_qkv_bias,
 )
 from nnunet_meddinov3.checkpoints.registry import resolve_weights
-from nnunet_meddinov3.network.encoder import (
-    ENCODER_CONFIGS,
-    ROPE_DTYPES,
-    DINOv3Encoder,
-    EncoderConfig,
-    reference_rope_periods,
-    resolve_encoder_config,
-)
+from nnunet_meddinov3.durable_files import file_kind
+from nnunet_meddinov3.network.configs import ENCODER_CONFIGS, EncoderConfig, resolve_encoder_config
+from nnunet_meddinov3.network.encoder import ROPE_DTYPES, DINOv3Encoder, reference_rope_periods
 
 logger = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(RuntimeError):
     """Checkpoint and encoder disagree; the message lists every difference and what would fit."""
-
-
-def is_safetensors_file(path: str | os.PathLike) -> bool:
-    """Whether the file's bytes are safetensors, whatever its name: an 8-byte little-endian header
-    length, then the JSON header."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:
@@ -71,12 +57,11 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, KeyError) as e:  # a text file makes the unpickler raise KeyError
-        if is_safetensors_file(path):
+        kind = file_kind(path)
+        if kind == "safetensors":
             raise ValueError(f"'{path}' is a safetensors file under another suffix; rename it to "
                              f"'{path.with_suffix('.safetensors').name}' (safetensors files are read by their suffix)") from e
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a raw pickle
+        if kind not in ("zip", "pickle"):  # torch.save's format or its legacy one, or a raw pickle
             raise ValueError(f"'{path}' is not a PyTorch checkpoint (neither a torch.save file nor a pickle); "
                              f"accepted: .safetensors (this project's format, timm, Hugging Face), .pth/.pt/.bin "
                              f"weight files (Meta, MedDINOv3, timm), dinov3 DCP folders") from e

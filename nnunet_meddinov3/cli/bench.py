@@ -26,12 +26,12 @@ REFERENCE_REPO_ENV = "MEDDINOV3_REFERENCE_REPO"
 
 def add_arguments(parser) -> None:
     from nnunet_meddinov3.benchmark.configs import COMPILE_MODES  # imports nothing heavy
-    from nnunet_meddinov3.cli.choices import DECODERS, ENCODERS
+    from nnunet_meddinov3.network.configs import DECODER_NAMES, ENCODER_CONFIGS
 
-    parser.add_argument("--encoders", nargs="+", default=["vitb16"], choices=ENCODERS,
+    parser.add_argument("--encoders", nargs="+", default=["vitb16"], choices=sorted(ENCODER_CONFIGS),
                         metavar="ENCODER", help="encoder configs (default vitb16; 'tiny' for smoke tests)")
     parser.add_argument("--decoders", nargs="+", default=["multiscale", "single", "bottleneck"],
-                        choices=DECODERS, metavar="DECODER",
+                        choices=sorted(DECODER_NAMES), metavar="DECODER",
                         help="decoders (default: multiscale single bottleneck)")
     parser.add_argument("--patch-sizes", nargs="+", type=int, default=[512, 896], metavar="PX",
                         help="square patch sizes, multiples of 16 (default 512 896)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from nnunet_meddinov3.evaluation.compare import DEFAULT_FOLDS
+from nnunet_meddinov3.evaluation.folders import DEFAULT_FOLDS
 
 
 def add_arguments(parser) -> None:
@@ -28,7 +28,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from nnunet_meddinov3.cli.datasets import trained_dataset_is_known
-    from nnunet_meddinov3.evaluation.compare import CompareError, compare_trainers, format_report, write_outputs
+    from nnunet_meddinov3.evaluation.compare import compare_trainers, write_outputs
+    from nnunet_meddinov3.evaluation.folders import CompareError
+    from nnunet_meddinov3.evaluation.report import format_report
 
     if not trained_dataset_is_known("compare", args.dataset):  # 'Liver': the trained datasets are named
         return 1

@@ -12,12 +12,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nnunet_meddinov3.cli.choices import ENCODERS, FEATURE_DEFAULT_INTENSITY as DEFAULT_INTENSITY
-from nnunet_meddinov3.cli.choices import FEATURE_FOREGROUND_THRESHOLD as DEFAULT_FOREGROUND_THRESHOLD
-from nnunet_meddinov3.cli.choices import FEATURE_INTENSITIES
+from nnunet_meddinov3.network.configs import ENCODER_CONFIGS
+from nnunet_meddinov3.visualize.feature_settings import (
+    DEFAULT_FOREGROUND_THRESHOLD,
+    DEFAULT_INTENSITY,
+    INTENSITY_PRESETS,
+)
 
 
 def add_arguments(parser) -> None:
+    encoders = sorted(ENCODER_CONFIGS)
     parser.add_argument("-i", "--image", required=True,
                         help="a 2D image or 3D volume in any format SimpleITK reads (NIfTI, MHA, NRRD, PNG, a "
                              "DICOM file or a folder holding one DICOM series)")
@@ -25,15 +29,15 @@ def add_arguments(parser) -> None:
                         help="slice of a 3D volume along the last SimpleITK axis (first numpy axis); default middle")
     parser.add_argument("--checkpoint", required=True, metavar="NAME_OR_PATH",
                         help="encoder weights: a registry name (meddinov3 weights list) or a file in any known layout")
-    parser.add_argument("--encoder", default=None, choices=ENCODERS, metavar="CONFIG",
-                        help="encoder config for weights that record none (one of: " + ", ".join(ENCODERS) + "; "
+    parser.add_argument("--encoder", default=None, choices=encoders, metavar="CONFIG",
+                        help="encoder config for weights that record none (one of: " + ", ".join(encoders) + "; "
                              "default: inferred from the file's layout and tensor shapes, as `meddinov3 weights "
                              "info` shows it)")
     parser.add_argument("--size", type=int, default=448,
                         help="the slice is resized to SIZE x SIZE; a multiple of 16 (default 448)")
     parser.add_argument("--point", nargs=2, type=float, default=None, metavar=("Y", "X"),
                         help="similarity query point, (row, column) in pixels of the original slice; default centre")
-    parser.add_argument("--intensity", default=None, choices=FEATURE_INTENSITIES,
+    parser.add_argument("--intensity", default=None, choices=tuple(INTENSITY_PRESETS),
                         help="intensity convention when the checkpoint records none (default "
                              f"{DEFAULT_INTENSITY}: clip [-1000, 1000] HU, (x - 65.1084) / 178.0166; minmax: volume "
                              "min-max then ImageNet mean/std, for the official DINOv3 weights; zscore: volume z-score)")

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import os
 
-from nnunet_meddinov3.cli.choices import DECODERS, PATCH_SIZE, VIT_SIZES
 from nnunet_meddinov3.cli.datasets import find_dataset
+from nnunet_meddinov3.network.configs import DECODER_NAMES, PATCH_SIZE, VIT_SIZES
 from nnunet_meddinov3.training import recipe
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (as for nnUNetv2_* commands)")
     parser.add_argument("-c", "--configurations", nargs="+", default=["2d", "2d_highres"],
-                        choices=("2d", "2d_highres"), help="configurations to preprocess (default: 2d 2d_highres)")
+                        choices=("2d", "2d_highres", "3d_fullres"),
+                        help="configurations to preprocess (default: 2d 2d_highres; all three are planned)")
     parser.add_argument("--vit", default=recipe.ENCODER, choices=VIT_SIZES,
                         help=f"ViT size written into the plans (default {recipe.ENCODER})")
-    parser.add_argument("--decoder", default=recipe.DECODER, choices=DECODERS,
+    parser.add_argument("--decoder", default=recipe.DECODER, choices=sorted(DECODER_NAMES),
                         help=f"decoder written into the plans (default {recipe.DECODER})")
     parser.add_argument("--target-patch", type=int, default=recipe.HIGHRES_PATCH,
                         help=f"longest side of the 2d_highres patch, a multiple of 16 (default {recipe.HIGHRES_PATCH}; "
@@ -102,7 +103,8 @@ def run(args) -> int:
     if not args.no_preprocess:
         configurations = [c for c in args.configurations if c in plans["configurations"]]
         for name in sorted(set(args.configurations) - set(configurations)):
-            print(f"{name}: not planned (--target-patch 0), so not preprocessed")
+            print(f"{name}: not planned ({'a 2D dataset' if name == '3d_fullres' else '--target-patch 0'}), "
+                  f"so not preprocessed")
         preprocess_dataset(dataset_id, args.plans_name, configurations, [args.num_processes] * len(configurations))
     if fine_tuning:
         print(f"Recipe in {args.plans_name} (each configuration's '{recipe.PLANS_KEY}' block): "
@@ -111,5 +113,8 @@ def run(args) -> int:
             print(f"Note: under the default plans name the results folder does not say which recipe it holds; "
                   f"--plans-name {recipe.PLANS_NAME}_<tag> gives it a folder of its own")
     print(f"Train with: nnUNetv2_train {dataset_id} 2d FOLD -tr nnUNetTrainerMedDINOv3 -p {args.plans_name}")
+    if "3d_fullres" in plans["configurations"]:
+        print(f"       3D: nnUNetv2_train {dataset_id} 3d_fullres FOLD -tr nnUNetTrainerMedDINOv3_3D -p {args.plans_name}"
+              + ("" if "3d_fullres" in args.configurations else " (preprocess it first: -c 3d_fullres)"))
     return 0
 

@@ -7,7 +7,7 @@
 Inputs are converted to nnU-Net-named files and predicted by nnU-Net's own predictor (results equal
 ``nnUNetv2_predict`` on the converted files); one ``NAME.nii.gz`` per case/series in OUTPUT with the input's
 geometry, plus ``NAME.json`` with the DICOM UIDs for DICOM series. Naming rules: see
-``nnunet_meddinov3.inference.clinical``.
+``nnunet_meddinov3.inference.inputs``.
 
 Exit status: 0 when at least one case was predicted (skipped ones are listed with the reason), 1 when none could
 be, 2 for setup errors (nnUNet_results not set, model folder or checkpoint missing, no inputs found).
@@ -82,7 +82,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from nnunet_meddinov3.cli.datasets import trained_dataset_is_known
     from nnunet_meddinov3.cli.env import ext_trainer_value
-    from nnunet_meddinov3.inference.clinical import PredictError, find_model_folder, predict_cases
+    from nnunet_meddinov3.inference.clinical import predict_cases
+    from nnunet_meddinov3.inference.model_folder import find_model_folder
+    from nnunet_meddinov3.inference.report import PredictError
 
     if not trained_dataset_is_known("predict", args.dataset):  # 'Liver': the trained datasets are named
         return 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nnunet_meddinov3.cli.choices import PROBE_METHODS
+from nnunet_meddinov3.evaluation.probe_methods import PROBE_METHODS
 
 RANDOM_PREFIX = "random:"
 
@@ -51,7 +51,8 @@ def encoder_for(source: str, seed: int, encoder_name: str | None = None):
     """(encoder, description) for one weights source; raises ValueError/FileNotFoundError with the reason."""
     import torch
 
-    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, DINOv3Encoder, resolve_encoder_config
+    from nnunet_meddinov3.network.configs import ENCODER_CONFIGS, resolve_encoder_config
+    from nnunet_meddinov3.network.encoder import DINOv3Encoder
 
     if source.startswith(RANDOM_PREFIX):
         import yaml

@@ -19,7 +19,8 @@ import shlex
 from collections import defaultdict
 from pathlib import Path
 
-from nnunet_meddinov3.cli.choices import CHECKPOINT_INTENSITIES
+from nnunet_meddinov3.checkpoints.download import FetchError, download_from_hub
+from nnunet_meddinov3.data.intensity import INTENSITY_PRESETS as CHECKPOINT_INTENSITIES
 
 
 def add_arguments(parser) -> None:
@@ -69,7 +70,7 @@ def run(args) -> int:
 def checkpoint_path(value: str | Path, *, folder_ok: bool = True) -> Path:
     """``value`` as a path that exists and can hold weights, or a ValueError/FileNotFoundError saying what
     to give instead: no empty file, and a folder only where a dinov3 DCP checkpoint folder is accepted."""
-    from nnunet_meddinov3.checkpoints.loading import is_safetensors_file
+    from nnunet_meddinov3.durable_files import is_safetensors_file
     from pretrain.engine.checkpoint import is_training_checkpoint
 
     path = Path(value).expanduser()
@@ -260,13 +261,12 @@ def cmd_verify(args) -> int:
     import torch
 
     from nnunet_meddinov3.checkpoints import build_encoder_from_checkpoint, read_checkpoint
-    from nnunet_meddinov3.network.encoder import default_feature_layers
+    from nnunet_meddinov3.durable_files import file_kind
+    from nnunet_meddinov3.network.configs import default_feature_layers
 
     path = checkpoint_path(args.file, folder_ok=False)
     if path.suffix != ".safetensors":
-        with open(path, "rb") as f:
-            head = f.read(4)
-        what = ("a PyTorch (torch.save) checkpoint" if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+        what = ("a PyTorch (torch.save) checkpoint" if file_kind(path) in ("zip", "pickle")
                 else "neither a safetensors file nor a PyTorch checkpoint")
         raise ValueError(f"'{path}' is {what}; verify checks .safetensors files in this project's format. Convert a "
                          f"checkpoint with `meddinov3 weights convert {shlex.quote(str(path))} OUT.safetensors`, "
@@ -309,68 +309,6 @@ def cmd_merge_lora(args) -> int:
 
 
 # --- fetch -------------------------------------------------------------------------------------
-
-class FetchError(RuntimeError):
-    pass
-
-
-def _endpoint_reachable(endpoint: str, timeout: float = 5.0) -> str | None:
-    """None if a TCP connection to the hub endpoint opens, else why not (fails fast when offline,
-    where huggingface_hub would retry for half a minute)."""
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return None
-    except OSError as e:
-        return f"{url.hostname}:{port}: {e.strerror or e}"
-
-
-def download_from_hub(repo_id: str, filename: str, revision: str | None = None) -> Path:
-    try:
-        import huggingface_hub
-        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            GatedRepoError,
-            HfHubHTTPError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-        )
-    except ImportError as e:
-        raise FetchError("fetching needs huggingface_hub: pip install 'nnunet-meddinov3[hub]'") from e
-
-    where = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
-    cached = try_to_load_from_cache(repo_id, filename, revision=revision)
-    if isinstance(cached, str):
-        return Path(cached)
-    offline_help = (f"Download it on a machine with internet access (huggingface.co/{repo_id}, file {filename}) "
-                    "and pass its path to `meddinov3 weights convert`, or copy the Hugging Face cache over")
-    if constants.HF_HUB_OFFLINE:
-        raise FetchError(f"cannot fetch {where}: HF_HUB_OFFLINE is set and the file is not in the local "
-                         f"Hugging Face cache ({constants.HF_HUB_CACHE}). Unset HF_HUB_OFFLINE, or: {offline_help}.")
-    problem = _endpoint_reachable(constants.ENDPOINT)
-    if problem:
-        raise FetchError(f"cannot fetch {where}: the hub at {constants.ENDPOINT} is unreachable ({problem}); "
-                         f"you seem to be offline. {offline_help}.")
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except GatedRepoError as e:
-        raise FetchError(f"{repo_id} is gated: accept its licence on huggingface.co/{repo_id}, then log in "
-                         "(`hf auth login`) or set HF_TOKEN, and fetch again") from e
-    except RepositoryNotFoundError as e:
-        raise FetchError(f"repository {repo_id} not found (or private and you are not logged in)") from e
-    except LocalEntryNotFoundError as e:
-        raise FetchError(f"cannot fetch {where}: the hub could not be reached and the file is not cached. "
-                         f"{offline_help}.") from e
-    except EntryNotFoundError as e:
-        raise FetchError(f"{repo_id} has no file {filename}; the registry entry needs fixing") from e
-    except (HfHubHTTPError, OSError, huggingface_hub.errors.HFValidationError) as e:
-        raise FetchError(f"cannot fetch {where}: {e}") from e
-
 
 def cmd_fetch(args) -> int:
     from nnunet_meddinov3.checkpoints.registry import cache_dir, converted_path, registry_entries

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_meddinov3.data.preprocessed import PreprocessedNotFound, find_preprocessed
-from nnunet_meddinov3.network.encoder import PATCH_SIZE, default_feature_layers
+from nnunet_meddinov3.evaluation.probe_methods import PROBE_METHODS
+from nnunet_meddinov3.network.configs import PATCH_SIZE, default_feature_layers
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +243,6 @@ def summarise(per_case: dict, class_names: dict[int, str]) -> dict:
         per_class[name] = float(np.mean(values)) if values else float("nan")
     finite = [v for v in per_class.values() if not math.isnan(v)]
     return {"per_class": per_class, "mean": float(np.mean(finite)) if finite else float("nan")}
-
-
-PROBE_METHODS = ("linear", "knn")  # cli/choices.py spells them out for --help
 
 
 def probe_encoders(encoders: dict, train: ProbeSlices, val: ProbeSlices, layers: list[int] | None = None,

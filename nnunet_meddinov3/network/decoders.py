@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nnunet_meddinov3.network.configs import DECODER_NAMES
 from nnunet_meddinov3.network.upsampling_cpu import (
     ReusableBuffers,
     UpsamplingStackFunction,
@@ -202,8 +203,7 @@ class BottleneckDecoder(_TokenDecoder):
         return self.upsample.forward_tokens(self.project.forward_tokens(torch.cat(list(tokens), dim=-1)), grid)
 
 
-DECODERS = {
-    "multiscale": MultiScaleAggregationDecoder,
-    "single": SingleScaleDecoder,
-    "bottleneck": BottleneckDecoder,
-}
+# The classes of the names in configs.DECODER_NAMES, in that order (the names live there, so that the
+# command line offers them without importing torch).
+DECODERS = dict(zip(DECODER_NAMES, (MultiScaleAggregationDecoder, SingleScaleDecoder, BottleneckDecoder),
+                    strict=True))

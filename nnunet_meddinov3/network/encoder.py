@@ -13,138 +13,31 @@ Everything here is built from hyperparameters only; weights are loaded by
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import LayerNorm
-from timm.models.eva import Eva, EvaBlock
-from torch.utils.checkpoint import checkpoint
 
+from nnunet_meddinov3.network.configs import FFN_LAYERS, EncoderConfig, resolve_encoder_config
 from nnunet_meddinov3.network.timm_adapter import (
+    Eva,
+    EvaBlock,
+    LayerNorm,
     PeriodsRotaryEmbedding,
+    attention_branch,
     check_ffn_width,
     embed_tokens,
     ffn_kwargs,
+    mlp_branch,
     replace_block_class,
     replace_qk_norm,
     replace_rope,
+    rotary_embedding,
+    run_blocks,
+    token_norm,
+    transformer_blocks,
 )
-
-PATCH_SIZE = 16
-
-
-# The reference's feed-forward layers (``ffn_layer``) -> the width its hidden size is rounded up to
-# (0: a plain GELU MLP). A SwiGLU layer of ratio r on width D has hidden size int(int(D * r) * 2 / 3)
-# rounded up to that multiple: 4D for S+/L+/H+ (r = 6), 2D for 7B (r = 3).
-FFN_LAYERS = {"mlp": 0, "swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
-
-# Fields added after checkpoint format 1: ``to_dict`` leaves them out at their defaults, so the
-# metadata (and its hash) of every encoder that could be written before stays byte for byte the same.
-_LATER_FIELDS = {"ffn_layer": "mlp", "untie_cls_and_patch_norms": False}
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Everything needed to rebuild a DINOv3 ViT/16 (the reference's constructor arguments).
-
-    ``mlp_ratio`` is the reference's ``ffn_ratio`` and ``ffn_layer`` its FFN name (see FFN_LAYERS);
-    ``untie_cls_and_patch_norms`` gives the cls and storage tokens a final norm of their own
-    (``cls_norm``). The reference's other untied norm, ``local_cls_norm`` (SAT ViT-L, 7B), only
-    ever sees local crops in training, so an encoder for dense features has no use for it.
-    """
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    ffn_layer: str = "mlp"
-    untie_cls_and_patch_norms: bool = False
-    n_storage_tokens: int = 4
-    qkv_bias: bool = True
-    layer_scale_init: float = 1e-5
-    norm_eps: float = 1e-5
-    rope_base: float = 100.0
-    rope_normalize_coords: str = "separate"
-    rope_dtype: str = "fp32"  # "fp32" or "bf16" (MedDINOv3 release)
-    patch_size: int = PATCH_SIZE
-    drop_path_rate: float = 0.0
-
-    def replace(self, **overrides) -> "EncoderConfig":
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise TypeError(f"unknown encoder option(s) {sorted(unknown)}; "
-                            f"valid: {sorted(f.name for f in dataclasses.fields(self))}")
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict:
-        """All fields, but those added after checkpoint format 1 only where they differ from their
-        default (see ``_LATER_FIELDS``); ``EncoderConfig(**d)`` restores the config either way."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def gated_ffn(self) -> bool:
-        return FFN_LAYERS[self.ffn_layer] > 0
-
-    @property
-    def ffn_hidden_features(self) -> int:
-        """The reference's hidden width of the feed-forward layer of each block."""
-        hidden = int(self.embed_dim * self.mlp_ratio)
-        align = FFN_LAYERS[self.ffn_layer]
-        if not align:
-            return hidden
-        hidden = int(hidden * 2 / 3)
-        return hidden + (-hidden % align)
-
-
-# Official DINOv3 layouts, by Meta's hub names without ``dinov3_`` (hub/backbones.py: qkv bias
-# present, LayerNorm eps 1e-5, RoPE fp32, 4 storage tokens). The 7B has no qkv bias; its untied
-# global/local cls norm, like the SAT ViT-L's, is training-only (see EncoderConfig).
-ENCODER_CONFIGS: dict[str, EncoderConfig] = {
-    "tiny": EncoderConfig(embed_dim=64, depth=4, num_heads=4),
-    "vits16": EncoderConfig(embed_dim=384, depth=12, num_heads=6),
-    "vits16plus": EncoderConfig(embed_dim=384, depth=12, num_heads=6, mlp_ratio=6.0, ffn_layer="swiglu"),
-    "vitb16": EncoderConfig(embed_dim=768, depth=12, num_heads=12),
-    "vitl16": EncoderConfig(embed_dim=1024, depth=24, num_heads=16),
-    "vitl16plus": EncoderConfig(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=6.0, ffn_layer="swiglu"),
-    "vith16plus": EncoderConfig(embed_dim=1280, depth=32, num_heads=20, mlp_ratio=6.0, ffn_layer="swiglu"),
-    "vit7b16": EncoderConfig(embed_dim=4096, depth=40, num_heads=32, mlp_ratio=3.0, ffn_layer="swiglu64",
-                             qkv_bias=False),
-}
-
-# What the MedDINOv3 CT release changes relative to the official layout (its ``vit_base(...)`` call).
-MEDDINOV3_LAYOUT = dict(qkv_bias=False, norm_eps=1e-6, rope_dtype="bf16", layer_scale_init=1e-5,
-                        n_storage_tokens=4)
-for _size in ("tiny", "vits16", "vitb16", "vitl16"):
-    ENCODER_CONFIGS[f"meddinov3_{_size}"] = ENCODER_CONFIGS[_size].replace(**MEDDINOV3_LAYOUT)
-
-
-def resolve_encoder_config(name_or_config: str | EncoderConfig | dict, **overrides) -> EncoderConfig:
-    if isinstance(name_or_config, EncoderConfig):
-        config = name_or_config
-    elif isinstance(name_or_config, dict):
-        config = EncoderConfig(**name_or_config)
-    elif name_or_config in ENCODER_CONFIGS:
-        config = ENCODER_CONFIGS[name_or_config]
-    else:
-        raise KeyError(f"unknown encoder '{name_or_config}'; known: {', '.join(sorted(ENCODER_CONFIGS))}")
-    return config.replace(**overrides) if overrides else config
-
-
-def default_feature_layers(depth: int, n: int = 4) -> tuple[int, ...]:
-    """Evenly spaced blocks ending at the last one: (2, 5, 8, 11) for depth 12, as in the paper; every
-    block where the depth is below ``n`` (depth 2: (0, 1)), since timm returns a block repeated in
-    ``indices`` only once and the decoder's width is set by the number of layers."""
-    # round() halves to even: without the clamp round(0.5) - 1 would be block -1 for depth 2
-    return tuple(dict.fromkeys(max(round((i + 1) * depth / n) - 1, 0) for i in range(n)))
 
 
 def reference_rope_periods(config: EncoderConfig) -> torch.Tensor:
@@ -196,14 +89,6 @@ class BatchSubsetStochasticDepthBlock(EvaBlock):
 
     sample_drop_ratio: float = 0.0
 
-    def _attention_branch(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-        y = self.attn(self.norm1(x), rope=rope)
-        return y if self.gamma_1 is None else self.gamma_1 * y
-
-    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.mlp(self.norm2(x))
-        return y if self.gamma_2 is None else self.gamma_2 * y
-
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 **kwargs):
         # kwargs: what newer timm blocks take besides (is_causal since 1.0.26), passed on unchanged
@@ -215,9 +100,9 @@ class BatchSubsetStochasticDepthBlock(EvaBlock):
         b = x.shape[0]
         subset = max(int(b * (1 - self.sample_drop_ratio)), 1)
         keep = torch.randperm(b, device=x.device)[:subset]
-        x = torch.index_add(x, 0, keep, self._attention_branch(x[keep], rope), alpha=b / subset)
+        x = torch.index_add(x, 0, keep, attention_branch(self, x[keep], rope), alpha=b / subset)
         keep = torch.randperm(b, device=x.device)[:subset]
-        return torch.index_add(x, 0, keep, self._mlp_branch(x[keep]), alpha=b / subset)
+        return torch.index_add(x, 0, keep, mlp_branch(self, x[keep]), alpha=b / subset)
 
 
 class DINOv3Encoder(nn.Module):
@@ -258,7 +143,7 @@ class DINOv3Encoder(nn.Module):
         check_ffn_width(self.vit, config.ffn_hidden_features)
         # Same parameters and keys; only forward differs (timm builds its blocks itself).
         replace_block_class(self.vit, BatchSubsetStochasticDepthBlock)
-        for block in self.vit.blocks:
+        for block in transformer_blocks(self.vit):
             block.sample_drop_ratio = config.drop_path_rate
         rope_dtype = ROPE_DTYPES[config.rope_dtype]
         replace_rope(self.vit, ReferenceRotaryEmbedding(
@@ -280,7 +165,7 @@ class DINOv3Encoder(nn.Module):
     def set_rope_coordinate_rescaling(self, factor: float | None) -> None:
         """See :meth:`ReferenceRotaryEmbedding.set_coordinate_rescaling`; a pretraining option, not part
         of the encoder's identity (checkpoints do not record it, fine-tuning does not use it)."""
-        self.vit.rope.set_coordinate_rescaling(factor)
+        rotary_embedding(self.vit).set_coordinate_rescaling(factor)
 
     def intermediate_features(self, x: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
         """Normalised patch tokens of the given blocks (0-based) as (B, C, H/16, W/16) maps.
@@ -327,20 +212,16 @@ class DINOv3Encoder(nn.Module):
                 return torch.where(grid_mask, mask_token.to(patches.dtype).view(1, 1, 1, -1), patches)
 
         tokens, rope = embed_tokens(vit, x, hook)
-        for block in vit.blocks:
-            if vit.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, rope=rope, use_reentrant=False)
-            else:
-                tokens = block(tokens, rope=rope)
-        return self.token_dict(self.final_norm(tokens))
+        return self.token_dict(self.final_norm(run_blocks(vit, tokens, rope)))
 
     def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         """The reference's final norm of (B, 1 + R + P, D) tokens: ``norm`` for all of them, or with
         untied norms ``cls_norm`` for the cls and storage tokens and ``norm`` for the patches."""
+        norm = token_norm(self.vit)
         if not self.config.untie_cls_and_patch_norms:
-            return self.vit.norm(tokens)
+            return norm(tokens)
         n_prefix = 1 + self.config.n_storage_tokens
-        return torch.cat([self.vit.cls_norm(tokens[:, :n_prefix]), self.vit.norm(tokens[:, n_prefix:])], dim=1)
+        return torch.cat([self.vit.cls_norm(tokens[:, :n_prefix]), norm(tokens[:, n_prefix:])], dim=1)
 
     def token_dict(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """The reference's token dict from normalised (B, 1 + R + P, D) tokens; built here only."""

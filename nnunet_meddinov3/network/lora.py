@@ -22,9 +22,9 @@ import re
 import torch
 import torch.nn as nn
 
+from nnunet_meddinov3.network.configs import LORA_TARGET_NAMES as TARGETS
 from nnunet_meddinov3.network.timm_adapter import route_qkv_through_module
 
-TARGETS = ("qkv", "proj", "mlp")
 RECORD_NAME = "lora"  # encoder.lora: the LoRARecord
 _ADAPTER = "default"  # peft's adapter name (one adapter per network)
 _BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.\w+)")

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nnunet_meddinov3.network.configs import default_feature_layers, resolve_encoder_config
 from nnunet_meddinov3.network.decoders import DECODERS
-from nnunet_meddinov3.network.encoder import DINOv3Encoder, default_feature_layers, resolve_encoder_config
+from nnunet_meddinov3.network.encoder import DINOv3Encoder
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None, "none": None, "fp32": None}
 

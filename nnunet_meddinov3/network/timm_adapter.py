@@ -1,16 +1,22 @@
 """Every use of timm internals, in one place, so a timm upgrade is checked here and nowhere else.
 
 The encoder is timm's ``Eva`` (public constructor, public ``forward_intermediates`` /
-``forward_features``). Matching Meta's DINOv3 reference and running iBOT's masked forward needs a
-few things timm does not offer publicly; each one is a function or class below, and
+``forward_features``), built from the classes imported here (``Eva``, ``EvaBlock``, ``LayerNorm``),
+so timm is imported nowhere else. Matching Meta's DINOv3 reference and running iBOT's masked forward
+needs a few things timm does not offer publicly; each one is a function or class below, and
 tests/test_timm_adapter.py checks the assumptions it makes against the installed timm:
 
 - :func:`embed_tokens`: ``Eva._pos_embed`` (prefix tokens + the RoPE table of the grid), so a
   caller can change the patch embeddings (iBOT's mask token) before the blocks;
+- :func:`run_blocks`, :func:`token_norm`: the rest of ``Eva.forward_features`` (``Eva.blocks``, its
+  ``grad_checkpointing`` flag, ``Eva.norm``), after :func:`embed_tokens`;
+- :func:`transformer_blocks`: ``Eva.blocks``;
+- :func:`attention_branch`, :func:`mlp_branch`: an ``EvaBlock``'s residual branches (``norm1``,
+  ``attn``, ``gamma_1``; ``norm2``, ``mlp``, ``gamma_2``), for a block class that runs them itself;
 - :func:`replace_block_class`: ``block.__class__`` of the ``EvaBlock`` s timm built (same
   parameters and keys, another ``forward``);
 - :func:`replace_qk_norm`: the (identity) ``attn.q_norm`` / ``attn.k_norm`` of each block;
-- :func:`replace_rope`: ``Eva.rope``;
+- :func:`replace_rope`, :func:`rotary_embedding`: ``Eva.rope``;
 - :func:`route_qkv_through_module`: ``EvaAttention.qkv_bias_separate``, so the fused qkv projection
   goes through the ``qkv`` module (and a LoRA wrapper of it) when there is a q bias;
 - :class:`PeriodsRotaryEmbedding`: ``RotaryEmbeddingDinoV3._create_embed`` overridden, and the
@@ -35,6 +41,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 with warnings.catch_warnings():
     # timm < 1.0.25 declares a torch.jit.interface (models/hrnet.py) that torch >= 2.14 warns about at
@@ -42,6 +49,7 @@ with warnings.catch_warnings():
     # makes a fresh install take such a timm, so the warning is silenced here, where timm is imported
     warnings.filterwarnings("ignore", message=".*torch.jit.interface.*", category=FutureWarning)
     import timm
+    from timm.layers import LayerNorm  # noqa: F401 - the encoder's norm layer, imported from here
     from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
     from timm.models.eva import Eva, EvaBlock
 
@@ -84,6 +92,49 @@ def embed_tokens(vit: Eva, x: torch.Tensor,
     return vit.norm_pre(tokens), rope
 
 
+def recomputes_in_backward(vit: Eva) -> bool:
+    """Whether blocks run now are recomputed in the backward pass: ``vit.set_grad_checkpointing()``
+    turned that on, and gradients are being recorded."""
+    return vit.grad_checkpointing and torch.is_grad_enabled()
+
+
+def run_block(vit: Eva, block: EvaBlock, tokens: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    """One block of ``Eva.forward_features``, checkpointed as :func:`recomputes_in_backward` says."""
+    if recomputes_in_backward(vit):
+        return checkpoint(block, tokens, rope=rope, use_reentrant=False)
+    return block(tokens, rope=rope)
+
+
+def run_blocks(vit: Eva, tokens: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    """The blocks of ``Eva.forward_features`` on :func:`embed_tokens`' output."""
+    for block in vit.blocks:
+        tokens = run_block(vit, block, tokens, rope)
+    return tokens
+
+
+def token_norm(vit: Eva) -> nn.Module:
+    """``Eva.norm``, the final norm of all tokens (the encoder builds ``Eva`` without ``fc_norm``)."""
+    return vit.norm
+
+
+def transformer_blocks(vit: Eva) -> list[EvaBlock]:
+    """The blocks of ``vit``, in order."""
+    return list(vit.blocks)
+
+
+def attention_branch(block: EvaBlock, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    """The attention residual branch of ``block`` without its drop path: ``gamma_1 * attn(norm1(x))``
+    (no factor without layer scale)."""
+    y = block.attn(block.norm1(x), rope=rope)
+    return y if block.gamma_1 is None else block.gamma_1 * y
+
+
+def mlp_branch(block: EvaBlock, x: torch.Tensor) -> torch.Tensor:
+    """The feed-forward residual branch of ``block`` without its drop path: ``gamma_2 * mlp(norm2(x))``."""
+    y = block.mlp(block.norm2(x))
+    return y if block.gamma_2 is None else block.gamma_2 * y
+
+
 def replace_block_class(vit: Eva, cls: type[EvaBlock]) -> None:
     """Give every block of ``vit`` the class ``cls``, a subclass of ``EvaBlock`` that only changes
     ``forward``: timm builds its blocks itself, and this keeps their parameters and keys."""
@@ -106,6 +157,11 @@ def replace_qk_norm(vit: Eva, make_norm: Callable[[], nn.Module]) -> None:
 def replace_rope(vit: Eva, rope: RotaryEmbeddingDinoV3) -> None:
     """Use ``rope`` as the model's rotary embedding (``_pos_embed`` asks it for each grid's table)."""
     vit.rope = rope
+
+
+def rotary_embedding(vit: Eva) -> RotaryEmbeddingDinoV3:
+    """The model's rotary embedding (the encoder's own, once :func:`replace_rope` put it there)."""
+    return vit.rope
 
 
 def route_qkv_through_module(vit: Eva) -> None:

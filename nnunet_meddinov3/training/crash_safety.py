@@ -23,32 +23,26 @@ own bookkeeping (learning rate of epoch ``e``, one log entry per epoch, best-EMA
 iterations epoch ``e`` had already done stay in the weights and optimizer state rather than being thrown
 away, so an interrupted run trains at most one epoch more than an uninterrupted one, never less.
 
-This module imports nothing from nnU-Net: ``meddinov3 predict`` uses its checkpoint check too.
+The reading of nnU-Net checkpoints lives in :mod:`nnunet_meddinov3.nnunet_checkpoints` (``meddinov3
+predict`` checks checkpoints too), the writing, the leftovers and the search for the newest readable file in
+:mod:`nnunet_meddinov3.durable_files`, the signal guard in :mod:`nnunet_meddinov3.stop_signals`; this module
+is the trainer side only.
 """
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import signal
-import sys
 
 import torch
 
-# nnU-Net's own order for --c (nnunetv2/run/run_training.py, maybe_load_checkpoint): newest first
-CHECKPOINT_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
-TEMP_SUFFIX = ".tmp"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format; the legacy one starts with a pickle header
+from nnunet_meddinov3 import durable_files
+from nnunet_meddinov3.durable_files import remove_stale_temporaries, write_atomically
+from nnunet_meddinov3.nnunet_checkpoints import CHECKPOINT_ORDER, CheckpointUnreadable, first_line
+from nnunet_meddinov3.stop_signals import PREEMPTION_SIGNALS, StopSignals
 
-
-class CheckpointUnreadable(RuntimeError):
-    """A checkpoint file that cannot be read; the message names it and says why."""
-
-    def __init__(self, path: str, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{path} cannot be read ({reason}): it was probably cut short by a killed write or a "
-                         f"full disk")
+STOP_NOTICE = ("\n{signal} received: stopping at the end of the current iteration to save checkpoint_latest.pth "
+               "(send it again to stop at once)\n")
 
 
 class TrainingStopped(Exception):
@@ -57,140 +51,6 @@ class TrainingStopped(Exception):
     def __init__(self, signum: int):
         self.signum = signum
         super().__init__(signal.Signals(signum).name)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def read_checkpoint_lazily(path: str) -> dict:
-    """An nnU-Net checkpoint's contents with its tensors memory-mapped (a zip file) or read whole (the
-    legacy format); :class:`CheckpointUnreadable` if it is empty, truncated or not an nnU-Net checkpoint.
-    A truncated zip has lost its central directory, which sits at the end: the cheap memory-mapped open
-    already fails on it."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(len(_ZIP_MAGIC))
-    except OSError as e:
-        raise CheckpointUnreadable(path, _first_line(e)) from None
-    if not magic:
-        raise CheckpointUnreadable(path, "empty file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=magic == _ZIP_MAGIC)
-    except Exception as e:  # torch raises RuntimeError, pickle's errors, EOFError, ... depending on the damage
-        raise CheckpointUnreadable(path, _first_line(e)) from None
-    if not isinstance(checkpoint, dict) or not {"network_weights", "current_epoch"} <= checkpoint.keys():
-        raise CheckpointUnreadable(path, "not an nnU-Net checkpoint: no network_weights / current_epoch")
-    return checkpoint
-
-
-def unreadable_reason(path: str) -> str | None:
-    """Why ``path`` cannot be read as a checkpoint, or None if it can."""
-    try:
-        read_checkpoint_lazily(path)
-    except CheckpointUnreadable as e:
-        return e.reason
-    return None
-
-
-def _fsync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some network file systems refuse fsync on a folder; the rename itself has happened
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(target: str, write) -> None:
-    """``write(temp_path)``, then make that file ``target`` in one step: fsync it, rename it onto
-    ``target`` (atomic within a file system), fsync the folder so the rename survives a power loss.
-    The temporary name carries the process id, so a stale one left by a killed process is never reused
-    and :func:`remove_stale_temp_files` can tell what it is."""
-    folder, name = os.path.split(os.path.abspath(target))
-    temp = os.path.join(folder, f".{name}.{os.getpid()}{TEMP_SUFFIX}")
-    try:
-        write(temp)
-        with open(temp, "rb") as f:  # fsync flushes the file's data whichever descriptor asks
-            os.fsync(f.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temp)
-        raise
-    _fsync_folder(folder)
-
-
-def remove_stale_temp_files(folder: str) -> list[str]:
-    """Remove the temporary checkpoint files that a killed ``atomic_write`` left in ``folder``."""
-    removed = []
-    for path in glob.glob(os.path.join(glob.escape(folder), f".checkpoint_*.pth.*{TEMP_SUFFIX}")):
-        if path.endswith(f".{os.getpid()}{TEMP_SUFFIX}"):
-            continue
-        with contextlib.suppress(OSError):
-            os.remove(path)
-            removed.append(path)
-    return removed
-
-
-class StopSignals:
-    """While active, the first SIGTERM / SIGUSR1 only records itself (``requested``); a second one
-    restores the previous handlers and is delivered again, so an impatient second signal still ends the
-    process at once (safe: checkpoints are written atomically). On exit the previous handlers are back.
-
-    nnU-Net's augmentation workers are forked while this is active and inherit the handler. A signal sent
-    to the whole process group (SLURM, ``kill -TERM -PGID``) reaches them too: a worker lets the first one
-    pass, so the trainer's current iteration still gets its batch and the trainer shuts its workers down
-    after saving (as nnU-Net does at the end of training); a second one (nnU-Net's ``terminate()`` of a
-    worker that did not stop in time) ends the worker as the default would. Where handlers cannot be set
-    (not the main thread) nothing is installed."""
-
-    def __init__(self, signals=STOP_SIGNALS):
-        self.signals, self.requested, self.previous = tuple(signals), None, {}
-        self._spared_in: int | None = None  # the forked worker that has let one signal pass
-
-    def __enter__(self):
-        self.owner = os.getpid()
-        try:
-            for signum in self.signals:
-                self.previous[signum] = signal.signal(signum, self._handle)
-        except ValueError:  # not the main thread of the main interpreter
-            self.restore()
-        return self
-
-    def __exit__(self, *exc):
-        self.restore()
-        return False
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self.previous = {}
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self.owner:  # a forked worker (see the class docstring)
-            if self._spared_in != os.getpid():
-                self._spared_in = os.getpid()
-                return
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if self.requested is not None:
-            self.restore()
-            os.kill(os.getpid(), signum)
-            return
-        self.requested = signum
-        # os.write, not print: a handler that prints while the main thread is printing raises
-        # "reentrant call" in the middle of training
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.write(sys.stderr.fileno(), (f"\n{signal.Signals(signum).name} received: stopping at the end of the "
-                                           f"current iteration to save checkpoint_latest.pth (send it again to "
-                                           f"stop at once)\n").encode())
 
 
 class CrashSafeTraining:
@@ -209,7 +69,8 @@ class CrashSafeTraining:
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # writes nothing (and says so when checkpointing is disabled)
             return
-        atomic_write(filename, super().save_checkpoint)
+        # hidden temporaries: the output folder is one users browse
+        write_atomically(filename, super().save_checkpoint, write_to="path", hidden=True)
 
     # --- reading (--c) -------------------------------------------------------------------------------
 
@@ -227,23 +88,21 @@ class CrashSafeTraining:
     def first_readable(self, filename: str, read):
         """(path, read(path)) for the first of :meth:`resume_candidates` that ``read`` can read (it raises
         :class:`CheckpointUnreadable` otherwise), with a warning naming each file passed over."""
-        candidates, bad = self.resume_candidates(filename), []
-        for path in candidates:
-            try:
-                result = read(path)
-            except CheckpointUnreadable as e:
-                bad.append(e)
-                continue
-            for e in bad:
-                self.print_to_log_file(f"WARNING: {e}. Going on from {os.path.basename(path)} instead; the bad file "
-                                       f"is left in place and replaced when this run next writes it.")
-            self.resumed_from = path
-            return path, result
-        if len(candidates) == 1:
-            raise bad[0]
-        raise CheckpointUnreadable(os.path.dirname(os.path.abspath(filename)), "no readable checkpoint: " + "; ".join(
-            f"{os.path.basename(e.path)}: {e.reason}" for e in bad) + ". Move these files aside to start a new "
-            "training (nnUNetv2_train without --c), or put back an intact copy")
+        candidates = self.resume_candidates(filename)
+        path, result, passed_over = durable_files.first_readable(candidates, read, CheckpointUnreadable)
+        bad = [error for _, error in passed_over]
+        if path is None:
+            if len(candidates) == 1:
+                raise bad[0]
+            listed = "; ".join(f"{os.path.basename(e.path)}: {e.reason}" for e in bad)
+            raise CheckpointUnreadable(os.path.dirname(os.path.abspath(filename)), f"no readable checkpoint: {listed}. "
+                                       "Move these files aside to start a new training (nnUNetv2_train without --c), "
+                                       "or put back an intact copy")
+        for e in bad:
+            self.print_to_log_file(f"WARNING: {e}. Going on from {os.path.basename(path)} instead; the bad file "
+                                   f"is left in place and replaced when this run next writes it.")
+        self.resumed_from = path
+        return path, result
 
     # --- the training loop ---------------------------------------------------------------------------
 
@@ -260,9 +119,9 @@ class CrashSafeTraining:
                 + self.finished_run_note())
             return
         if self.local_rank == 0:
-            for path in remove_stale_temp_files(self.output_folder):
+            for path in remove_stale_temporaries(self.output_folder):
                 self.print_to_log_file(f"Removed {path}: a checkpoint write that was killed before it finished")
-        with StopSignals() as self._stop:
+        with StopSignals(PREEMPTION_SIGNALS, notice=STOP_NOTICE) as self._stop:
             try:
                 super().run_training()
             except Exception as error:
@@ -302,7 +161,7 @@ class CrashSafeTraining:
         to be restarted, see the module docstring), shut the augmentation workers down, exit."""
         name, epoch = signal.Signals(signum).name, self.current_epoch
         if not isinstance(error, TrainingStopped):  # e.g. the workers got the signal too and died first
-            self.print_to_log_file(f"(while stopping: {_first_line(error)})", also_print_to_console=False)
+            self.print_to_log_file(f"(while stopping: {first_line(error)})", also_print_to_console=False)
         if self.was_initialized:
             for values in self.logger.get_checkpoint().values():
                 del values[epoch:]  # one entry per finished epoch, as nnU-Net's logger requires on --c

@@ -22,10 +22,10 @@ from nnunet_meddinov3.checkpoints.keys import PATCH_EMBED_KEY
 from nnunet_meddinov3.checkpoints.loading import build_encoder_from_checkpoint
 from nnunet_meddinov3.data.intensity import INTENSITY_PRESETS
 from nnunet_meddinov3.network import lora
-from nnunet_meddinov3.network.encoder import EncoderConfig, resolve_encoder_config
+from nnunet_meddinov3.network.configs import EncoderConfig, resolve_encoder_config
+from nnunet_meddinov3.nnunet_checkpoints import read_checkpoint_lazily
 from nnunet_meddinov3.training import recipe
 from nnunet_meddinov3.training import trainer as trainers
-from nnunet_meddinov3.training.crash_safety import read_checkpoint_lazily
 
 NETWORK_PREFIX = "encoder."  # MedDINOv3Net.encoder
 

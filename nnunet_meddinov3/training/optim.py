@@ -31,14 +31,16 @@ def group_base_lr(name: str, depth: int, *, encoder_lr: float, decoder_lr: float
 
 def parameter_groups(network: nn.Module, *, encoder_lr: float, decoder_lr: float, weight_decay: float,
                      layer_decay: float = 1.0, freeze_encoder: bool = False) -> list[dict]:
-    """AdamW groups for a MedDINOv3Net: the decoder first (nnU-Net logs group 0's LR), then the
+    """AdamW groups for a MedDINOv3Net: the new parts first, as group ``decoder`` (the decoder and, in the
+    3D network, the slice context: all that is not the pretrained encoder; nnU-Net logs group 0's LR), then the
     encoder, one group per depth level when ``layer_decay`` < 1 (block i gets
     ``encoder_lr * layer_decay ** (depth + 1 - (i + 1))``). A frozen encoder gets no group and
     ``requires_grad=False``, so it costs no optimizer state.
     """
     encoder = network.encoder
     depth = encoder.depth
-    groups = [{"name": "decoder", "params": [p for p in network.decoder.parameters() if p.requires_grad],
+    new_parts = [p for name, p in network.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
+    groups = [{"name": "decoder", "params": new_parts,
                "lr": decoder_lr, "base_lr": decoder_lr, "weight_decay": weight_decay}]
     if freeze_encoder:
         for p in encoder.parameters():

@@ -1,9 +1,11 @@
-"""nnUNetPlannerMedDINOv3: 2D plans for MedDINOv3Net (``2d`` and ``2d_highres``).
+"""nnUNetPlannerMedDINOv3: plans for MedDINOv3Net (``2d``, ``2d_highres``) and MedDINOv3Net3D (``3d_fullres``).
 
 nnU-Net's own planner decides spacing, normalisation, resampling and the CNN's 2D patch; we keep
 all of that and change only what a ViT needs: the patch rounded up to a multiple of 16, a batch size
 from a ViT memory model instead of the CNN's, the architecture entry, and a ``2d_highres``
-configuration with the same field of view at a finer spacing (the paper's 896x896 setting).
+configuration with the same field of view at a finer spacing (the paper's 896x896 setting). Its
+``3d_fullres`` is nnU-Net's (spacing, normalisation, resampling) with the in-plane patch rounded up to
+a multiple of 16 and the slices per patch and the batch from the same memory model, counted per slice.
 
 Normalisation is nnU-Net's own, with the dataset's statistics, as in the MedDINOv3 paper's
 fine-tuning. On request (``intensity_weights``) its numbers follow the weights instead: for CT
@@ -25,8 +27,9 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
 from nnunet_meddinov3.checkpoints.conventions import recorded_intensity
 from nnunet_meddinov3.data.intensity import nnunet_ct_properties, preset_from_dict
-from nnunet_meddinov3.network.encoder import PATCH_SIZE, default_feature_layers, resolve_encoder_config
+from nnunet_meddinov3.network.configs import PATCH_SIZE, default_feature_layers, resolve_encoder_config
 from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
+from nnunet_meddinov3.network.volumetric import NETWORK_3D_CLASS_NAME
 from nnunet_meddinov3.training import recipe
 
 PLANS_NAME = recipe.PLANS_NAME
@@ -36,10 +39,24 @@ def round_up(value: float, multiple: int = PATCH_SIZE) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
 
+def lora_adapter_parameters(encoder: str, lora_rank: int, lora_targets: str) -> int:
+    """The parameters of rank-``lora_rank`` adapters on the ``lora_targets`` layers of every block: an
+    adapter on a ``d_in`` -> ``d_out`` layer holds ``rank * (d_in + d_out)``."""
+    cfg = resolve_encoder_config(encoder)
+    width, hidden = cfg.embed_dim, cfg.ffn_hidden_features
+    per_target = {"qkv": width + 3 * width, "proj": 2 * width,
+                  # fc1 and fc2, or SwiGLU's two input projections (fc1_g, fc1_x) and fc2
+                  "mlp": (3 if cfg.gated_ffn else 2) * (width + hidden)}
+    targets = recipe.parse_value("lora_targets", lora_targets, "lora_targets").split(",")
+    return cfg.depth * lora_rank * sum(per_target[t] for t in targets)
+
+
 def estimate_training_memory_gb(encoder: str, decoder: str, patch_size, batch_size: int, num_classes: int,
-                                in_channels: int = 1, grad_checkpointing: bool = False, lora_rank: int = 0) -> float:
+                                in_channels: int = 1, grad_checkpointing: bool = False, lora_rank: int = 0,
+                                lora_targets: str = recipe.LORA_TARGETS) -> float:
     """Rough peak GPU memory of one bf16 training step with AdamW (fp32 master weights + 2 moments;
-    with ``lora_rank`` the frozen encoder keeps only its fp32 weights).
+    with ``lora_rank`` the frozen encoder keeps only its fp32 weights, the adapters on ``lora_targets``
+    train).
 
     Activations saved for backward, per image: per transformer block 15 tensors of N x D (norms,
     qkv, attention output with a fused kernel, residuals, stochastic-depth scaling) plus 2 (GELU MLP)
@@ -68,8 +85,8 @@ def estimate_training_memory_gb(encoder: str, decoder: str, patch_size, batch_si
     enc_params = cfg.depth * (4 * cfg.embed_dim + (3 if cfg.gated_ffn else 2) * cfg.ffn_hidden_features) * cfg.embed_dim
     dec_in = cfg.embed_dim * (n_layers if decoder == "multiscale" else 1)
     dec_params = sum((dec_in >> i) * (dec_in >> (i + 1)) * 4 for i in range(4))
-    if lora_rank:  # frozen fp32 weights; adapters on qkv and proj (the default targets) train
-        adapters = cfg.depth * lora_rank * (4 * cfg.embed_dim + 2 * cfg.embed_dim)
+    if lora_rank:  # frozen fp32 weights; the adapters train
+        adapters = lora_adapter_parameters(encoder, lora_rank, lora_targets)
         state = enc_params * 4 + (adapters + dec_params) * 16
     else:
         state = (enc_params + dec_params) * 16  # fp32 weights, grads, two AdamW moments
@@ -90,6 +107,8 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
     fine_tuning_recipe: dict = {}  # recipe values, written as each configuration's 'meddinov3' block
     min_batch_size = 2
     max_batch_size = 64
+    context = "slice_attention"  # 3d_fullres: MedDINOv3Net3D's cross-slice context
+    min_slices = 8  # 3d_fullres gives up slices for memory down to this (or nnU-Net's own count, if fewer)
 
     def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = PLANS_NAME,
@@ -97,21 +116,30 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
 
-    def architecture(self, grad_checkpointing: bool | None = None) -> dict:
-        return {
-            "network_class_name": NETWORK_CLASS_NAME,
-            "arch_kwargs": {"encoder": self.encoder, "decoder": self.decoder, "feature_layers": None,
-                            "drop_path_rate": self.drop_path_rate, "autocast_dtype": "bf16",
-                            "grad_checkpointing": self.grad_checkpointing if grad_checkpointing is None
-                            else grad_checkpointing},
-            "_kw_requires_import": [],
-        }
+    def architecture(self, grad_checkpointing: bool | None = None, volumetric: bool = False) -> dict:
+        kwargs = {"encoder": self.encoder, "decoder": self.decoder, "feature_layers": None,
+                  "drop_path_rate": self.drop_path_rate, "autocast_dtype": "bf16",
+                  "grad_checkpointing": self.grad_checkpointing if grad_checkpointing is None else grad_checkpointing}
+        if volumetric:
+            kwargs["context"] = self.context
+        return {"network_class_name": NETWORK_3D_CLASS_NAME if volumetric else NETWORK_CLASS_NAME,
+                "arch_kwargs": kwargs, "_kw_requires_import": []}
 
-    def _memory_gb(self, patch_size, batch: int, grad_checkpointing: bool) -> float:
+    def lora_recipe(self) -> tuple[int, str]:
+        """(lora_rank, lora_targets) of the recipe written into the plans, base defaults where it names
+        none (as a trainer without LoRA defaults of its own reads these plans)."""
+        values = {**recipe.defaults("lora_rank", "lora_targets"), **self.fine_tuning_recipe}
+        return int(values["lora_rank"]), values["lora_targets"]
+
+    def _memory_gb(self, patch_size, batch: int, grad_checkpointing: bool, lora_rank: int | None = None) -> float:
+        """A 3D patch counts as its slices, each a 2D image (the slice context's own share, ~9% of ViT-B's
+        parameters and less of its activations, is left to the model's slack)."""
+        rank, targets = self.lora_recipe()
+        *slices, height, width = patch_size
         return estimate_training_memory_gb(
-            self.encoder, self.decoder, patch_size, batch, len(self.dataset_json["labels"]),
-            len(self.dataset_json["channel_names"]), grad_checkpointing,
-            int(self.fine_tuning_recipe.get("lora_rank", 0)))
+            self.encoder, self.decoder, (height, width), batch * int(np.prod(slices)), len(self.dataset_json["labels"]),
+            len(self.dataset_json["channel_names"]), grad_checkpointing, rank if lora_rank is None else lora_rank,
+            targets)
 
     def vit_batch_size(self, patch_size, n_voxels_dataset: float, grad_checkpointing: bool | None = None) -> int:
         checkpointing = self.grad_checkpointing if grad_checkpointing is None else grad_checkpointing
@@ -135,12 +163,9 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
                   f"without it (target {self.UNet_vram_target_GB:g} GB)")
         need = self._memory_gb(patch_size, self.min_batch_size, checkpointing)
         if need > self.UNet_vram_target_GB:
-            lora = int(self.fine_tuning_recipe.get("lora_rank", 0))
             levers = ["--gpu-memory-gb with your GPU's memory"]
-            if not lora:
-                lora_need = estimate_training_memory_gb(
-                    self.encoder, self.decoder, patch_size, self.min_batch_size, len(self.dataset_json["labels"]),
-                    len(self.dataset_json["channel_names"]), True, 8)
+            if not self.lora_recipe()[0]:
+                lora_need = self._memory_gb(patch_size, self.min_batch_size, True, lora_rank=8)
                 levers.append(f"--recipe lora_rank=8 (frozen encoder: ~{lora_need:.1f} GB)")
             levers.append("a smaller --target-patch or --vit")
             print(f"WARNING: {name}: batch {self.min_batch_size} of {self.encoder} at {list(patch_size)} needs "
@@ -184,6 +209,21 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
         plan["architecture"] = self.architecture(checkpointing)
         return plan
 
+    def fullres_configuration(self, plan_3d: dict) -> dict:
+        """nnU-Net's ``3d_fullres`` (spacing, normalisation, resampling, data) for MedDINOv3Net3D: the
+        in-plane patch rounded up to multiples of 16; slices given up while even the smallest batch
+        with checkpointing does not fit the memory target, then the batch from the memory model."""
+        plan = deepcopy(plan_3d)
+        slices, *plane = plan["patch_size"]
+        plane = [round_up(s) for s in plane]
+        floor = min(slices, self.min_slices)
+        while slices > floor and self._memory_gb([slices, *plane], self.min_batch_size, True) > self.UNet_vram_target_GB:
+            slices -= 1
+        plan["patch_size"] = [slices, *plane]
+        plan["batch_size"], checkpointing = self.fit_memory("3d_fullres", plan["patch_size"], self._n_voxels_dataset)
+        plan["architecture"] = self.architecture(checkpointing, volumetric=True)
+        return plan
+
     def match_intensity(self, plans: dict) -> dict:
         """Set the plans' normalisation numbers to the weights' convention where nnU-Net's class can
         express it; returns the record of what was done per channel (written into the plans)."""
@@ -216,9 +256,10 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
         return record
 
     def save_plans(self, plans):
-        # The parent merges with an existing plans file (resurrecting 3D configurations); ours holds
-        # exactly the two ViT configurations, written from scratch.
-        plan_2d = plans["configurations"]["2d"]
+        # The parent merges with an existing plans file (resurrecting other configurations); ours holds
+        # exactly the ViT configurations, written from scratch (no 3d_lowres: the ViT sees each slice
+        # at full resolution anyway).
+        plan_2d, plan_3d = plans["configurations"]["2d"], plans["configurations"].get("3d_fullres")
         plans["configurations"] = {"2d": plan_2d}
         plans["meddinov3_intensity"] = self.match_intensity(plans)
         if self.highres_patch and self.highres_patch > max(plan_2d["patch_size"]):
@@ -226,6 +267,9 @@ class nnUNetPlannerMedDINOv3(ExperimentPlanner):
         else:
             print(f"2d_highres skipped: target patch {self.highres_patch} is not larger than the 2d patch "
                   f"{plan_2d['patch_size']}")
+        if plan_3d is not None:  # nnU-Net plans 3d_fullres for 3D datasets only
+            plans["configurations"]["3d_fullres"] = plan = self.fullres_configuration(plan_3d)
+            plan["use_mask_for_norm"] = list(plan_2d["use_mask_for_norm"])  # as match_intensity set it
         if self.fine_tuning_recipe:
             for configuration in plans["configurations"].values():
                 configuration[recipe.PLANS_KEY] = dict(self.fine_tuning_recipe)

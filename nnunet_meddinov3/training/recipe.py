@@ -3,7 +3,8 @@
 A run's recipe (schedule, learning rates, layer decay, freezing, warm-up, weight decay, LoRA) comes from,
 in order, each level overriding the one before:
 
-1. the trainer class's defaults (its name says what it is: ``_FrozenEncoder``, ``_LLRD``, ...);
+1. the trainer class's defaults (its ``default_recipe``; its name says what it is: ``_FrozenEncoder``,
+   ``_LLRD``, ...);
 2. the ``meddinov3`` block of the plans configuration (``meddinov3 plan_and_preprocess --recipe
    epochs=300 ...``, under a plans name of its own so the results folder ``Trainer__Plans__config``
    says it); stock ``nnUNetPlans`` have none, so the class defaults hold there;
@@ -14,6 +15,12 @@ The effective recipe and where each value came from is stored in the nnU-Net che
 to the training log; ``--c`` / ``--val`` restore it from there and refuse to resume if the plans or
 the environment now say otherwise, unless ``MEDDINOV3_RECIPE_OVERRIDE`` names the change.
 
+The keys are one table, :data:`KEYS`: each row names the trainer attribute that holds the value, how
+its text is read and checked, its base default, its meaning, and whether it is structural (locked on
+``--c``). A trainer takes the keys of its ``default_recipe`` mapping; the trainer base class resolves,
+sets, records and restores them from the table alone. Adding a key is one row here, plus the code that
+uses the attribute (and the key in the ``default_recipe`` of the trainers that take it).
+
 This module imports nothing heavy: the trainer, the planner, the benchmark and the command line all
 read it.
 """
@@ -21,6 +28,10 @@ from __future__ import annotations
 
 import os
 import shlex
+from dataclasses import dataclass
+from typing import Callable
+
+from nnunet_meddinov3.network.configs import DEFAULT_LORA_ALPHA, DEFAULT_LORA_TARGETS, LORA_TARGET_NAMES
 
 ENCODER = "vitb16"
 DECODER = "multiscale"
@@ -30,10 +41,9 @@ DECODER_LR = 3e-4
 WEIGHT_DECAY = 0.05
 HIGHRES_PATCH = 896  # longest side of the 2d_highres patch
 PLANS_NAME = "nnUNetPlansMedDINOv3"
-# LoRA (nnunet_meddinov3/network/lora.py): adapters' output scaled by alpha / rank; attention layers by default
-LORA_ALPHA = 16.0
-LORA_TARGET_NAMES = ("qkv", "proj", "mlp")  # = nnunet_meddinov3.network.lora.TARGETS (no torch import here)
-LORA_TARGETS = "qkv,proj"
+# LoRA (network/lora.py): adapters' output scaled by alpha / rank; attention layers by default
+LORA_ALPHA = DEFAULT_LORA_ALPHA
+LORA_TARGETS = DEFAULT_LORA_TARGETS
 
 PLANS_KEY = "meddinov3"  # the block in a plans configuration
 OVERRIDE_ENV = "MEDDINOV3_RECIPE_OVERRIDE"
@@ -88,21 +98,43 @@ def _lora_targets(text: str) -> str:
 _lora_targets.__name__ = f"comma-separated subset of {','.join(LORA_TARGET_NAMES)}"
 _positive_float = _at_least(float, 1e-12, "number > 0")
 
-# key -> (parser of its text form, meaning)
+
+@dataclass(frozen=True)
+class RecipeKey:
+    """One row of the recipe table."""
+
+    attribute: str  # the trainer attribute that holds the value (nnU-Net's own name where it has one)
+    parse: Callable[[str], object]  # text -> value, ValueError if invalid; its __name__ says what is valid
+    default: object  # the base default; a trainer's default_recipe may set its own
+    meaning: str
+    structural: bool = False  # shapes the optimizer's parameter groups: a resumed run cannot change it
+
+
 KEYS = {
-    "epochs": (_positive_int, "number of epochs"),
-    "iterations": (_positive_int, "training iterations per epoch"),
-    "val_iterations": (_positive_int, "validation iterations per epoch"),
-    "encoder_lr": (_non_negative_float, "peak learning rate of the encoder"),
-    "decoder_lr": (_non_negative_float, "peak learning rate of the decoder"),
-    "weight_decay": (_non_negative_float, "AdamW weight decay"),
-    "layer_decay": (_decay, "layer-wise LR decay over the encoder blocks"),
-    "warmup_epochs": (_non_negative_int, "linear warm-up epochs"),
-    "freeze_encoder": (parse_flag, "train the decoder only"),
-    "lora_rank": (_non_negative_int, "LoRA rank of the encoder adapters; 0 = off (the whole encoder trains)"),
-    "lora_alpha": (_positive_float, "LoRA alpha: the adapters' output is scaled by lora_alpha / lora_rank"),
-    "lora_targets": (_lora_targets, "encoder layers with adapters: qkv, proj (attention), mlp"),
+    "epochs": RecipeKey("num_epochs", _positive_int, 1000, "number of epochs"),
+    "iterations": RecipeKey("num_iterations_per_epoch", _positive_int, 250, "training iterations per epoch"),
+    "val_iterations": RecipeKey("num_val_iterations_per_epoch", _positive_int, 50, "validation iterations per epoch"),
+    "encoder_lr": RecipeKey("encoder_lr", _non_negative_float, ENCODER_LR, "peak learning rate of the encoder"),
+    "decoder_lr": RecipeKey("decoder_lr", _non_negative_float, DECODER_LR, "peak learning rate of the decoder"),
+    "weight_decay": RecipeKey("weight_decay", _non_negative_float, WEIGHT_DECAY, "AdamW weight decay"),
+    "layer_decay": RecipeKey("layer_decay", _decay, 1.0, "layer-wise LR decay over the encoder blocks",
+                             structural=True),
+    "warmup_epochs": RecipeKey("warmup_epochs", _non_negative_int, 0, "linear warm-up epochs"),
+    "freeze_encoder": RecipeKey("freeze_encoder", parse_flag, False, "train the decoder only", structural=True),
+    "lora_rank": RecipeKey("lora_rank", _non_negative_int, 0,
+                           "LoRA rank of the encoder adapters; 0 = off (the whole encoder trains)", structural=True),
+    "lora_alpha": RecipeKey("lora_alpha", _positive_float, LORA_ALPHA,
+                            "LoRA alpha: the adapters' output is scaled by lora_alpha / lora_rank", structural=True),
+    "lora_targets": RecipeKey("lora_targets", _lora_targets, LORA_TARGETS,
+                              "encoder layers with adapters: qkv, proj (attention), mlp", structural=True),
 }
+STRUCTURAL_KEYS = frozenset(key for key, row in KEYS.items() if row.structural)
+
+
+def defaults(*keys: str) -> dict:
+    """The base defaults of ``keys`` (of every key if none is named), in the table's order."""
+    return {key: row.default for key, row in KEYS.items() if not keys or key in keys}
+
 
 # The variables that carried the recipe before it was data. Still read (documented commands keep
 # working), as part of the recorded override, with one notice saying what replaces them.
@@ -127,12 +159,12 @@ def parse_value(key: str, value, where: str, keys=None):
     keys = KEYS if keys is None else keys
     if key not in keys:
         raise RecipeError(f"{where}: unknown recipe key '{key}'. Known keys: {', '.join(keys)}.")
-    parser, _ = KEYS[key]
+    parse = KEYS[key].parse
     text = str(value).lower() if isinstance(value, bool) else str(value)
     try:
-        return parser(text)
+        return parse(text)
     except ValueError:
-        raise RecipeError(f"{where}: {key}={value!r} is not a valid {parser.__name__}.") from None
+        raise RecipeError(f"{where}: {key}={value!r} is not a valid {parse.__name__}.") from None
 
 
 def parse_assignments(items, where: str, keys=None) -> dict:

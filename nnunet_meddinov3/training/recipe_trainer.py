@@ -6,11 +6,14 @@ trainer is built, recorded in every checkpoint, printed to the log and restored 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_meddinov3.nnunet_checkpoints import read_checkpoint_lazily
 from nnunet_meddinov3.training import recipe
-from nnunet_meddinov3.training.crash_safety import CrashSafeTraining, read_checkpoint_lazily
+from nnunet_meddinov3.training.crash_safety import CrashSafeTraining
 from nnunet_meddinov3.training.recipe import RecipeError
 
 
@@ -22,6 +25,22 @@ def read_recorded_recipe(checkpoint_file: str) -> tuple[dict | None, int]:
     return (checkpoint.get("init_args") or {}).get(recipe.CHECKPOINT_KEY), int(checkpoint.get("current_epoch", 0))
 
 
+_RECIPE_ATTRIBUTES = frozenset(row.attribute for row in recipe.KEYS.values())
+# how trainers declared their recipe before default_recipe
+_RETIRED_ATTRIBUTES = frozenset({"recipe_keys", "structural_keys", "num_epochs_default", "iterations_default",
+                                 "val_iterations_default", "weight_decay_default"})
+
+
+class RecipeConflict(NamedTuple):
+    """A key the checkpoint recorded one way and the plans or the environment now say another."""
+
+    key: str
+    recorded: object
+    recorded_source: str
+    now: object
+    now_source: str
+
+
 class RecipeTrainerBase(CrashSafeTraining, nnUNetTrainer):
     """The recipe as data, for any nnUNetTrainer subclass: resolved in ``__init__``, recorded in the
     checkpoint (``init_args["meddinov3_recipe"]``: nnU-Net saves and restores ``init_args`` itself),
@@ -29,32 +48,43 @@ class RecipeTrainerBase(CrashSafeTraining, nnUNetTrainer):
 
     A subclass may also set a recipe attribute the nnU-Net way, after ``super().__init__()`` (e.g.
     ``self.num_epochs = 3``, as nnU-Net's ``nnUNetTrainer_5epochs``): that value is the subclass's
-    default, as if it were a class attribute (plans and override still win over it), recorded as
+    default, as if it were in its ``default_recipe`` (plans and override still win over it), recorded as
     ``trainer NAME (__init__)`` and kept by ``--c``. It is taken up before anything uses the recipe
     (``initialize``, ``load_checkpoint``)."""
 
-    # the recipe keys this trainer takes, and their class defaults (attribute names)
-    recipe_keys: tuple = ("epochs", "iterations", "val_iterations")
-    num_epochs_default = 1000
-    iterations_default = 250
-    val_iterations_default = 50
+    # The recipe this trainer takes: key -> its default here. Each key is a row of recipe.KEYS, which
+    # names the attribute that holds the value; a variant extends its parent's mapping,
+    # ``default_recipe = {**Parent.default_recipe, "epochs": 20}``.
+    default_recipe: dict = recipe.defaults("epochs", "iterations", "val_iterations")
     # what a variant's name promises: key -> (test of the value, the promise, what to use instead)
     defining_recipe: dict = {}
-    # keys that shape the optimizer's parameter groups: a resumed run cannot change them
-    structural_keys: frozenset = frozenset()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a class attribute named like a recipe attribute would be silently overwritten by the recipe
+        misplaced = [name for name in cls.__dict__ if name in _RECIPE_ATTRIBUTES or name in _RETIRED_ATTRIBUTES]
+        if misplaced:
+            raise TypeError(f"{cls.__name__} sets {', '.join(misplaced)} as class attribute(s); a trainer declares "
+                            f"its recipe as default_recipe = {{**{cls.__mro__[1].__name__}.default_recipe, "
+                            f"'KEY': value}} (keys: {', '.join(recipe.KEYS)})")
+        declared = cls.__dict__.get("default_recipe")
+        if declared is not None:  # an unknown key or a bad value fails here, not in a run; table order
+            where = f"{cls.__name__}.default_recipe"
+            checked = {key: recipe.parse_value(key, value, where) for key, value in declared.items()}
+            cls.default_recipe = {key: checked[key] for key in recipe.KEYS if key in checked}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         self.continue_training = bool(plans.get("continue_training", False))  # nnU-Net pops it
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.recipe_override = recipe.EnvironmentOverride(keys=self.recipe_keys)
+        self.recipe_override = recipe.EnvironmentOverride(keys=self.default_recipe)
         self.recipe_plans_where = f"{self.plans_manager.plans_name}/{configuration}"
         self.recipe_block = recipe.parse_plans_block(
             self.configuration_manager.configuration.get(recipe.PLANS_KEY),
-            f"the '{recipe.PLANS_KEY}' block of plans {self.recipe_plans_where}", self.recipe_keys)
+            f"the '{recipe.PLANS_KEY}' block of plans {self.recipe_plans_where}", self.default_recipe)
         self.recipe_set_in_init: dict = {}  # key -> (class default, value a subclass's __init__ set)
         self.recipe_settled = False
-        values, sources = self.resolve_recipe(self.recipe_defaults(), {})
+        values, sources = self.resolve_recipe(dict(self.default_recipe), {})
         self.recipe_history: list = []
         self.weights_record: dict | None = None
         self.recipe_notices = [n for n in (self.recipe_override.legacy_notice(),) if n]
@@ -83,15 +113,14 @@ class RecipeTrainerBase(CrashSafeTraining, nnUNetTrainer):
     def recipe_attributes(self) -> dict:
         """The recipe as the trainer's attributes hold it now (what ``apply_recipe`` set, unless a
         subclass's ``__init__`` set something else afterwards)."""
-        return {"epochs": self.num_epochs, "iterations": self.num_iterations_per_epoch,
-                "val_iterations": self.num_val_iterations_per_epoch}
+        return {key: getattr(self, recipe.KEYS[key].attribute) for key in self.default_recipe}
 
     def settle_recipe(self) -> None:
         """Take up the recipe attributes a subclass set after ``super().__init__()`` as its defaults."""
         if self.recipe_settled:
             return
         self.recipe_settled = True
-        attributes, defaults = self.recipe_attributes(), self.recipe_defaults()
+        attributes, defaults = self.recipe_attributes(), dict(self.default_recipe)
         assigned = {k: v for k, v in attributes.items() if v != self.recipe_values[k]}
         if not assigned:
             return
@@ -104,16 +133,10 @@ class RecipeTrainerBase(CrashSafeTraining, nnUNetTrainer):
         self.settle_recipe()
         super().initialize()
 
-    def recipe_defaults(self) -> dict:
-        """The class's values of ``recipe_keys`` (class attributes: instance ones hold the resolved recipe)."""
-        cls = type(self)
-        return {"epochs": cls.num_epochs_default, "iterations": cls.iterations_default,
-                "val_iterations": cls.val_iterations_default}
-
     def apply_recipe(self, values: dict) -> None:
-        self.num_epochs = values["epochs"]
-        self.num_iterations_per_epoch = values["iterations"]
-        self.num_val_iterations_per_epoch = values["val_iterations"]
+        """Each value onto the trainer attribute its row of ``recipe.KEYS`` names."""
+        for key, value in values.items():
+            setattr(self, recipe.KEYS[key].attribute, value)
 
     def set_recipe(self, values: dict, sources: dict) -> None:
         self.recipe_values, self.recipe_sources = dict(values), dict(sources)
@@ -182,49 +205,11 @@ class RecipeTrainerBase(CrashSafeTraining, nnUNetTrainer):
             self.print_to_log_file(f"{where} records no recipe (written before recipes were recorded); going on with "
                                    f"the current one:\n" + recipe.describe(self.recipe_values, self.recipe_sources))
             return False
-        old_values, old_sources = stored.get("values", {}), stored.get("sources", {})
-        base_values, base_sources = self.recipe_base
-        conflicts, forced, predating = [], {}, set()
-        for key in self.recipe_keys:
-            if key not in old_values:
-                continue  # a key newer than the checkpoint: the current value holds
-            old, old_source = old_values[key], old_sources.get(key, "?")
-            if key in self.recipe_override.explicit:
-                if self.recipe_override.explicit[key] != old:
-                    forced[key] = (old, self.recipe_override.explicit[key])
-            elif key in self.recipe_override.legacy:
-                variable, value = self.recipe_override.legacy[key]
-                if value != old:
-                    conflicts.append((key, old, old_source, value, f"{variable} (legacy)"))
-            elif (key in self.recipe_set_in_init and old_source == f"trainer {self.__class__.__name__}"
-                  and old == self.recipe_set_in_init[key][0]):
-                predating.add(key)  # recorded before __init__ assignments were taken up: the run used the assigned one
-            elif not recipe.is_override_source(old_source) and base_values[key] != old:
-                conflicts.append((key, old, old_source, base_values[key], base_sources[key]))
-        if conflicts:
-            keep = recipe.format_assignments({k: old for k, old, *_ in conflicts})
-            change = recipe.format_assignments({k: new for k, _, _, new, _ in conflicts})
-            lines = "\n".join(f"  {k}: checkpoint {recipe.format_assignments({k: old})} ({old_source}), now "
-                              f"{recipe.format_assignments({k: new})} ({new_source})"
-                              for k, old, old_source, new, new_source in conflicts)
-            raise RecipeError(
-                f"{self.__class__.__name__}: the recipe recorded in {where} differs from what the plans and the "
-                f"environment say now:\n{lines}\nA resumed run keeps its recipe. To resume it unchanged, restore the "
-                f"plans / unset the variables (or set {recipe.OVERRIDE_ENV}='{keep}'); to change it on purpose "
-                f"(recorded in the checkpoint and the log), set {recipe.OVERRIDE_ENV}='{change}'; or start a new "
-                f"training under a plans name of its own (meddinov3 plan_and_preprocess --plans-name ... --recipe ...).")
-        structural = sorted(set(forced) & self.structural_keys)
-        if structural:
-            raise RecipeError(
-                f"{self.__class__.__name__}: {', '.join(structural)} cannot change in a resumed run ({where}): it "
-                f"decides which parameters the optimizer trains. Drop it from {recipe.OVERRIDE_ENV}, or start a new "
-                f"training under a plans name of its own (meddinov3 plan_and_preprocess --plans-name ... --recipe ...).")
-        values = {k: old_values.get(k, self.recipe_values[k]) if k not in predating else self.recipe_values[k]
-                  for k in self.recipe_keys}
-        sources = {k: old_sources[k] if k in old_values and k in old_sources and k not in predating
-                   else self.recipe_sources[k] for k in self.recipe_keys}
-        for key, (_, new) in forced.items():
-            values[key], sources[key] = new, recipe.OVERRIDE_ENV
+        recorded_values, recorded_sources = stored.get("values", {}), stored.get("sources", {})
+        conflicts, forced, predating = self.compare_with_recorded(recorded_values, recorded_sources)
+        self.refuse_conflicts(conflicts, where)
+        self.refuse_structural_changes(forced, where)
+        values, sources = self.restored_recipe(recorded_values, recorded_sources, forced, predating)
         self.check_defining_recipe(values, sources)
         self.recipe_history = list(stored.get("history") or [])
         if forced:
@@ -237,3 +222,66 @@ class RecipeTrainerBase(CrashSafeTraining, nnUNetTrainer):
             f"; changed by {recipe.OVERRIDE_ENV}: " + ", ".join(f"{k} {o} -> {n}" for k, (o, n) in forced.items())
             if forced else ""))
         return changed
+
+    def compare_with_recorded(self, recorded_values: dict, recorded_sources: dict) -> tuple[list, dict, set]:
+        """Key by key, the checkpoint's recipe against what holds now: (conflicts, changes the explicit
+        override forces as key -> (recorded, new), keys recorded before ``__init__`` assignments were taken
+        up). A key newer than the checkpoint is in none of them: its current value holds."""
+        conflicts, forced, predating = [], {}, set()
+        base_values, base_sources = self.recipe_base
+        explicit, legacy = self.recipe_override.explicit, self.recipe_override.legacy
+        for key in (k for k in self.default_recipe if k in recorded_values):
+            old, old_source = recorded_values[key], recorded_sources.get(key, "?")
+            if key in explicit:
+                if explicit[key] != old:
+                    forced[key] = (old, explicit[key])
+            elif key in legacy:  # a legacy variable cannot change a recorded value
+                variable, value = legacy[key]
+                if value != old:
+                    conflicts.append(RecipeConflict(key, old, old_source, value, f"{variable} (legacy)"))
+            elif self.predates_init_assignment(key, old, old_source):
+                predating.add(key)
+            elif not recipe.is_override_source(old_source) and base_values[key] != old:
+                conflicts.append(RecipeConflict(key, old, old_source, base_values[key], base_sources[key]))
+        return conflicts, forced, predating
+
+    def predates_init_assignment(self, key: str, old, old_source: str) -> bool:
+        """Whether ``key`` was recorded as the class default by a version that did not yet take up the
+        value a subclass's ``__init__`` assigns: that run used the assigned value, which therefore holds."""
+        return (key in self.recipe_set_in_init and old_source == f"trainer {self.__class__.__name__}"
+                and old == self.recipe_set_in_init[key][0])
+
+    def refuse_conflicts(self, conflicts: list, where: str) -> None:
+        if not conflicts:
+            return
+        said = recipe.format_assignments
+        keep, change = said({c.key: c.recorded for c in conflicts}), said({c.key: c.now for c in conflicts})
+        lines = "\n".join(f"  {c.key}: checkpoint {said({c.key: c.recorded})} ({c.recorded_source}), "
+                          f"now {said({c.key: c.now})} ({c.now_source})" for c in conflicts)
+        raise RecipeError(
+            f"{self.__class__.__name__}: the recipe recorded in {where} differs from what the plans and the "
+            f"environment say now:\n{lines}\nA resumed run keeps its recipe. To resume it unchanged, restore the "
+            f"plans / unset the variables (or set {recipe.OVERRIDE_ENV}='{keep}'); to change it on purpose "
+            f"(recorded in the checkpoint and the log), set {recipe.OVERRIDE_ENV}='{change}'; or start a new "
+            f"training under a plans name of its own (meddinov3 plan_and_preprocess --plans-name ... --recipe ...).")
+
+    def refuse_structural_changes(self, forced: dict, where: str) -> None:
+        structural = sorted(set(forced) & recipe.STRUCTURAL_KEYS)
+        if structural:
+            raise RecipeError(
+                f"{self.__class__.__name__}: {', '.join(structural)} cannot change in a resumed run ({where}): it "
+                f"decides which parameters the optimizer trains. Drop it from {recipe.OVERRIDE_ENV}, or start a new "
+                f"training under a plans name of its own (meddinov3 plan_and_preprocess --plans-name ... --recipe ...).")
+
+    def restored_recipe(self, recorded_values: dict, recorded_sources: dict, forced: dict,
+                        predating: set) -> tuple[dict, dict]:
+        """(values, sources) as recorded, but the current ones for keys the checkpoint lacks or that
+        predate an ``__init__`` assignment, and the forced changes on top."""
+        values, sources = dict(self.recipe_values), dict(self.recipe_sources)
+        for key in self.default_recipe:
+            if key in recorded_values and key not in predating:
+                values[key] = recorded_values[key]
+                sources[key] = recorded_sources.get(key, sources[key])
+        for key, (_, new) in forced.items():
+            values[key], sources[key] = new, recipe.OVERRIDE_ENV
+        return values, sources

@@ -31,8 +31,7 @@ from nnunet_meddinov3.checkpoints.format import METADATA_KEY, file_sha256, read_
 from nnunet_meddinov3.checkpoints.registry import WEIGHTS_ENV
 from nnunet_meddinov3.data.intensity import compare_with_nnunet
 from nnunet_meddinov3.network import MedDINOv3Net
-from nnunet_meddinov3.network.meddinov3_net import NETWORK_CLASS_NAME
-from nnunet_meddinov3.network.encoder import MEDDINOV3_LAYOUT
+from nnunet_meddinov3.network.configs import MEDDINOV3_LAYOUT
 from nnunet_meddinov3.network import lora
 from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, build_adamw, group_base_lr, parameter_groups
 from nnunet_meddinov3.training import recipe
@@ -63,6 +62,9 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
 class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
     """MedDINOv3 ViT-B/16 CT weights, multi-scale aggregation decoder (the paper's recipe)."""
 
+    # The network this trainer builds, and the patches it takes: 2D here, 3D in trainer_3d.py.
+    network_class = MedDINOv3Net
+    spatial_dims = 2
     # Architecture used when the plans are stock nnU-Net plans (their 2d network is a CNN).
     encoder_size = recipe.ENCODER
     decoder = recipe.DECODER
@@ -75,51 +77,22 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
     default_weights: str | None = "meddinov3-vitb16-ct3m"
     # Whether MEDDINOV3_WEIGHTS may name the weights (the scratch baseline refuses it).
     weights_from_environment = True
-    # The recipe's class defaults (see recipe.py for the keys).
-    recipe_keys = tuple(recipe.KEYS)
-    structural_keys = frozenset({"freeze_encoder", "layer_decay", "lora_rank", "lora_alpha", "lora_targets"})
-    encoder_lr = recipe.ENCODER_LR
-    decoder_lr = recipe.DECODER_LR
-    weight_decay_default = recipe.WEIGHT_DECAY
-    layer_decay = 1.0
-    freeze_encoder = False
-    # LoRA (lora_rank > 0): the base encoder frozen, adapters trained at encoder_lr (see network/lora.py)
-    lora_rank = 0
-    lora_alpha = recipe.LORA_ALPHA
-    lora_targets = recipe.LORA_TARGETS
-    warmup_epochs = 0
-    num_epochs_default = 1000
-    iterations_default = 250
-    val_iterations_default = 50
+    # Every key of the recipe table (a new row joins by itself): the schedule as RecipeTrainerBase has it,
+    # the rest at its base default. With lora_rank > 0 the base encoder is frozen and adapters train at
+    # encoder_lr (see network/lora.py).
+    default_recipe = {**recipe.defaults(), **RecipeTrainerBase.default_recipe}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.check_configuration(self.configuration_manager, configuration)
         self.enable_deep_supervision = False
         # The network casts itself to bf16 on CUDA; an fp16 grad scaler would only get in the way.
         self.grad_scaler = None
 
-    def recipe_defaults(self) -> dict:
-        cls = type(self)
-        return {**super().recipe_defaults(), "encoder_lr": cls.encoder_lr,
-                "decoder_lr": cls.decoder_lr, "weight_decay": cls.weight_decay_default,
-                "layer_decay": cls.layer_decay, "warmup_epochs": cls.warmup_epochs,
-                "freeze_encoder": cls.freeze_encoder, "lora_rank": cls.lora_rank, "lora_alpha": cls.lora_alpha,
-                "lora_targets": cls.lora_targets}
-
-    def recipe_attributes(self) -> dict:
-        return {**super().recipe_attributes(), "encoder_lr": self.encoder_lr, "decoder_lr": self.decoder_lr,
-                "weight_decay": self.weight_decay, "layer_decay": self.layer_decay,
-                "warmup_epochs": self.warmup_epochs, "freeze_encoder": self.freeze_encoder,
-                "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets}
-
     def apply_recipe(self, values: dict) -> None:
         super().apply_recipe(values)
-        self.encoder_lr, self.decoder_lr = values["encoder_lr"], values["decoder_lr"]
-        self.weight_decay, self.layer_decay = values["weight_decay"], values["layer_decay"]
-        self.warmup_epochs, self.freeze_encoder = values["warmup_epochs"], values["freeze_encoder"]
-        self.lora_rank, self.lora_alpha, self.lora_targets = values["lora_rank"], values["lora_alpha"], values["lora_targets"]
-        if self.lora_rank and self.freeze_encoder:
+        if self.lora_rank and self.freeze_encoder:  # a check across keys, which no row of the table can make
             raise RecipeError(f"{self.__class__.__name__}: freeze_encoder=true trains the decoder only, lora_rank="
                               f"{self.lora_rank} trains encoder adapters too; set one of them (freeze_encoder=false "
                               f"or lora_rank=0)")
@@ -154,9 +127,26 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
         return self.default_weights, f"trainer {self.__class__.__name__}"
 
     @classmethod
+    def plans_are_ours(cls, configuration_manager) -> bool:
+        """Whether the configuration's architecture is this trainer's network (our planner's plans)."""
+        network = cls.network_class
+        return configuration_manager.network_arch_class_name == f"{network.__module__}.{network.__qualname__}"
+
+    @classmethod
+    def check_configuration(cls, configuration_manager, configuration: str = "this configuration") -> None:
+        """A configuration of the other dimensionality gets told which trainer takes it."""
+        dims = len(configuration_manager.patch_size)
+        if dims != cls.spatial_dims:
+            other = (cls.__name__.replace("nnUNetTrainerMedDINOv3", "nnUNetTrainerMedDINOv3_3D", 1) if dims == 3
+                     else cls.__name__.replace("_3D", "", 1))
+            kinds = {2: "2D configurations (2d, 2d_highres)", 3: "3D configurations (3d_fullres)"}
+            raise ValueError(f"{cls.__name__} trains {kinds[cls.spatial_dims]}, but {configuration} has a {dims}D "
+                              f"patch {list(configuration_manager.patch_size)}: train it with -tr {other}")
+
+    @classmethod
     def network_kwargs(cls, configuration_manager) -> dict:
         """Network hyperparameters: from our plans if they are ours, else the class defaults."""
-        if configuration_manager.network_arch_class_name == NETWORK_CLASS_NAME:
+        if cls.plans_are_ours(configuration_manager):
             kwargs = dict(configuration_manager.network_arch_init_kwargs)
         else:
             kwargs = dict(encoder=cls.encoder_size, decoder=cls.decoder, drop_path_rate=cls.drop_path_rate)
@@ -173,7 +163,9 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         # Called on the class by the predictor too: everything comes from the plans and the class.
-        network = MedDINOv3Net(num_input_channels, num_output_channels, **cls.network_kwargs(configuration_manager))
+        cls.check_configuration(configuration_manager)
+        network = cls.network_class(num_input_channels, num_output_channels,
+                                    **cls.network_kwargs(configuration_manager))
         # the predictor builds it without adapters: a LoRA checkpoint's adapters are merged as it loads
         return lora.merge_adapters_on_load(network)
 
@@ -266,7 +258,7 @@ class nnUNetTrainerMedDINOv3_DINOv3(nnUNetTrainerMedDINOv3):
 
     encoder_layout = {}
     default_weights = "dinov3-vitb16-lvd1689m"
-    encoder_lr = 1e-4
+    default_recipe = {**nnUNetTrainerMedDINOv3.default_recipe, "encoder_lr": 1e-4}
 
 
 class nnUNetTrainerMedDINOv3_Scratch(nnUNetTrainerMedDINOv3):
@@ -274,13 +266,13 @@ class nnUNetTrainerMedDINOv3_Scratch(nnUNetTrainerMedDINOv3):
 
     default_weights = None
     weights_from_environment = False
-    encoder_lr = 3e-4
+    default_recipe = {**nnUNetTrainerMedDINOv3.default_recipe, "encoder_lr": 3e-4}
 
 
 class nnUNetTrainerMedDINOv3_FrozenEncoder(nnUNetTrainerMedDINOv3):
     """Linear-probe style: only the decoder trains."""
 
-    freeze_encoder = True
+    default_recipe = {**nnUNetTrainerMedDINOv3.default_recipe, "freeze_encoder": True}
     defining_recipe = {"freeze_encoder": (lambda frozen: frozen is True, "a frozen encoder (freeze_encoder=true)",
                                          "-tr nnUNetTrainerMedDINOv3 for a fine-tuned encoder")}
 
@@ -291,8 +283,8 @@ class nnUNetTrainerMedDINOv3_LoRA(nnUNetTrainerMedDINOv3):
     peft (``pip install 'nnunet-meddinov3[lora]'``). The checkpoint holds the base weights unchanged
     and the adapters apart; ``meddinov3 weights merge-lora`` writes the merged encoder."""
 
-    lora_rank = 8
-    encoder_lr = 3e-4  # adapters start at B = 0 and, like the decoder, learn from scratch
+    # encoder_lr: adapters start at B = 0 and, like the decoder, learn from scratch
+    default_recipe = {**nnUNetTrainerMedDINOv3.default_recipe, "lora_rank": 8, "encoder_lr": 3e-4}
     defining_recipe = {"lora_rank": (lambda rank: rank > 0, "LoRA adapters (lora_rank > 0)",
                                      "-tr nnUNetTrainerMedDINOv3 to fine-tune the whole encoder")}
 
@@ -300,8 +292,7 @@ class nnUNetTrainerMedDINOv3_LoRA(nnUNetTrainerMedDINOv3):
 class nnUNetTrainerMedDINOv3_LLRD(nnUNetTrainerMedDINOv3):
     """Layer-wise LR decay 0.75 over the encoder blocks and a 10-epoch warm-up."""
 
-    layer_decay = 0.75
-    warmup_epochs = 10
+    default_recipe = {**nnUNetTrainerMedDINOv3.default_recipe, "layer_decay": 0.75, "warmup_epochs": 10}
     defining_recipe = {"layer_decay": (lambda decay: decay < 1, "layer-wise LR decay (layer_decay < 1)",
                                        "-tr nnUNetTrainerMedDINOv3 for one encoder LR")}
 
@@ -319,12 +310,9 @@ class nnUNetTrainerMedDINOv3_Tiny(nnUNetTrainerMedDINOv3):
 
     network_overrides = {"encoder": "meddinov3_tiny"}
     default_weights = None
-    encoder_lr = 3e-4
-    decoder_lr = 1e-3
     drop_path_rate = 0.0
-    num_epochs_default = 20
-    iterations_default = 25
-    val_iterations_default = 5
+    default_recipe = {**nnUNetTrainerMedDINOv3.default_recipe, "encoder_lr": 3e-4, "decoder_lr": 1e-3,
+                      "epochs": 20, "iterations": 25, "val_iterations": 5}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -337,9 +325,7 @@ class nnUNetTrainerShortSchedule(RecipeTrainerBase):
     default; its recipe takes epochs, iterations and val_iterations the same way as the MedDINOv3
     trainers, so a baseline can get the same budget as a MedDINOv3 run (used by the demo)."""
 
-    num_epochs_default = 20
-    iterations_default = 25
-    val_iterations_default = 5
+    default_recipe = {**RecipeTrainerBase.default_recipe, "epochs": 20, "iterations": 25, "val_iterations": 5}
 
 
 class nnUNetTrainerMedDINOv3_TinyBottleneck(nnUNetTrainerMedDINOv3_Tiny):

@@ -41,25 +41,15 @@ from nnunet_meddinov3.checkpoints.format import METADATA_KEY, CheckpointMetadata
 from nnunet_meddinov3.checkpoints.keys import LayoutError, describe_checkpoint
 from nnunet_meddinov3.checkpoints.loading import fitting_configs, load_encoder_weights, read_source
 from nnunet_meddinov3.checkpoints.registry import registry_entries, resolve_weights
-from nnunet_meddinov3.data.intensity import INTENSITY_PRESETS as CHECKPOINT_INTENSITIES
 from nnunet_meddinov3.data.intensity import preset_from_dict
-from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, PATCH_SIZE, EncoderConfig, build_encoder
-
-DEFAULT_INTENSITY = "ct-meddinov3"
-DEFAULT_FOREGROUND_THRESHOLD = 0.1
-
-# Named conventions for checkpoints that record none; a recorded ``intensity`` dict has the same form
-# (nnunet_meddinov3.data.intensity.INTENSITY_FIELDS).
-INTENSITY_PRESETS: dict[str, dict] = {
-    # MedDINOv3's: HU window [-1000, 1000], then a global z-score with the authors' statistics.
-    "ct-meddinov3": CHECKPOINT_INTENSITIES["ct-meddinov3"],
-    # Volume min-max to [0, 1], then ImageNet standardisation: for Meta's natural-image weights.
-    "minmax": CHECKPOINT_INTENSITIES["imagenet"],
-    # Volume z-score (nnU-Net's ZScoreNormalization for non-CT images).
-    "zscore": {"kind": "zscore"},
-}
-# Recorded kinds that say nothing usable for one image: the option or default applies instead.
-UNUSABLE_INTENSITY_KINDS = ("nnunet", "unknown")
+from nnunet_meddinov3.network.configs import ENCODER_CONFIGS, PATCH_SIZE, EncoderConfig
+from nnunet_meddinov3.network.encoder import build_encoder
+from nnunet_meddinov3.visualize.feature_settings import (
+    DEFAULT_FOREGROUND_THRESHOLD,
+    DEFAULT_INTENSITY,
+    INTENSITY_PRESETS,
+    UNUSABLE_INTENSITY_KINDS,
+)
 
 
 class FeaturePictureError(ValueError):

@@ -11,6 +11,7 @@ overrides alike, are errors that list the valid keys.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,11 +19,10 @@ from typing import Any
 
 import yaml
 
-import json
-
 from nnunet_meddinov3.data.intensity import merge_preset_dict, preset_from_nnunet_plans
 
-from .schema import _DATACLASSES, ConfigError, PretrainConfig, from_plain, to_plain
+from .plain import ConfigError, from_plain, nested_config_class, to_plain
+from .schema import PretrainConfig
 
 PRESET_FIELDS = ("intensity",)  # dict-valued fields that merge as intensity presets (see merge_preset_dict)
 
@@ -59,11 +59,6 @@ def resolve_config_path(name_or_path: str | os.PathLike, relative_to: Path | Non
     raise ConfigError(f"no config '{text}': not a file and not a packaged config ({', '.join(available_configs())})")
 
 
-def _field_class(cls: type, name: str) -> type | None:
-    annotation = {f.name: f.type for f in dataclasses.fields(cls)}[name]
-    return _DATACLASSES.get(annotation) if isinstance(annotation, str) else None
-
-
 def _merge(cls: type, base: dict, update: Any, where: str = "") -> dict:
     """``update`` merged into ``base`` following the schema: nested configs merge key by key, an
     intensity preset merges as :func:`merge_preset_dict` (``data.intensity.kind=mri`` selects the MRI
@@ -76,7 +71,7 @@ def _merge(cls: type, base: dict, update: Any, where: str = "") -> dict:
         if key not in names:
             scope = f" in {where.rstrip('.')}" if where else ""
             raise ConfigError(f"unknown key '{where}{key}'; valid keys{scope}: {', '.join(names)}")
-        nested = _field_class(cls, key)
+        nested = nested_config_class(cls, key)
         if nested:
             merged[key] = _merge(nested, base[key], value, f"{where}{key}.")
         elif key in PRESET_FIELDS and isinstance(value, dict) and isinstance(base.get(key), dict):

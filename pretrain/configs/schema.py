@@ -3,23 +3,21 @@
 Every field has a default, so a YAML file only states what differs (and may name a ``base``
 config to start from). Lengths are in iterations, not epochs: a CT slice collection has no
 natural epoch, and Meta's epoch of 1250 iterations is converted where its numbers are used.
+The dict <-> dataclass conversion with its checks is in :mod:`pretrain.configs.plain`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from pretrain.data.intensity import MEDDINOV3_CT, CTIntensity, MRIntensity
 
+from .plain import ConfigError, to_plain
+
 LR_SCHEDULES = ("warmup_cosine", "cosine_rise_constant", "warmup_constant")
 SCALING_RULES = ("sqrt_wrt_1024", "none")
 STAGES = ("self_distillation", "gram_anchoring", "high_resolution")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be run; the message names the field and what is valid."""
 
 
 @dataclass
@@ -289,14 +287,22 @@ class PretrainConfig:
         return self.crops.gram_teacher_sizes or [2 * s for s in self.crops.global_sizes]
 
     def validate(self) -> PretrainConfig:
-        from nnunet_meddinov3.data.intensity import INTENSITY_FIELDS, validate_intensity
-        from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
+        """This config, if it can be run; else a ConfigError that names the field and what is valid."""
+        self._check(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+        self._check_model_and_crops()
+        self._check_loss_and_data()
+        self._check_augment_and_masking()
+        self._check_schedule_and_run()
+        return self
 
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(f"config '{self.name}': {message}")
+    def _check(self, ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"config '{self.name}': {message}")
 
-        check(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+    def _check_model_and_crops(self) -> None:
+        from nnunet_meddinov3.network.configs import ENCODER_CONFIGS
+
+        check = self._check
         check(self.model.encoder in ENCODER_CONFIGS,
               f"model.encoder '{self.model.encoder}' unknown; known: {', '.join(sorted(ENCODER_CONFIGS))}")
         c = self.crops
@@ -318,6 +324,11 @@ class PretrainConfig:
         check(c.n_local >= 0, "crops.n_local must be >= 0")
         check(self.model.rope_rescale_coords is None or self.model.rope_rescale_coords >= 1,
               f"model.rope_rescale_coords must be >= 1 or null, got {self.model.rope_rescale_coords}")
+
+    def _check_loss_and_data(self) -> None:
+        from nnunet_meddinov3.data.intensity import INTENSITY_FIELDS, validate_intensity
+
+        check = self._check
         check(self.loss.centre_over in ("global_batch", "micro_batch"),
               f"loss.centre_over must be global_batch or micro_batch, got {self.loss.centre_over!r}")
         check(self.loss.koleo_group_size is None or self.loss.koleo_group_size >= 2,
@@ -337,6 +348,9 @@ class PretrainConfig:
         extra = sorted(set(intensity) - {"kind", *INTENSITY_FIELDS[intensity["kind"]]})
         check(not extra, f"data.intensity: the {intensity['kind']} preset has no field(s) {extra}; its fields: "
                          f"{', '.join(INTENSITY_FIELDS[intensity['kind']])}")
+
+    def _check_augment_and_masking(self) -> None:
+        check = self._check
         a = self.augment
         probabilities = {"flip_p": a.flip_p, "window_p": a.window_p, "contrast_p": a.contrast_p,
                          "solarize_p": a.solarize_p, **{f"blur_p[{i}]": p for i, p in enumerate(a.blur_p)}}
@@ -347,6 +361,9 @@ class PretrainConfig:
         check(0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma must be 0 < low <= high")
         check(0 <= self.masking.probability <= 1, "masking.probability must be in [0, 1]")
         check(0 <= self.masking.ratio[0] < self.masking.ratio[1] <= 1, "masking.ratio must be 0 <= low < high <= 1")
+
+    def _check_schedule_and_run(self) -> None:
+        check = self._check
         check(self.optim.lr_schedule in LR_SCHEDULES, f"optim.lr_schedule must be one of {LR_SCHEDULES}")
         check(self.optim.scaling_rule in SCALING_RULES, f"optim.scaling_rule must be one of {SCALING_RULES}")
         check(self.head_warmup.enabled in ("auto", "on", "off"), "head_warmup.enabled must be auto, on or off")
@@ -363,98 +380,3 @@ class PretrainConfig:
         check(self.eval.steps >= 1 and self.eval.max_slices >= 1, "eval.steps and eval.max_slices must be >= 1")
         check(self.init.weights is None or self.init.checkpoint is None,
               "init.weights and init.checkpoint exclude each other (a checkpoint already holds weights)")
-        return self
-
-
-# --- generic dict <-> dataclass conversion with validation ------------------------------------------
-
-
-def to_plain(obj: Any) -> Any:
-    """Dataclasses, tuples and lists -> dicts and lists (YAML/JSON-safe)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
-    return obj
-
-
-def _coerce(value: Any, annotation: str, where: str) -> Any:
-    """Check ``value`` against a field annotation (as written, e.g. ``"list[int] | None"``)."""
-    kinds = [a.strip() for a in annotation.split("|")]
-    if value is None:
-        if "None" in kinds:
-            return None
-        raise ConfigError(f"{where} must not be null (expected {annotation})")
-    kind = next(k for k in kinds if k != "None")
-    scalar = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}
-    if kind in scalar:
-        target = scalar[kind]
-        if target is float and isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-        if target is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if target is str and isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # a YAML number where a name is expected, e.g. eval.dataset=501
-        if isinstance(value, bool) and target is not bool:
-            raise ConfigError(f"{where} must be {kind}, got {value!r}")
-        if not isinstance(value, target):
-            raise ConfigError(f"{where} must be {kind}, got {value!r}")
-        return value
-    if kind.startswith(("list[", "tuple[")):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list ({annotation}), got {value!r}")
-        inner = kind[kind.index("[") + 1 : -1].split(",")
-        if kind.startswith("tuple["):
-            if len(value) != len(inner):
-                raise ConfigError(f"{where} must have {len(inner)} entries, got {value!r}")
-            return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, inner)))
-        return [_coerce(v, inner[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    raise ConfigError(f"{where}: unsupported annotation {annotation}")  # a schema bug, not a user error
-
-
-def from_plain(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys are errors that list the valid ones."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(f'{where}{k}' for k in unknown)}; valid keys"
-            f"{' in ' + where.rstrip('.') if where else ''}: {', '.join(fields)}"
-        )
-    values = {}
-    for name, value in data.items():
-        f = fields[name]
-        if isinstance(f.type, str) and f.type in _DATACLASSES:
-            values[name] = from_plain(_DATACLASSES[f.type], value, f"{where}{name}.")
-        else:
-            values[name] = _coerce(value, f.type, f"{where}{name}")
-    return cls(**values)
-
-
-_DATACLASSES = {
-    c.__name__: c
-    for c in (
-        InitConfig,
-        HeadConfig,
-        ModelConfig,
-        DataConfig,
-        CropsConfig,
-        AugmentConfig,
-        MaskingConfig,
-        LossConfig,
-        GramConfig,
-        OptimConfig,
-        HeadWarmupConfig,
-        TrainConfig,
-        MonitorConfig,
-        EvalConfig,
-        DebugConfig,
-    )
-}

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic_files import remove_stale_temporaries, replace_file
+from nnunet_meddinov3.durable_files import remove_stale_temporaries, write_atomically
+
 from .slice_store import check_slice_file
 from .sources import DataError, Exclusion, VolumeSource, find_volumes
 from .volume_reader import (
@@ -215,11 +216,11 @@ def build_cache(roots: Sequence[str | os.PathLike], cache_dir: str | os.PathLike
     excluded = [{"key": s.key, "case_id": s.case_id} for s in sources if exclusion.matches(s)]
     selected = [s for s in sources if not exclusion.matches(s)]
 
-    for sub in (VOLUMES, RECORDS):
-        remove_stale_temporaries(folder / sub)
-    remove_stale_temporaries(folder)
+    for stale_in in (folder / VOLUMES, folder / RECORDS, folder):
+        if removed := remove_stale_temporaries(stale_in):
+            logger.warning("removed %d temporary file(s) of killed writes under %s", len(removed), stale_in)
     if rank == 0 and not (folder / "settings.json").is_file():
-        replace_file(folder / "settings.json", lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        write_atomically(folder / "settings.json", lambda f: f.write(json.dumps(settings, indent=1).encode()))
     path = index_path(folder, roots, exclusion)
     previous = _read_json(path) or {}
     known = {v["key"]: v for v in previous.get("volumes", []) + previous.get("skipped", [])} \
@@ -269,7 +270,7 @@ def build_cache(roots: Sequence[str | os.PathLike], cache_dir: str | os.PathLike
     }
     if rank == 0:
         if index != previous:
-            replace_file(path, lambda f: f.write(json.dumps(index).encode()))
+            write_atomically(path, lambda f: f.write(json.dumps(index).encode()))
         _write_report(path, skipped, rank)
     return index, path, stats
 
@@ -280,6 +281,6 @@ def _write_report(index: Path, skipped: list[dict], rank: int) -> None:
         return
     if skipped:
         rows = [{"key": r["key"], "files": r["files"], "reason": r["error"]} for r in skipped]
-        replace_file(report, lambda f: f.write(json.dumps(rows, indent=1).encode()), durable=False)
+        write_atomically(report, lambda f: f.write(json.dumps(rows, indent=1).encode()), durable=False)
     else:
         report.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import blosc2
 import numpy as np
 
-from .atomic_files import fsync_folder, temporary_path
+from nnunet_meddinov3.durable_files import move_into_place, temporary_path
 
 MAGIC = b"MDSLICE1"
 _TRAILER = struct.Struct("<8sQIIII")  # magic, table offset, slices, rows, columns, dtype code
@@ -68,11 +68,8 @@ class SliceFileWriter:
         trailer = _TRAILER.pack(MAGIC, self.offset, len(self.entries), self.rows, self.columns,
                                 _CODES[self.dtype])
         self.file.write(table + trailer)
-        self.file.flush()
-        os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.tmp, self.path)
-        fsync_folder(self.path.parent)
+        move_into_place(self.tmp, self.path)
         return {"cache_size": self.offset + len(table) + len(trailer), "cache_checksum": zlib.crc32(table + trailer)}
 
     def discard(self) -> None:

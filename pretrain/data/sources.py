@@ -17,7 +17,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from .atomic_files import replace_file
+from nnunet_meddinov3.durable_files import write_atomically
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # File endings nnU-Net's SimpleITK reader accepts, used when dataset.json gives none.
@@ -114,8 +114,8 @@ def _dicom_volumes(root: Path, series_cache: Path | None = None) -> list[VolumeS
             key = f"{root.name}/{uid}" if relative == "." else f"{root.name}/{relative}/{uid}"
             volumes.append(VolumeSource(key, uid, tuple(os.path.join(folder, f) for f in files), dicom=True))
     if path is not None and folders != known:
-        replace_file(path, lambda f: f.write(json.dumps({"root": str(root), "folders": folders}).encode()),
-                     durable=False)
+        write_atomically(path, lambda f: f.write(json.dumps({"root": str(root), "folders": folders}).encode()),
+                         durable=False)
     return volumes
 
 

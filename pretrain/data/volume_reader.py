@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic_files import replace_file
+from nnunet_meddinov3.durable_files import write_atomically
+
 from .intensity import preset_from_dict
 from .slice_store import SUFFIX, SliceFileWriter
 from .sources import VolumeSource
@@ -229,7 +230,7 @@ def cache_volume(source: VolumeSource, folder: Path, settings: dict[str, Any], n
         record.update(_write_slices(source, folder, settings, needs_stats, delay_s))
     except BadVolume as e:
         record["error"] = str(e)
-    replace_file(record_path(folder, source.key), lambda f: f.write(json.dumps(record).encode()))
+    write_atomically(record_path(folder, source.key), lambda f: f.write(json.dumps(record).encode()))
     return record
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..configs import load_config
 from . import checkpoint as ckpt
 from .distributed import DistributedContext, init_distributed, shutdown_distributed
-from .loop import FINISHED, RunResult, read_run_status, train
+from .loop import train
+from .run_record import FINISHED, RunResult, read_run_status
 
 
 def stage_dirs(output: str | Path, configs: Sequence[str]) -> list[Path]:

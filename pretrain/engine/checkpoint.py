@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,9 @@ import torch
 from torch import nn
 
 from nnunet_meddinov3.checkpoints.loading import load_encoder_weights
+from nnunet_meddinov3.durable_files import first_readable, remove_stale_temporaries, write_atomically
 from nnunet_meddinov3.network.encoder import DINOv3Encoder
 
-from ..data.atomic_files import fsync_folder, remove_stale_temporaries, temporary_path
 from ..model import encoder_state_from_training_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -108,13 +107,10 @@ def read_newest_readable(run_dir: str | os.PathLike, set_aside: bool = False) ->
     does not (a disk error, a file cut by a full disk); (None, None) when the run has none.
     ``set_aside`` renames the unreadable ones to ``*.unreadable`` (one process of a run only), so
     that later starts and pruning do not trip on them again."""
-    problems = []
-    for _, path in reversed(list_checkpoints(run_dir)):
-        try:
-            state = _read_file(path)
-        except Exception as e:  # whatever torch.load raises on a damaged file
-            problems.append((path, " ".join(str(e).split())[:200] or type(e).__name__))
-            continue
+    newest_first = [path for _, path in reversed(list_checkpoints(run_dir))]
+    path, state, passed_over = first_readable(newest_first, _read_file)  # whatever torch.load raises on damage
+    problems = [(bad, " ".join(str(e).split())[:200] or type(e).__name__) for bad, e in passed_over]
+    if path is not None:
         for bad, reason in problems:
             logger.warning("checkpoint %s is unreadable (%s); using the previous one, %s", bad, reason, path.name)
             if set_aside:
@@ -127,27 +123,19 @@ def read_newest_readable(run_dir: str | os.PathLike, set_aside: bool = False) ->
     return None, None
 
 
-def remove_stale_checkpoint_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+def remove_stale_checkpoint_temporaries(run_dir: str | os.PathLike) -> list[str]:
     """Delete what killed checkpoint writes left behind (call from the one process that writes)."""
-    return remove_stale_temporaries(checkpoint_dir(run_dir))
+    removed = remove_stale_temporaries(checkpoint_dir(run_dir))
+    if removed:
+        logger.warning("removed %d temporary file(s) of killed checkpoint writes under %s", len(removed),
+                       checkpoint_dir(run_dir))
+    return removed
 
 
-def write_atomic(state: dict, path: Path, delay_s: float = 0.0) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename and fsync the folder: a
-    checkpoint is complete or absent. ``delay_s`` (debug) waits before the rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if delay_s:
-            time.sleep(delay_s)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_folder(path.parent)
+def save_checkpoint_file(state: dict, path: Path, delay_s: float = 0.0) -> None:
+    """``torch.save`` the state so that the checkpoint is complete or absent (:func:`write_atomically`);
+    ``delay_s`` (debug) waits before the rename."""
+    write_atomically(path, lambda f: torch.save(state, f), delay_s=delay_s)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_every: int = 0) -> list[Path]:

@@ -72,11 +72,6 @@ def build_slice_dataset(config: PretrainConfig, cache_dir: Path, rank: int = 0, 
     )
 
 
-def slice_dataset_from_index(config: PretrainConfig, cache_dir: Path, index: dict) -> SliceDataset:
-    """The dataset :func:`build_slice_dataset` built on another rank, from its index: no scan, no writes."""
-    return SliceDataset.from_index(index, cache_dir, preset=preset_from_dict(config.data.intensity))
-
-
 def build_augmentations(config: PretrainConfig) -> list[MultiCropAugmentation]:
     """One augmentation per crop triple."""
     preset = preset_from_dict(config.data.intensity)

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from nnunet_meddinov3.network.encoder import resolve_encoder_config
+from nnunet_meddinov3.network.configs import resolve_encoder_config
 
 from ..data.cache_report import read_bytes, cache_size
 from ..data.slice_store import drop_from_page_cache

@@ -139,7 +139,7 @@ def test_one_dotted_key_selects_the_mri_preset_with_its_defaults(tmp_path):
 
 
 def test_crop_sizes_are_checked_against_the_encoders_patch_size(monkeypatch):
-    from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS
+    from nnunet_meddinov3.network.configs import ENCODER_CONFIGS
 
     monkeypatch.setitem(ENCODER_CONFIGS, "tiny_patch8", ENCODER_CONFIGS["meddinov3_tiny"].replace(patch_size=8))
     patch8 = load_config("tiny_stage1", ["model.encoder=tiny_patch8", "crops.global_sizes=[40]"])

@@ -13,7 +13,7 @@ from pretrain_synthetic import ct_volume, write_nifti
 from pretrain.configs import load_config
 from pretrain.engine import FINISHED, train
 from pretrain.engine.checkpoint import list_checkpoints, read_training_checkpoint
-from pretrain.engine.loop import read_run_status
+from pretrain.engine.run_record import read_run_status
 from pretrain.engine.progress import read_metrics
 
 

@@ -10,7 +10,7 @@ from nnunet_meddinov3.checkpoints import build_encoder
 from pretrain.cli import main
 from pretrain.data import SliceDataset
 from pretrain.engine.checkpoint import list_checkpoints, read_training_checkpoint
-from pretrain.engine.loop import read_run_status
+from pretrain.engine.run_record import read_run_status
 from pretrain.export import PROJECT_LICENCE, export_run
 from pretrain.model import encoder_state_from_training_checkpoint
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from pretrain_synthetic import ct_volume, write_nifti
 
-from nnunet_meddinov3.network.encoder import ENCODER_CONFIGS, EncoderConfig
+from nnunet_meddinov3.network.configs import ENCODER_CONFIGS, EncoderConfig
 from pretrain.configs import PretrainConfig, config_from_dict, load_config
 from pretrain.engine.distributed import DistributedContext
 from pretrain.engine.loop import Trainer

@@ -1,7 +1,8 @@
 """Pretraining survives what clusters and users do to it: kill -9 anywhere (also mid-checkpoint and
 mid-cache-build) then --resume, bit for bit; Ctrl-C and SIGUSR1 like SIGTERM; unreadable newest
-checkpoints; a slow cache build under torchrun with a short collective timeout."""
+checkpoints; a slow cache build under torchrun, whose wait for other ranks is no collective."""
 
+import json
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from pretrain.engine.checkpoint import (
     list_checkpoints,
     read_training_checkpoint,
 )
-from pretrain.engine.loop import read_run_status
+from pretrain.engine.run_record import read_run_status
 from pretrain.export import export_run
 
 
@@ -177,19 +178,48 @@ def test_unreadable_checkpoints_and_leftovers(data_root, tmp_path, caplog):
 
 
 def _host():
-    from pretrain.data.atomic_files import _host as host
+    from nnunet_meddinov3.durable_files import host_tag as host
 
     return host()
 
 
-def test_slow_cache_build_under_torchrun_does_not_time_out(data_root, tmp_path):
-    # 3 volumes of 4 s each over 2 processes: one waits 4 s for the other, longer than the 2.4 s
-    # collective timeout; the wait is no collective, and training then runs
+_BUILD_SHARE = """
+import json, sys
+from pretrain.configs import load_config
+from pretrain.engine.data import build_slice_dataset
+rank, data_root, cache_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+config = load_config("tiny_stage1", [f"data.roots=[{data_root}]", "debug.cache_build_delay_s=4"])
+dataset = build_slice_dataset(config, cache_dir, rank=rank, world_size=2)
+print(json.dumps({"built": dataset.build_stats.built, "awaited": dataset.build_stats.awaited,
+                  "slices": len(dataset), "manifest": dataset.index["manifest_sha256"]}))
+"""
+
+
+def test_cache_build_waits_for_other_ranks_without_any_collective(data_root, tmp_path):
+    # Two ranks of one build as plain processes, with no process group at all: had the wait for the
+    # other's share been a collective, it could not finish. 3 volumes of 4 s each: rank 0 builds two,
+    # rank 1 builds one, then waits about 4 s for rank 0's second by watching the records.
+    cache_dir = tmp_path / "cache"
+    processes = [subprocess.Popen([sys.executable, "-c", _BUILD_SHARE, str(rank), str(data_root), str(cache_dir)],
+                                  env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for rank in (0, 1)]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=240)
+        assert process.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["built"] for r in results) == [1, 2] and sorted(r["awaited"] for r in results) == [1, 2]
+    assert results[0]["manifest"] == results[1]["manifest"] and results[0]["slices"] == results[1]["slices"] > 0
+
+
+def test_slow_cache_build_under_torchrun_then_trains(data_root, tmp_path):
+    # The same slow build under torchrun, collectives on their normal timeout (a short one would also
+    # bound training's own collectives, which a busy machine can hold up): each rank builds a share,
+    # then training runs and finishes.
     run = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pretrain",
                "train", "--config", "tiny_stage1", "--data", str(data_root), "--output", str(run),
-               "train.iterations=1", "train.progress_bar=false", "debug.cache_build_delay_s=4",
-               "train.distributed_timeout_minutes=0.04"]
+               "train.iterations=1", "train.progress_bar=false", "debug.cache_build_delay_s=4"]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert read_run_status(run)["status"] == FINISHED

@@ -173,7 +173,7 @@ def test_from_index_reuses_the_built_dataset_without_scanning_or_writing(ct_sour
 
 
 def test_each_write_has_its_own_temporary_file(ct_sources, tmp_path, monkeypatch):
-    import pretrain.data.atomic_files as atomic_module
+    import nnunet_meddinov3.durable_files as atomic_module
     import pretrain.data.slice_store as store_module
 
     renamed = []

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from nnunet_meddinov3.network import MedDINOv3Net
+from nnunet_meddinov3.network.volumetric import MedDINOv3Net3D
 from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, build_adamw, encoder_layer_id, parameter_groups
 
 
@@ -74,3 +75,13 @@ def test_fused_adamw_makes_the_same_update_as_the_plain_one():
             opt.step()
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_3d_networks_slice_context_trains_with_the_decoder():
+    # the new parts of a network (decoder, slice context) are one group at the decoder's LR; none is left out
+    network = MedDINOv3Net3D(1, 2, encoder="tiny")
+    groups = parameter_groups(network, encoder_lr=1e-4, decoder_lr=1e-3, weight_decay=0.05)
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in network.parameters()}
+    new_parts = {id(p) for p in network.decoder.parameters()} | {id(p) for p in network.slice_context.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == new_parts and groups[0]["lr"] == 1e-3

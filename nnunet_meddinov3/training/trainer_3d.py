@@ -1,0 +1,110 @@
+"""nnU-Net trainers for MedDINOv3Net3D: the 2D trainers on nnU-Net's ``3d_fullres``.
+
+Each is its 2D namesake with ``_3D`` after ``MedDINOv3`` and one difference: the network
+(:class:`~nnunet_meddinov3.network.volumetric.MedDINOv3Net3D`, the same 2D encoder on every slice of
+the plane of the last two axes, with cross-slice context that starts as the identity). The weights,
+the recipe, LoRA, crash safety and everything else are the 2D trainer's, so any 2D weights file
+fine-tunes here unchanged and no 3D pretraining is needed.
+
+On stock ``nnUNetPlans`` the network comes from the class (its ``context`` included); on
+``nnUNetPlansMedDINOv3`` from the plans' ``3d_fullres`` configuration, which ``meddinov3
+plan_and_preprocess`` writes with an in-plane patch of multiples of 16 and slices and batch from the
+memory model.
+"""
+from __future__ import annotations
+
+from nnunet_meddinov3.network.configs import PATCH_SIZE
+from nnunet_meddinov3.network.volumetric import MedDINOv3Net3D
+from nnunet_meddinov3.training.trainer import (
+    nnUNetTrainerMedDINOv3,
+    nnUNetTrainerMedDINOv3_Bottleneck,
+    nnUNetTrainerMedDINOv3_DINOv3,
+    nnUNetTrainerMedDINOv3_FrozenEncoder,
+    nnUNetTrainerMedDINOv3_LLRD,
+    nnUNetTrainerMedDINOv3_LoRA,
+    nnUNetTrainerMedDINOv3_Scratch,
+    nnUNetTrainerMedDINOv3_Tiny,
+)
+
+
+class Volumetric:
+    """Makes a MedDINOv3 trainer train MedDINOv3Net3D on 3D configurations; put it first in the bases."""
+
+    network_class = MedDINOv3Net3D
+    spatial_dims = 3
+    # Cross-slice context on stock plans (ours name it): slice attention after the tapped blocks, the
+    # better of the two placements compared (README, "3D").
+    context = "slice_attention"
+
+    @classmethod
+    def check_configuration(cls, configuration_manager, configuration: str = "this configuration") -> None:
+        super().check_configuration(configuration_manager, configuration)
+        slices, *plane = configuration_manager.patch_size
+        context = cls.network_kwargs(configuration_manager)["context"]
+        if slices < 2 and context != "none":
+            raise ValueError(
+                f"{cls.__name__}: {configuration}'s patch {list(configuration_manager.patch_size)} has {slices} slice, "
+                f"too few for the cross-slice context '{context}' (a 2D dataset?): train its 2d configuration with "
+                f"-tr {cls.__name__.replace('_3D', '', 1)}, or plan at least 2 slices per patch")
+        if cls.plans_are_ours(configuration_manager) and any(side % PATCH_SIZE for side in plane):
+            raise ValueError(
+                f"{cls.__name__}: the in-plane patch {plane} of {configuration} in these MedDINOv3 plans is not a "
+                f"multiple of {PATCH_SIZE}, which the ViT needs: plan again with `meddinov3 plan_and_preprocess`, "
+                f"or set patch_size's last two entries to multiples of {PATCH_SIZE}")
+
+    @classmethod
+    def network_kwargs(cls, configuration_manager) -> dict:
+        kwargs = super().network_kwargs(configuration_manager)
+        kwargs.setdefault("context", cls.context)
+        return kwargs
+
+
+class nnUNetTrainerMedDINOv3_3D(Volumetric, nnUNetTrainerMedDINOv3):
+    """MedDINOv3 ViT-B/16 CT weights on every slice, slice attention across them (the 2D recipe)."""
+
+
+class nnUNetTrainerMedDINOv3_3D_Tiny(Volumetric, nnUNetTrainerMedDINOv3_Tiny):
+    """The tiny CPU encoder in 3D: the tests and quick checks."""
+
+
+class nnUNetTrainerMedDINOv3_3D_TinyDepthConv(Volumetric, nnUNetTrainerMedDINOv3_Tiny):
+    """The tiny model with the decoder-side placement: a depth convolution on the tapped features."""
+
+    network_overrides = {**nnUNetTrainerMedDINOv3_Tiny.network_overrides, "context": "depth_conv"}
+
+
+class nnUNetTrainerMedDINOv3_3D_TinyPerSlice(Volumetric, nnUNetTrainerMedDINOv3_Tiny):
+    """The tiny model on each slice alone (no cross-slice context): what the context adds is measured
+    against it."""
+
+    network_overrides = {**nnUNetTrainerMedDINOv3_Tiny.network_overrides, "context": "none"}
+
+
+class nnUNetTrainerMedDINOv3_3D_DepthConv(Volumetric, nnUNetTrainerMedDINOv3):
+    """ViT-B with the decoder-side placement of the context (depth convolution)."""
+
+    network_overrides = {**nnUNetTrainerMedDINOv3.network_overrides, "context": "depth_conv"}
+
+
+class nnUNetTrainerMedDINOv3_3D_DINOv3(Volumetric, nnUNetTrainerMedDINOv3_DINOv3):
+    """Official natural-image DINOv3 ViT-B/16 weights in 3D."""
+
+
+class nnUNetTrainerMedDINOv3_3D_Scratch(Volumetric, nnUNetTrainerMedDINOv3_Scratch):
+    """The 3D network from random initialisation."""
+
+
+class nnUNetTrainerMedDINOv3_3D_FrozenEncoder(Volumetric, nnUNetTrainerMedDINOv3_FrozenEncoder):
+    """Frozen encoder: the slice context and the decoder train."""
+
+
+class nnUNetTrainerMedDINOv3_3D_LoRA(Volumetric, nnUNetTrainerMedDINOv3_LoRA):
+    """LoRA adapters on the frozen encoder, plus the slice context and the decoder."""
+
+
+class nnUNetTrainerMedDINOv3_3D_LLRD(Volumetric, nnUNetTrainerMedDINOv3_LLRD):
+    """Layer-wise LR decay and warm-up in 3D."""
+
+
+class nnUNetTrainerMedDINOv3_3D_Bottleneck(Volumetric, nnUNetTrainerMedDINOv3_Bottleneck):
+    """The cheaper bottleneck decoder in 3D."""

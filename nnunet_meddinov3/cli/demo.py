@@ -7,16 +7,19 @@ trains the stock nnU-Net 2D baseline and the tiny MedDINOv3 variant from scratch
 on the same fold for the same budget, predicts the held-out cases with ``nnUNetv2_predict``,
 evaluates them with ``nnUNetv2_evaluate_folder``, prints a per-class Dice table and the linear-probe
 table of the export against a random init (``meddinov3 probe``). Every step is the real console
-script; the full logs are kept in the work folder.
+script; the full logs are kept in the work folder, and the console shows each step's progress lines. When
+a step fails, the tables of the steps that finished are printed before the failure.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunet_meddinov3.checkpoints.registry import WEIGHTS_ENV
@@ -27,8 +30,30 @@ DATASET_NAME = f"Dataset{DATASET_ID:03d}_SyntheticCT"
 # the random init the pretraining starts from (tiny_stage1's model.layer_scale_init), the probe's baseline
 RANDOM_BASELINE = "random:meddinov3_tiny,layer_scale_init=1.0"
 PRETRAIN_STOPPED_COLLAPSE = 4  # python -m pretrain's exit status for a run the collapse monitor stopped
-PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Preprocessing dataset",
-                    "finished at iteration", "stopped_", "Wrote", "Traceback", "Error", "error:")
+# Lines of a step's output the console shows (the log keeps all): nnU-Net's planning stages, per-epoch lines
+# ("Epoch 3", train_loss, val_loss, "Pseudo dice", "Epoch time") and per-case prediction lines, the
+# pretraining's progress lines (pretrain/engine/progress.py's progress_line: "... | ETA 0:02:43"), slice-cache
+# and thread-count notes, the end of each run, and anything that reads like a problem.
+PROGRESS_MARKERS = ("Fingerprint extraction", "Experiment planning", "Preprocessing dataset", "Epoch ", "train_loss",
+                    "val_loss", "Pseudo dice", "Mean Validation Dice", "done with ", "| ETA ", "INFO pretrain",
+                    "CPU thread", "finished at iteration", "stopped_", "paused at", "Wrote", "WARNING", "Traceback",
+                    "Error", "error:")
+# A tqdm bar's update (each carriage return ends a line of the pipe): "Preprocessing cases:  25%|##  | 2/8 [00:07<..."
+BAR_UPDATE = re.compile(r"^(.*?)\s*\d+%\|.*\| *(\d+)/(\d+) \[")
+BAR_INTERVAL_S = 10.0  # as often as the pretraining's progress lines
+
+
+class StepFailed(Exception):
+    """A step's command exited with a status the demo cannot go on from; the message names its log."""
+
+
+@dataclass
+class DemoResults:
+    """What the finished steps produced, for the tables: printed at the end, or before a failure."""
+
+    summaries: dict[str, dict] = field(default_factory=dict)  # run label -> nnU-Net's summary.json
+    pretraining: dict | None = None
+    probe: dict | None = None
 
 
 def add_arguments(parser) -> None:
@@ -68,22 +93,64 @@ def _environment(workdir: Path, args) -> dict:
     return env
 
 
-def _step(title: str, cmd: list[str], env: dict, log_dir: Path, ok_codes: tuple[int, ...] = (0,)) -> int:
-    """Run one console script, echo its progress lines, keep its full log; stop on an exit status not in
-    ``ok_codes``, else return it."""
-    print(f"\n==> {title}\n    $ {' '.join(cmd)}", flush=True)
+def is_progress_line(line: str) -> bool:
+    return any(marker in line for marker in PROGRESS_MARKERS)
+
+
+class ConsoleFilter:
+    """Which lines of one step's output the console shows: its progress lines, and the updates of its
+    progress bars at most every BAR_INTERVAL_S seconds and where a bar completes."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.last_bar_at, self.last_bar = clock(), None
+
+    def shows(self, line: str) -> bool:
+        bar = BAR_UPDATE.match(line)
+        if bar is None:
+            self.last_bar = None
+            return is_progress_line(line)
+        now, (name, done, total) = self.clock(), bar.groups()
+        # tqdm draws a finished bar twice in a row
+        complete = done == total and (name, done, total) != self.last_bar
+        if not complete and now - self.last_bar_at < BAR_INTERVAL_S:
+            return False
+        self.last_bar_at, self.last_bar = now, (name, done, total)
+        return True
+
+
+def step_threads(args, loader_workers: int) -> int | None:
+    """OMP_NUM_THREADS for a step on the CPU whose command starts ``loader_workers`` loader processes: the
+    cores they leave (nnunet_meddinov3.cpu_threads). None (leave it) on CUDA or where the user set it.
+    nnUNetv2_train and nnUNetv2_predict give their own process one thread per core on a CPU
+    (torch.set_num_threads), whatever it says; their worker processes still take it."""
+    from nnunet_meddinov3.cpu_threads import free_core_threads, threads_set_by_user
+    if args.device != "cpu" or threads_set_by_user() is not None:
+        return None
+    return free_core_threads(loader_workers)
+
+
+def _step(title: str, cmd: list[str], env: dict, log_dir: Path, ok_codes: tuple[int, ...] = (0,),
+          threads: int | None = None) -> int:
+    """Run one console script (with OMP_NUM_THREADS=``threads`` where given), echo its progress lines, keep
+    its full log; raise StepFailed on an exit status not in ``ok_codes``, else return it."""
+    if threads is not None:
+        env = dict(env, OMP_NUM_THREADS=str(threads))
+    shown = ([f"OMP_NUM_THREADS={threads}"] if threads is not None else []) + cmd
+    print(f"\n==> {title}\n    $ {' '.join(shown)}", flush=True)
     log = log_dir / (title.lower().replace(" ", "_").replace("/", "_") + ".log")
     start = time.time()
+    console = ConsoleFilter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, encoding="utf-8", errors="replace")
-        for line in proc.stdout:
+        for line in proc.stdout:  # universal newlines: a bar's carriage-return updates come as lines
             f.write(line)
-            if any(m in line for m in PROGRESS_MARKERS):
-                print("    " + line.rstrip()[-110:], flush=True)
+            if console.shows(line):
+                print("    " + line.rstrip()[-200:], flush=True)
         proc.wait()
     if proc.returncode not in ok_codes:
-        raise SystemExit(f"step '{title}' failed (exit {proc.returncode}); full log: {log}")
+        raise StepFailed(f"step '{title}' failed (exit {proc.returncode}); full log: {log}")
     print(f"    done in {time.time() - start:.0f} s (log: {log})", flush=True)
     return proc.returncode
 
@@ -128,14 +195,108 @@ def _pretraining_summary(run_dir: Path) -> dict | None:
 
 def _train_predict_evaluate(tag: str, trainer: str, env: dict, raw: Path, workdir: Path, logs: Path, args) -> dict:
     """Train fold 0, predict the held-out cases and evaluate them; ``tag`` names the logs and predictions."""
+    workers = int(env["nnUNet_def_n_proc"])
     _step(f"Train {tag}", ["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", args.device],
-          env, logs)
+          env, logs, threads=step_threads(args, int(env["nnUNet_n_proc_DA"])))
     pred = workdir / "predictions" / tag
     _step(f"Predict {tag}", ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID),
-                             "-c", "2d", "-tr", trainer, "-f", "0", "-device", args.device], env, logs)
+                             "-c", "2d", "-tr", trainer, "-f", "0", "-device", args.device], env, logs,
+          threads=step_threads(args, workers))
     _step(f"Evaluate {tag}", ["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile",
-                              str(raw / "dataset.json"), "-pfile", str(pred / "plans.json")], env, logs)
+                              str(raw / "dataset.json"), "-pfile", str(pred / "plans.json")], env, logs,
+          threads=step_threads(args, workers))
     return json.loads((pred / "summary.json").read_text())
+
+
+def pretrain_resume_option(run_dir: Path) -> list[str]:
+    """``--resume`` where the run folder has a checkpoint (a rerun of the demo goes on from it, or finds it
+    done), else nothing: on a first run it would only warn that there is nothing to resume."""
+    from pretrain.engine.checkpoint import latest_checkpoint
+    return ["--resume"] if latest_checkpoint(run_dir) is not None else []
+
+
+def _pretrain(args, env: dict, raw: Path, workdir: Path, logs: Path, results: DemoResults) -> Path:
+    """Pretrain the tiny encoder on the training images (fold 0's validation cases and the held-out images
+    left out), print what its losses did, export it; returns the export."""
+    from nnunet_meddinov3.evaluation.probe import preprocessed_split
+    from pretrain.configs import load_config
+    validation = preprocessed_split(DATASET_NAME, "2d", "nnUNetPlans", 0, preprocessed=env["nnUNet_preprocessed"]).val
+    run_dir, export = workdir / "pretrain" / "tiny_stage1", workdir / "pretrain" / "demo_export.safetensors"
+    resume = pretrain_resume_option(run_dir)
+    loader_workers = load_config("tiny_stage1").data.num_workers
+    code = _step("Pretrain the tiny encoder", [
+        sys.executable, "-m", "pretrain", "train", "--config", "tiny_stage1", "--data", str(raw), "--output",
+        str(run_dir), *resume, f"train.iterations={args.pretrain_iterations}", "train.checkpoint_every=0",
+        f"data.exclude_test_images_of=[{raw}]", f"data.exclude_case_ids=[{', '.join(validation)}]",
+        # nnU-Net's normalisation of this dataset, so fine-tuning sees what pretraining saw
+        "data.intensity.kind=nnunet",
+        f"data.intensity.plans={Path(env['nnUNet_preprocessed']) / DATASET_NAME / 'nnUNetPlans.json'}"], env, logs,
+        ok_codes=(0, PRETRAIN_STOPPED_COLLAPSE), threads=step_threads(args, loader_workers))
+    if code == PRETRAIN_STOPPED_COLLAPSE:
+        print("    the collapse monitor stopped pretraining (see the log); the demo goes on with the checkpoint "
+              "it saved, and the probe below says whether its features are of use", flush=True)
+    results.pretraining = _pretraining_summary(run_dir)
+    if results.pretraining:
+        (d0, d1), (s0, s1) = results.pretraining["dino_loss"], results.pretraining["teacher_logit_std"]
+        print(f"    DINO loss {d0:.3f} -> {d1:.3f} (ln K = {results.pretraining['ln_k']:.3f}: uniform targets), "
+              f"teacher logit spread {s0:.3f} -> {s1:.3f}: mean of the first and last "
+              f"{results.pretraining['window']} iterations", flush=True)
+    _step("Export the pretrained encoder", [sys.executable, "-m", "pretrain", "export", "--run", str(run_dir),
+                                            "--output", str(export)], env, logs, threads=step_threads(args, 0))
+    return export
+
+
+def _pipeline(args, env: dict, raw: Path, workdir: Path, logs: Path, results: DemoResults) -> None:
+    """Every step, in order; what each finished step produced goes into ``results``."""
+    _step("Plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d",
+                                  "-np", env["nnUNet_def_n_proc"]], env, logs,
+          threads=step_threads(args, int(env["nnUNet_def_n_proc"])))
+    export = _pretrain(args, env, raw, workdir, logs, results) if args.pretrain_iterations > 0 else None
+
+    runs = {"nnU-Net 2D (stock)": ("nnUNetTrainerShortSchedule", env, "nnUNetTrainerShortSchedule"),
+            "MedDINOv3 tiny, scratch": ("nnUNetTrainerMedDINOv3_Tiny", env, "nnUNetTrainerMedDINOv3_Tiny")}
+    if export is not None:
+        # its own results folder: the trainer's name is the same as the scratch run's
+        pretrained_env = dict(env, nnUNet_results=str(workdir / "nnUNet_results_pretrained"))
+        pretrained_env[WEIGHTS_ENV] = str(export)
+        runs["MedDINOv3 tiny, own pretraining"] = ("nnUNetTrainerMedDINOv3_Tiny", pretrained_env,
+                                                   "nnUNetTrainerMedDINOv3_Tiny_pretrained")
+    for label, (trainer, run_env, tag) in runs.items():
+        results.summaries[label] = _train_predict_evaluate(tag, trainer, run_env, raw, workdir, logs, args)
+    if export is not None:
+        _step("Probe the export against a random init", [
+            "meddinov3", "probe", "-d", str(DATASET_ID), "--weights", RANDOM_BASELINE, str(export),
+            "-o", str(workdir / "probe")], env, logs, threads=step_threads(args, 0))
+        results.probe = json.loads((workdir / "probe" / "probe.json").read_text())
+
+
+def _conclude(results: DemoResults, raw: Path, workdir: Path, args, failure: StepFailed | None = None) -> None:
+    """Print the Dice and probe tables of what finished and write demo_results.json; after a failure, then
+    raise it as the command's error (exit status 1)."""
+    budget = f"{args.epochs} epochs x {args.iterations} iterations each, fold 0, {args.num_test} held-out cases"
+    smoke = " -- SMOKE TEST (--quick): these numbers mean nothing" if args.quick else ""
+    partial = " -- the runs that finished before the failure below" if failure else ""
+    if results.summaries:
+        labels = json.loads((raw / "dataset.json").read_text())["labels"]
+        print(f"\nDice on held-out cases ({budget}){smoke}{partial}:\n{_dice_table(results.summaries, labels)}")
+    if results.probe is not None:
+        print(f"\nLinear probe (frozen encoder, fold 0 validation cases, mean Dice over classes){smoke}:")
+        for source, result in results.probe["results"].items():
+            name = "random init" if source.startswith("random:") else "own pretraining"
+            print(f"    {name:<16} {result['dice']['mean']:.4f}")
+    if failure is None:
+        print("\nReading: a synthetic dataset this small and a budget this short show the mechanics and the sign of "
+              "an effect,\nnot its size; real CT and released weights (meddinov3 weights fetch) on a GPU are what "
+              "the paper's gains need." if not args.quick else "\nA --quick run checks that every step works; its "
+              "numbers mean nothing.")
+    (workdir / "demo_results.json").write_text(json.dumps(
+        {"budget": budget, "pretrain_iterations": args.pretrain_iterations, "pretraining": results.pretraining,
+         "dice": {k: {"mean": v["mean"], "foreground_mean": v["foreground_mean"]}
+                  for k, v in results.summaries.items()},
+         "probe": None if results.probe is None else {k: v["dice"] for k, v in results.probe["results"].items()},
+         "failed": None if failure is None else str(failure)}, indent=2))
+    if failure is not None:
+        raise SystemExit(str(failure))
 
 
 def run(args) -> int:
@@ -152,6 +313,11 @@ def run(args) -> int:
     if args.quick:
         print("--quick: a smoke test that every step runs (2 epochs, 60 pretraining iterations); its Dice and probe "
               "numbers mean nothing", flush=True)
+    if step_threads(args, 0) is not None:
+        from nnunet_meddinov3.cpu_threads import available_cores
+        print(f"CPU threads: each step gets OMP_NUM_THREADS = the {available_cores()} available core(s) minus its "
+              "loader workers, at least 1 (more spin-wait against the loaders); set OMP_NUM_THREADS to choose",
+              flush=True)
 
     from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
     raw = Path(env["nnUNet_raw"]) / DATASET_NAME
@@ -159,68 +325,11 @@ def run(args) -> int:
         print(f"==> Writing the synthetic CT dataset to {raw}", flush=True)
         write_nnunet_raw_dataset(env["nnUNet_raw"], DATASET_ID, num_train=args.num_train, num_test=args.num_test,
                                  shape=(12, 96, 96))
-    _step("Plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d",
-                                  "-np", env["nnUNet_def_n_proc"]], env, logs)
-
-    export = pretraining = None
-    if args.pretrain_iterations > 0:
-        from nnunet_meddinov3.evaluation.probe import preprocessed_split
-        validation = preprocessed_split(DATASET_NAME, "2d", "nnUNetPlans", 0,
-                                        preprocessed=env["nnUNet_preprocessed"]).val
-        run_dir, export = workdir / "pretrain" / "tiny_stage1", workdir / "pretrain" / "demo_export.safetensors"
-        code = _step("Pretrain the tiny encoder", [
-            sys.executable, "-m", "pretrain", "train", "--config", "tiny_stage1", "--data", str(raw), "--output",
-            str(run_dir), "--resume", f"train.iterations={args.pretrain_iterations}", "train.checkpoint_every=0",
-            f"data.exclude_test_images_of=[{raw}]", f"data.exclude_case_ids=[{', '.join(validation)}]",
-            # nnU-Net's normalisation of this dataset, so fine-tuning sees what pretraining saw
-            "data.intensity.kind=nnunet",
-            f"data.intensity.plans={Path(env['nnUNet_preprocessed']) / DATASET_NAME / 'nnUNetPlans.json'}"], env, logs,
-            ok_codes=(0, PRETRAIN_STOPPED_COLLAPSE))
-        if code == PRETRAIN_STOPPED_COLLAPSE:
-            print("    the collapse monitor stopped pretraining (see the log); the demo goes on with the checkpoint "
-                  "it saved, and the probe below says whether its features are of use", flush=True)
-        pretraining = _pretraining_summary(run_dir)
-        if pretraining:
-            (d0, d1), (s0, s1) = pretraining["dino_loss"], pretraining["teacher_logit_std"]
-            print(f"    DINO loss {d0:.3f} -> {d1:.3f} (ln K = {pretraining['ln_k']:.3f}: uniform targets), teacher "
-                  f"logit spread {s0:.3f} -> {s1:.3f}: mean of the first and last {pretraining['window']} "
-                  f"iterations", flush=True)
-        _step("Export the pretrained encoder", [sys.executable, "-m", "pretrain", "export", "--run", str(run_dir),
-                                                "--output", str(export)], env, logs)
-
-    runs = {"nnU-Net 2D (stock)": ("nnUNetTrainerShortSchedule", env, "nnUNetTrainerShortSchedule"),
-            "MedDINOv3 tiny, scratch": ("nnUNetTrainerMedDINOv3_Tiny", env, "nnUNetTrainerMedDINOv3_Tiny")}
-    if export is not None:
-        # its own results folder: the trainer's name is the same as the scratch run's
-        pretrained_env = dict(env, nnUNet_results=str(workdir / "nnUNet_results_pretrained"))
-        pretrained_env[WEIGHTS_ENV] = str(export)
-        runs["MedDINOv3 tiny, own pretraining"] = ("nnUNetTrainerMedDINOv3_Tiny", pretrained_env,
-                                                   "nnUNetTrainerMedDINOv3_Tiny_pretrained")
-    summaries = {label: _train_predict_evaluate(tag, trainer, run_env, raw, workdir, logs, args)
-                 for label, (trainer, run_env, tag) in runs.items()}
-
-    labels = json.loads((raw / "dataset.json").read_text())["labels"]
-    table = _dice_table(summaries, labels)
-    budget = f"{args.epochs} epochs x {args.iterations} iterations each, fold 0, {args.num_test} held-out cases"
-    smoke = " -- SMOKE TEST (--quick): these numbers mean nothing" if args.quick else ""
-    print(f"\nDice on held-out cases ({budget}){smoke}:\n{table}")
-    probe = None
-    if export is not None:
-        _step("Probe the export against a random init", [
-            "meddinov3", "probe", "-d", str(DATASET_ID), "--weights", RANDOM_BASELINE, str(export),
-            "-o", str(workdir / "probe")], env, logs)
-        probe = json.loads((workdir / "probe" / "probe.json").read_text())
-        print(f"\nLinear probe (frozen encoder, fold 0 validation cases, mean Dice over classes){smoke}:")
-        for source, result in probe["results"].items():
-            name = "random init" if source.startswith("random:") else "own pretraining"
-            print(f"    {name:<16} {result['dice']['mean']:.4f}")
-    print("\nReading: a synthetic dataset this small and a budget this short show the mechanics and the sign of an "
-          "effect,\nnot its size; real CT and released weights (meddinov3 weights fetch) on a GPU are what the "
-          "paper's gains need." if not args.quick else "\nA --quick run checks that every step works; its numbers "
-          "mean nothing.")
-    (workdir / "demo_results.json").write_text(json.dumps(
-        {"budget": budget, "pretrain_iterations": args.pretrain_iterations, "pretraining": pretraining,
-         "dice": {k: {"mean": v["mean"], "foreground_mean": v["foreground_mean"]} for k, v in summaries.items()},
-         "probe": None if probe is None else {k: v["dice"] for k, v in probe["results"].items()}}, indent=2))
+    results = DemoResults()
+    try:
+        _pipeline(args, env, raw, workdir, logs, results)
+    except StepFailed as failure:
+        _conclude(results, raw, workdir, args, failure)
+    _conclude(results, raw, workdir, args)
     print(f"\nTotal time {(time.time() - start) / 60:.1f} min. Results: {workdir / 'demo_results.json'}")
     return 0

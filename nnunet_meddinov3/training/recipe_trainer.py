@@ -10,7 +10,9 @@ from typing import NamedTuple
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
+from nnunet_meddinov3.cpu_threads import free_core_threads, threads_set_by_user
 from nnunet_meddinov3.nnunet_checkpoints import read_checkpoint_lazily
 from nnunet_meddinov3.training import recipe
 from nnunet_meddinov3.training.crash_safety import CrashSafeTraining
@@ -131,6 +133,13 @@ class RecipeTrainerBase(CrashSafeTraining, nnUNetTrainer):
 
     def initialize(self):
         self.settle_recipe()
+        if self.device.type == "cpu":
+            # nnUNetv2_train -device cpu asks for one thread per core, whose spin-waits then take the cores
+            # from the augmentation workers: the free cores instead, or what OMP_NUM_THREADS says
+            threads = threads_set_by_user() or free_core_threads(get_allowed_n_proc_DA())
+            torch.set_num_threads(threads)
+            self.print_to_log_file(f"CPU: {threads} torch thread(s) (OMP_NUM_THREADS, or the cores the "
+                                   f"{get_allowed_n_proc_DA()} augmentation worker(s) leave)")
         super().initialize()
 
     def apply_recipe(self, values: dict) -> None:

@@ -35,6 +35,7 @@ class StageState:
 
     def setup(self) -> None:
         cfg, ctx = self.config, self.context
+        ctx.use_free_cpu_threads(cfg.data.num_workers)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_from, state = starting_state(self.run_dir, self.resume, ctx.is_main)
         if state is not None:

@@ -33,8 +33,10 @@ def ct_sources(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # two contended cores: one intra-op thread is several times faster for these tiny matrices
+def one_thread(monkeypatch):
+    # two contended cores: one intra-op thread is several times faster for these tiny matrices (and the
+    # variable, so that training's own free-core rule leaves it at that)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

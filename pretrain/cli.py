@@ -5,6 +5,7 @@
         --output DIR [--resume] [--export NAME] [key=value | K:key=value ...]
     python -m pretrain cache --config C --data ROOT [ROOT ...] [--workers N] [--verify] [--output DIR | --cache-dir D]
     python -m pretrain benchmark-data --config C --data ROOT [...] [--workers N] [--samples N]
+    python -m pretrain distill --config tiny_distill --teacher NAME_OR_PATH --data ROOT [...] --output DIR [--resume]
     python -m pretrain export --run DIR --name NAME [--output FILE]
     python -m pretrain configs [--show NAME [key=value ...]]
 
@@ -73,9 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     chain = sub.add_parser("chain", help="run stages in order, each from the previous one's last checkpoint")
     chain.add_argument("--configs", nargs="+", required=True, metavar="CONFIG")
+    chain.add_argument("--teacher", metavar="NAME_OR_PATH",
+                       help="the teacher of the chain's distillation stages (default: the stage before)")
     chain.add_argument("--export", metavar="NAME",
                        help="export the last stage's teacher as NAME when the chain finishes")
     _common(chain)
+
+    distill = sub.add_parser("distill", help="run (or resume) a distillation stage: a frozen teacher teaches a "
+                                             "smaller student (Meta's multi-distillation step)")
+    distill.add_argument("--config", required=True, help="a distillation config (tiny_distill, vits16_distill, "
+                                                         "vitb16_distill) or a YAML path")
+    distill.add_argument("--teacher", metavar="NAME_OR_PATH",
+                         help="registry name, pretrain run folder or checkpoint, export, or Meta's/MedDINOv3's file "
+                              "(sets distill.teacher)")
+    _common(distill)
 
     cache = sub.add_parser("cache", help="build or complete the slice cache (what train does first), and report on it")
     cache.add_argument("--config", required=True, help="the config whose data settings key the cache")
@@ -104,12 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _teacher_overrides(args) -> list[str]:
+    return [f"distill.teacher={args.teacher}"] if getattr(args, "teacher", None) else []
+
+
 def _train(args) -> int:
     from .engine import train
+    from .engine.distill import distill
 
-    config = load_config(args.config, [*_data_overrides(args), *args.overrides])
+    config = load_config(args.config, [*_data_overrides(args), *_teacher_overrides(args), *args.overrides])
+    if args.command == "distill" and config.stage != "distillation":
+        raise ConfigError(f"config '{config.name}' is a {config.stage} stage; distill takes a distillation config "
+                          "(tiny_distill, vits16_distill, vitb16_distill)")
     output = Path(args.output) if args.output else DEFAULT_OUTPUT / config.name
-    result = train(config, output, resume=args.resume)
+    result = (distill if config.stage == "distillation" else train)(config, output, resume=args.resume)
     return EXIT_CODES[result.status]
 
 
@@ -121,7 +141,8 @@ def _chain(args) -> int:
     output = Path(args.output) if args.output else DEFAULT_OUTPUT / "chain"
     context = init_distributed()
     try:
-        results = run_chain(args.configs, output, [*_data_overrides(args), *args.overrides], resume=args.resume,
+        results = run_chain(args.configs, output, [*_data_overrides(args), *_teacher_overrides(args), *args.overrides],
+                            resume=args.resume,
                             context=context)
         last = results[-1]
         if len(results) == len(args.configs) and last.status == "finished" and args.export:
@@ -200,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     if hasattr(args, "data"):
         _split_data_and_overrides(args)
-    handlers = {"train": _train, "chain": _chain, "cache": _cache, "benchmark-data": _benchmark_data,
+    handlers = {"train": _train, "distill": _train, "chain": _chain, "cache": _cache, "benchmark-data": _benchmark_data,
                 "export": _export, "configs": _configs}
     try:
         return handlers[args.command](args)

@@ -92,6 +92,7 @@ def export_run(run_or_checkpoint: str | os.PathLike, name: str | None = None,
             "run": run_dir.name,
             "iteration": int(state["iteration"]),
             "start_weights": provenance.get("start_weights"),
+            **({"distilled_from": provenance["teacher"]} if provenance.get("teacher") else {}),
         },
     )
     path = Path(output) if output is not None else default_export_path(name or run_dir.name)

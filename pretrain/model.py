@@ -97,8 +97,9 @@ class SSLNetwork(nn.Module):
         patch = global_out["x_norm_patchtokens"]
         masked = patch.flatten(0, 1).index_select(0, mask_indices)
         cls = global_out["x_norm_clstoken"]
-        if mask_indices.numel() == 0:
-            # keep the mask token in the graph: DDP expects a gradient for every parameter
+        if mask_indices.numel() == 0 or masks is None:
+            # keep the mask token in the graph: DDP expects a gradient for every parameter (and Meta's ViT adds
+            # 0 x the mask token when nothing is masked, as for a distilled student: its weight decay still acts)
             cls = cls + 0.0 * self.backbone.mask_token.sum()
         return {
             "cls": cls,

@@ -1,4 +1,5 @@
-"""Regenerate tests/fixtures/meta_step_micro.pt: Meta's DINOv3 training step on a micro config.
+"""Regenerate tests/fixtures/meta_step_micro.pt: Meta's DINOv3 training step on a micro config (with
+``--distillation``, meta_distill_step_micro.pt: its MultiDistillationMetaArch step, a frozen micro teacher).
 
 tests/pretrain/test_meta_step.py holds our pretraining step (pretrain/engine/step.py's
 ``Trainer.train_iteration``) to what Meta's reference training code computes from the same weights
@@ -14,6 +15,7 @@ Nothing of Meta's code is copied into this repository: this script imports a che
     pip install omegaconf termcolor      # Meta's imports; our package and tests need neither
     python scripts/make_meta_step_fixture.py --reference-root dinov3            # rewrite the fixture
     python scripts/make_meta_step_fixture.py --reference-root dinov3 --check    # compare, write nothing
+    python scripts/make_meta_step_fixture.py --reference-root dinov3 --distillation [--check]
 
 What runs differently from a GPU run of Meta's train.py, at runtime only: CPU, float32, one
 thread; a 1-process gloo group stands in for its NCCL group (its losses all-reduce
@@ -71,7 +73,8 @@ REFERENCE_FILES = (
     "dinov3/layers/dino_head.py",
     "dinov3/configs/ssl_default_config.yaml",
 )
-FIXTURE = REPO / "tests" / "fixtures" / "meta_step_micro.pt"
+FIXTURE, DISTILL_FIXTURE = (REPO / "tests" / "fixtures" / n for n in ("meta_step_micro.pt", "meta_distill_step_micro.pt"))
+DISTILL_REFERENCE_FILES = (*REFERENCE_FILES, "dinov3/train/multidist_meta_arch.py")
 SEED = 0
 ITERATIONS = (0, 1)  # the steps run, in order, from the initial weights
 SCHEDULE_LENGTH = 34  # schedule values stored for iterations [0, 34): past the config's 30
@@ -85,6 +88,9 @@ SCHEDULE_LENGTH = 34  # schedule values stored for iterations [0, 34): past the 
 ENCODER_NAME = "meta_step_micro"
 MICRO_ARCH = "vit_meta_step_micro"  # its name in Meta's vision_transformer module
 MICRO_ENCODER = ENCODER_CONFIGS["meddinov3_tiny"].replace(embed_dim=32, depth=2, num_heads=2, rope_dtype="fp32")
+# --distillation: the micro student taught by a frozen 48-dim, 3-block teacher with the student config's heads
+TEACHER_NAME, TEACHER_ARCH = "meta_step_micro_teacher", "vit_meta_step_micro_teacher"
+MICRO_TEACHER = MICRO_ENCODER.replace(embed_dim=48, depth=3, num_heads=3)
 # tiny_stage1 made smaller (crops, heads, batch) and given schedules that move within the two steps
 CONFIG_OVERRIDES = [
     f"model.encoder={ENCODER_NAME}",
@@ -110,11 +116,19 @@ LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "i
 STAGE1_POINTS = [0, 1, 2, 6249, 12498, 12499, 12500, 12501, 37498, 37499, 37500, 68750, 124999, 125000, 125010]
 
 
-def our_config():
+def our_config(distillation: bool = False):
+    from unittest.mock import patch
+
+    from nnunet_meddinov3.network.configs import MEDDINOV3_LAYOUT
     from pretrain.configs import load_config
 
     ENCODER_CONFIGS.setdefault(ENCODER_NAME, MICRO_ENCODER)
-    return load_config("tiny_stage1", CONFIG_OVERRIDES)
+    ENCODER_CONFIGS.setdefault(TEACHER_NAME, MICRO_TEACHER)
+    if not distillation:
+        return load_config("tiny_stage1", CONFIG_OVERRIDES)
+    # the micro student's fp32 RoPE (above) is no layout a fine-tuning trainer builds: let it pass that check
+    with patch.dict(MEDDINOV3_LAYOUT, rope_dtype=MICRO_ENCODER.rope_dtype):
+        return load_config("tiny_stage1", [*CONFIG_OVERRIDES, "stage=distillation"])
 
 
 def meta_key_to_ours(key: str) -> str:
@@ -154,6 +168,14 @@ def _random_weights(network, generator: torch.Generator) -> dict:
         else:
             state[name] = noise / value[0].numel() ** 0.5
     return state
+
+
+def teacher_weights(config) -> dict:
+    """The frozen teacher of --distillation: random weights (another seed) of the micro teacher with heads."""
+    from pretrain.model import SSLNetwork
+
+    network = SSLNetwork.build(type(config.model)(**{**vars(config.model), "encoder": TEACHER_NAME}), 0.0)
+    return _random_weights(network, torch.Generator().manual_seed(SEED + 1))
 
 
 def initial_weights(config) -> tuple[dict, dict]:
@@ -236,12 +258,13 @@ class Reference:
         import dinov3.models.vision_transformer as vits
         from dinov3.configs import get_default_config
         from dinov3.train import train as train_module
+        from dinov3.train.multidist_meta_arch import MultiDistillationMetaArch
         from dinov3.train.ssl_meta_arch import SSLMetaArch
 
-        e = MICRO_ENCODER
-        setattr(vits, MICRO_ARCH, lambda patch_size=16, **kwargs: vits.DinoVisionTransformer(
-            patch_size=patch_size, embed_dim=e.embed_dim, depth=e.depth, num_heads=e.num_heads,
-            ffn_ratio=e.mlp_ratio, in_chans=1, pos_embed_rope_dtype=e.rope_dtype, **kwargs))
+        for arch, e in ((MICRO_ARCH, MICRO_ENCODER), (TEACHER_ARCH, MICRO_TEACHER)):
+            setattr(vits, arch, lambda patch_size=16, e=e, **kwargs: vits.DinoVisionTransformer(
+                patch_size=patch_size, embed_dim=e.embed_dim, depth=e.depth, num_heads=e.num_heads,
+                ffn_ratio=e.mlp_ratio, in_chans=1, pos_embed_rope_dtype=e.rope_dtype, **kwargs))
         if not torch.distributed.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -249,16 +272,29 @@ class Reference:
         wrapper._DEFAULT_PROCESS_GROUP = torch.distributed.group.WORLD
         self.get_default_config = get_default_config
         self.SSLMetaArch = SSLMetaArch
+        self.MultiDistillationMetaArch = MultiDistillationMetaArch
         self.train = train_module
 
 
-def run_reference(reference: Reference, config, student: dict, teacher: dict, batch: dict) -> dict:
+def run_reference(reference: Reference, config, student: dict, teacher: dict, batch: dict,
+                  distill_teacher: dict | None = None) -> dict:
+    """Meta's step; with ``distill_teacher`` MultiDistillationMetaArch's, whose frozen ``teacher`` gives the targets
+    and whose ``model_ema`` (our ``teacher``, the student's EMA) follows the student."""
+    from omegaconf import OmegaConf
+
     cfg = meta_config(config, reference)
-    model = reference.SSLMetaArch(cfg)  # backbones on the meta device (as train.py builds them)
+    with tempfile.TemporaryDirectory() as tmp:
+        if distill_teacher is not None:  # the teacher's config file, as _setup_distillation reads it
+            OmegaConf.save(OmegaConf.merge(cfg, {"student": {"arch": TEACHER_ARCH}}), Path(tmp) / "teacher.yaml")
+            cfg = OmegaConf.merge(cfg, {"distillation": {"enabled": True, "checkpoint_path": "ignore",
+                                                         "full_cfg_path": str(Path(tmp) / "teacher.yaml")}})
+        arch = reference.SSLMetaArch if distill_teacher is None else reference.MultiDistillationMetaArch
+        model = arch(cfg)  # backbones on the meta device (as train.py builds them)
     model.to_empty(device="cpu")
     model.init_weights()
-    for module, weights in ((model.student, student), (model.teacher, teacher)):
-        module.load_state_dict({k: weights[meta_key_to_ours(k)] for k in module.state_dict()}, strict=True)
+    for module, weights in ((model.student, student), (model.model_ema, teacher), (model.teacher, distill_teacher)):
+        if weights is not None:  # model.teacher is model.model_ema in SSLMetaArch
+            module.load_state_dict({k: weights[meta_key_to_ours(k)] for k in module.state_dict()}, strict=True)
     model.train()
     names = {meta: meta_key_to_ours(meta) for meta, _ in model.student.named_parameters()}
 
@@ -305,7 +341,7 @@ def run_reference(reference: Reference, config, student: dict, teacher: dict, ba
     return {
         "steps": steps,
         "student_after": {names[n]: p.detach().clone() for n, p in model.student.named_parameters()},
-        "teacher_after": {names[n]: p.detach().clone() for n, p in model.teacher.named_parameters()},
+        "teacher_after": {names[n]: p.detach().clone() for n, p in model.model_ema.named_parameters()},
         "param_groups": groups,
         "schedules": schedules,
     }
@@ -338,17 +374,22 @@ def stage1_schedule_points(reference: Reference) -> dict:
             **{k: [float(s[i]) for i in STAGE1_POINTS] for k, s in zip(keys, schedules)}}
 
 
-def make(root: Path) -> dict:
+def make(root: Path, distillation: bool = False) -> dict:
     torch.set_num_threads(1)
     reference = Reference(root)
-    config = our_config()
+    config = our_config(distillation)
     student, teacher = initial_weights(config)
     batch = our_batch(config)
-    result = run_reference(reference, config, student, teacher, batch)
+    frozen = teacher_weights(config) if distillation else None
+    result = run_reference(reference, config, student, teacher, batch, frozen)
+    if distillation:
+        result.update(distill_teacher=frozen, teacher_encoder={"name": TEACHER_NAME, "config": MICRO_TEACHER.to_dict()})
+    else:
+        result["stage1_schedules"] = stage1_schedule_points(reference)
     return {
         "info": {
-            "reference_url": REFERENCE_URL, "reference_commit": REFERENCE_COMMIT,
-            "ref_file_sha256": reference_file_hashes(root, REFERENCE_FILES), "torch": str(torch.__version__),
+            "reference_url": REFERENCE_URL, "reference_commit": REFERENCE_COMMIT, "torch": str(torch.__version__),
+            "ref_file_sha256": reference_file_hashes(root, DISTILL_REFERENCE_FILES if distillation else REFERENCE_FILES),
             "python": platform.python_version(), "threads": 1, "seed": SEED, "iterations": list(ITERATIONS),
             "config_overrides": list(CONFIG_OVERRIDES),
         },
@@ -358,7 +399,6 @@ def make(root: Path) -> dict:
         "teacher": teacher,
         "batch": batch,
         **result,
-        "stage1_schedules": stage1_schedule_points(reference),
     }
 
 
@@ -384,13 +424,16 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="compare with the committed fixture, write nothing")
     parser.add_argument("--allow-other-reference", action="store_true",
                         help="accept reference files whose sha256 differs from the commit's")
-    parser.add_argument("--output", type=Path, default=FIXTURE)
+    parser.add_argument("--distillation", action="store_true",
+                        help=f"MultiDistillationMetaArch's step instead (default output {DISTILL_FIXTURE.name})")
+    parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
-    changed = changed_reference_files(args.reference_root, REFERENCE_FILES)
+    args.output = args.output or (DISTILL_FIXTURE if args.distillation else FIXTURE)
+    changed = changed_reference_files(args.reference_root, DISTILL_REFERENCE_FILES)
     if changed and not args.allow_other_reference:
         print(f"reference files differ from commit {REFERENCE_COMMIT}: {changed}", file=sys.stderr)
         return 2
-    fixture = make(args.reference_root)
+    fixture = make(args.reference_root, args.distillation)
     if args.check:
         old = torch.load(args.output, weights_only=True)
         differences = compare(fixture, old)

@@ -19,6 +19,7 @@ REFERENCE_COMMIT = "6876159a11b4df116f30f667f8c9888617df0751"
 REFERENCE_URL = "https://github.com/facebookresearch/dinov3"
 REFERENCE_FILE_SHA256 = {
     "dinov3/train/ssl_meta_arch.py": "1b11d7f9f94e6292c3be141ac50ebd10d7357103cb63ce4965b69e3da4ff0781",
+    "dinov3/train/multidist_meta_arch.py": "34f04732ad1d9150e120f3eab52b3711883d5bf8e4048bab83e0dc0816073c8c",
     "dinov3/train/train.py": "1f979df26be1f1a7344d5a75716a95470b86b3fdd0294a5c69abe48a85ec576e",
     "dinov3/train/cosine_lr_scheduler.py": "671d3a7c16fcc7b73a6ff76d702664ccfe141895d89bc9d0137bee6a3ce4b02c",
     "dinov3/train/param_groups.py": "b3d638888c03a63b7bc585c2f886ca4cedb6ba24f4e9511bfa3840f97b90716f",

@@ -165,3 +165,23 @@ def test_pretraining_logs_probe_curves_and_refuses_a_probe_on_its_own_images(nnu
     probed = {m["iteration"]: m for m in read_metrics(tmp_path / "guarded") if "probe_dice" in m}
     assert sorted(probed) == [2, 4]
     assert 0 <= probed[4]["probe_dice"] <= 1 and "probe_dice_liver" in probed[4]
+
+
+def test_distillation_logs_probe_curves_of_the_student_and_refuses_leaks(nnunet_env, tmp_path):
+    """`pretrain distill` (pretrain/engine/distill.py): the same probe curves (of the student's EMA) and leak check."""
+    from pretrain.configs import ConfigError, load_config
+    from pretrain.engine import train
+    from pretrain.engine.distill import distill
+    from pretrain.engine.progress import read_metrics
+
+    raw = nnunet_env["root"] / "raw" / f"Dataset{DATASET}_ProbeCT"
+    guard = f"data.exclude_case_ids=[{', '.join(preprocessed_split(DATASET, '2d', 'nnUNetPlans', 0).val)}]"
+    run = [f"data.roots=[{raw}]", f"data.exclude_test_images_of=[{raw}]", f"data.cache_dir={tmp_path / 'cache'}",
+           "train.checkpoint_every=0", "eval.every=2", "eval.steps=5", f"distill.teacher={tmp_path / 'teacher'}"]
+    assert train(load_config("tiny_stage1", [*run, guard, "train.iterations=1"]), tmp_path / "teacher").ok
+    with pytest.raises(ConfigError, match="are in the pretraining data"):
+        distill(load_config("tiny_distill", [*run, f"eval.dataset={DATASET}"]), tmp_path / "leaky")
+    assert distill(load_config("tiny_distill", [*run, guard, f"eval.dataset={DATASET}", "train.iterations=4"]),
+                   tmp_path / "student").ok
+    probed = {m["iteration"]: m for m in read_metrics(tmp_path / "student") if "probe_dice" in m}
+    assert sorted(probed) == [2, 4] and 0 <= probed[4]["probe_dice"] <= 1

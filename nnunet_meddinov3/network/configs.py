@@ -104,6 +104,9 @@ MEDDINOV3_LAYOUT = dict(qkv_bias=False, norm_eps=1e-6, rope_dtype="bf16", layer_
                         n_storage_tokens=4)
 for _size in ("tiny", "vits16", "vitb16", "vitl16"):
     ENCODER_CONFIGS[f"meddinov3_{_size}"] = ENCODER_CONFIGS[_size].replace(**MEDDINOV3_LAYOUT)
+# The student of the CPU distillation config (pretrain/configs/tiny_distill.yaml): half the tiny encoder's width
+# and depth, its teacher being the tiny encoder.
+ENCODER_CONFIGS["meddinov3_tiny_half"] = ENCODER_CONFIGS["meddinov3_tiny"].replace(embed_dim=32, depth=2, num_heads=2)
 
 
 def resolve_encoder_config(name_or_config: str | EncoderConfig | dict, **overrides) -> EncoderConfig:

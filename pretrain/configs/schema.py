@@ -17,7 +17,8 @@ from .plain import ConfigError, to_plain
 
 LR_SCHEDULES = ("warmup_cosine", "cosine_rise_constant", "warmup_constant")
 SCALING_RULES = ("sqrt_wrt_1024", "none")
-STAGES = ("self_distillation", "gram_anchoring", "high_resolution")
+STAGES = ("self_distillation", "gram_anchoring", "high_resolution", "distillation")
+DISTILLATION = "distillation"  # the stage of `python -m pretrain distill` (pretrain/engine/distill.py)
 
 
 @dataclass
@@ -188,6 +189,23 @@ class HeadWarmupConfig:
 
 
 @dataclass
+class DistillConfig:
+    """``stage: distillation``: a frozen teacher's centred DINO and iBOT targets teach a smaller student
+    (Meta's MultiDistillationMetaArch; pretrain/engine/distill.py). The student is ``model``; the
+    engine's EMA teacher is the student's EMA (Meta's ``model_ema``), which is what is exported."""
+
+    # Path or registry name of the teacher: a pretrain run folder or checkpoint (heads included), a
+    # ``pretrain export``, Meta's or MedDINOv3's files; "previous" in a chain: the previous stage.
+    teacher: str | None = None
+    # The teacher's named layout (ENCODER_CONFIGS) for files that do not record it (Meta's .pth);
+    # null: from the file's metadata, the run's config or the registry entry.
+    teacher_encoder: str | None = None
+    # A training checkpoint whose DINO/iBOT heads the teacher takes (set by the head warm-up run that
+    # `distill` makes first when the teacher file has no heads; its length is head_warmup.iterations).
+    teacher_heads: str | None = None
+
+
+@dataclass
 class TrainConfig:
     iterations: int = 125000  # the schedules' length (Meta: 100 epochs x 1250)
     max_iterations: int | None = None  # stop early (with a checkpoint) at this iteration: a planned interruption
@@ -271,6 +289,7 @@ class PretrainConfig:
     gram: GramConfig = field(default_factory=GramConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     head_warmup: HeadWarmupConfig = field(default_factory=HeadWarmupConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -293,6 +312,8 @@ class PretrainConfig:
         self._check_loss_and_data()
         self._check_augment_and_masking()
         self._check_schedule_and_run()
+        if self.stage == DISTILLATION:
+            self._check_distillation()
         return self
 
     def _check(self, ok: bool, message: str) -> None:
@@ -380,3 +401,16 @@ class PretrainConfig:
         check(self.eval.steps >= 1 and self.eval.max_slices >= 1, "eval.steps and eval.max_slices must be >= 1")
         check(self.init.weights is None or self.init.checkpoint is None,
               "init.weights and init.checkpoint exclude each other (a checkpoint already holds weights)")
+
+    def _check_distillation(self) -> None:
+        from nnunet_meddinov3.network.configs import ENCODER_CONFIGS, MEDDINOV3_LAYOUT
+
+        self._check(not self.gram.enabled, "the distillation stage has no Gram loss (gram.enabled must be false)")
+        # what a fine-tuning trainer rebuilds: MedDINOv3's layout (nnUNetTrainerMedDINOv3*) or Meta's (_DINOv3)
+        student = ENCODER_CONFIGS[self.model.encoder]
+        fields = [k for k in MEDDINOV3_LAYOUT if k != "layer_scale_init"]
+        layouts = {"MedDINOv3": MEDDINOV3_LAYOUT, "DINOv3": {k: getattr(ENCODER_CONFIGS["vitb16"], k) for k in fields}}
+        fits = [n for n, lay in layouts.items() if all(getattr(student, k) == lay[k] for k in fields)]
+        self._check(bool(fits), f"model.encoder '{self.model.encoder}': a student layout the fine-tuning trainers "
+                                f"cannot load (they load MedDINOv3's {MEDDINOV3_LAYOUT} or DINOv3's "
+                                f"{layouts['DINOv3']})")

@@ -4,7 +4,8 @@ Stage ``i`` runs in ``OUTPUT/<i>_<config name>/``; all stages share one slice ca
 (``OUTPUT/slice_cache`` unless ``data.cache_dir`` is set). ``gram.teacher: previous`` (the
 previous stage's last teacher) and ``previous@N`` (its checkpoint at iteration N, kept by
 ``train.keep_every``) are resolved here. With ``resume``, finished stages are skipped and the
-first unfinished one continues from its latest checkpoint.
+first unfinished one continues from its latest checkpoint. A distillation stage (``stage: distillation``) starts
+a new student, taught by ``distill.teacher`` (``--teacher``), by default the previous stage's EMA teacher.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..configs import load_config
+from ..configs.schema import DISTILLATION
 from . import checkpoint as ckpt
+from .distill import distill
 from .distributed import DistributedContext, init_distributed, shutdown_distributed
 from .loop import train
 from .run_record import FINISHED, RunResult, read_run_status
@@ -74,7 +77,11 @@ def run_chain(configs: Sequence[str], output: str | Path, overrides: Sequence[st
                 previous = run_dir
                 continue
             extra = []
-            if previous is not None:
+            config = load_config(name, stage_overrides)
+            if config.stage == DISTILLATION:  # a new student: the stage before (if any) is its teacher by default
+                if previous is not None and config.distill.teacher in (None, "previous"):
+                    extra.append(f"distill.teacher={previous.resolve()}")
+            elif previous is not None:
                 extra.append(f"init.checkpoint={ckpt.latest_checkpoint(previous)}")
             config = load_config(name, [*stage_overrides, *extra])
             if config.gram.enabled and config.gram.teacher.startswith("previous"):
@@ -82,8 +89,9 @@ def run_chain(configs: Sequence[str], output: str | Path, overrides: Sequence[st
                     raise ValueError(f"stage '{name}' takes its Gram teacher from the previous stage, but it is first")
                 extra.append(f"gram.teacher={resolve_previous(config.gram.teacher, previous)}")
                 config = load_config(name, [*stage_overrides, *extra])
-            result = train(config, run_dir, resume=resume, context=context,
-                           cache_dir=config.data.cache_dir or output / "slice_cache")
+            runner = distill if config.stage == DISTILLATION else train
+            result = runner(config, run_dir, resume=resume, context=context,
+                            cache_dir=config.data.cache_dir or output / "slice_cache")
             results.append(result)
             if result.status != FINISHED:
                 break

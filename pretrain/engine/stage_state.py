@@ -12,11 +12,13 @@ import yaml
 from nnunet_meddinov3.durable_files import write_atomically
 
 from ..configs import ConfigError
+from ..configs.schema import DISTILLATION
 from ..losses import koleo_group
 from ..model import build_gram_teacher, build_student_and_teacher, copy_teacher_into_gram, load_released_weights
 from ..optim import Schedules, build_optimizer
 from . import checkpoint as ckpt
 from .data import build_slice_dataset
+from .distill_teacher import load_teacher
 from .distributed import shard_inference_model, wrap_student
 from .head_warmup import HeadWarmup
 from .monitors import CollapseMonitor
@@ -48,8 +50,14 @@ class StageState:
         self.gram_teacher = build_gram_teacher(cfg.model) if cfg.gram.enabled else None
         self.provenance = {"init": {"kind": "scratch"}, "licence": None}
         self.history: list[dict] = []
+        # distillation: a frozen teacher gives the targets; self.teacher stays the student's EMA (Meta's model_ema)
+        distilled = load_teacher(cfg) if cfg.stage == DISTILLATION else None
+        self.distill_teacher = distilled.network if distilled is not None else None
         if state is None:
             self._initialise_weights()
+            if distilled is not None:
+                self.provenance["teacher"] = distilled.record
+                self.provenance["licence"] = distilled.licence or self.provenance["licence"]
 
         # per-process randomness (drop path) must differ between ranks; a resume restores it below
         seed_process(cfg.train.seed, ctx.rank)
@@ -74,6 +82,12 @@ class StageState:
             if module is not None:
                 module.to(device)
         shard_inference_model(self.teacher, ctx, cfg.train.parallel)
+        if self.distill_teacher is not None:
+            self.distill_teacher.to(device)
+            if device.type == "cuda" and cfg.train.precision != "fp32":  # bf16 parameters under bf16 autocast, as
+                for p in self.distill_teacher.parameters():  # Meta's inference-only models; buffers (RoPE) kept
+                    p.data = p.data.to(torch.bfloat16)
+            shard_inference_model(self.distill_teacher, ctx, cfg.train.parallel)
         if self.gram_teacher is not None:
             shard_inference_model(self.gram_teacher, ctx, cfg.train.parallel)
         self.student_forward = wrap_student(self.student, ctx, cfg.train.parallel)
@@ -198,6 +212,8 @@ class StageState:
             "gram_teacher_refresh_every": cfg.gram.refresh_every if cfg.gram.enabled else None,
             "data_manifest_sha256": self.slices.manifest_sha256, "n_slices": len(self.slices),
             "excluded_volumes": len(self.slices.excluded),
+            **({"teacher": cfg.distill.teacher, "teacher_heads": cfg.distill.teacher_heads}
+               if cfg.stage == DISTILLATION else {}),
         }
 
     def save(self, iteration: int) -> Path:

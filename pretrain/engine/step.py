@@ -34,7 +34,10 @@ class TrainingStep:
         crops_global, masks, mask_indices = batch["global_crops"], batch["masks"], batch["mask_indices"]
         with gradient_sync(self.student_forward, sync):
             with autocast(device, cfg.train.precision):  # the networks in bf16 on CUDA ...
-                student = self.student_forward(crops_global, batch["local_crops"], masks, mask_indices)
+                # distillation: the student sees the global crops unmasked (Meta's MultiDistillationMetaArch);
+                # iBOT compares its patches at the masked positions with the teacher's
+                student_masks = None if self.distill_teacher is not None else masks
+                student = self.student_forward(crops_global, batch["local_crops"], student_masks, mask_indices)
                 gram_target = None
                 if self.gram_teacher is not None:
                     grid = tuple(s // self.student.encoder.patch_size for s in crops_global.shape[-2:])
@@ -53,7 +56,8 @@ class TrainingStep:
         and the collapse statistics of the whole (per-rank) batch."""
         device = self.context.device
         with autocast(device, self.config.train.precision):
-            passes = [teacher_pass(self.teacher, b["global_crops"], b["mask_indices"]) for b in batches]
+            source = self.teacher if self.distill_teacher is None else self.distill_teacher
+            passes = [teacher_pass(source, b["global_crops"], b["mask_indices"]) for b in batches]
         temp = sched["teacher_temp"]
         # the iBOT head's from the first micro-batch's masked patches: over a whole ViT-B/16 global
         # batch their float32 softmax alone would be several GB, for a monitor that needs an estimate

@@ -26,6 +26,8 @@ from pretrain.engine.loop import Trainer
 from pretrain.optim import Schedules
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "meta_step_micro.pt"
+# MultiDistillationMetaArch's step (make_meta_step_fixture.py --distillation): a frozen 48-dim, 3-block teacher
+DISTILL_FIXTURE = FIXTURE.with_name("meta_distill_step_micro.pt")
 N_GLOBAL = 2
 # our metric -> (Meta's loss_dict key, factor): Meta logs KoLeo as the mean over the global crops
 # and weights it by their number; ours is that sum
@@ -70,6 +72,10 @@ def _relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 
 def test_our_step_is_metas_step(meta, trainer):
+    _assert_metas_steps(meta, trainer)
+
+
+def _assert_metas_steps(meta, trainer):
     student = dict(trainer.student.named_parameters())
     before = {k: v.detach().clone() for k, v in student.items()}
     grads = {}
@@ -90,9 +96,10 @@ def test_our_step_is_metas_step(meta, trainer):
         assert not step["grads"] or set(step["grads"]) == set(student)
 
     for group in meta["param_groups"]:  # the update of each of Meta's parameter groups
-        ours = torch.cat([(student[n].detach() - before[n]).flatten() for n in group["names"]])
-        theirs = torch.cat([(meta["student_after"][n] - before[n]).flatten() for n in group["names"]])
-        assert theirs.norm() > 0 and _relative(ours, theirs) <= 1e-3, group["names"]
+        names = group["names"]
+        ours = torch.cat([(student[n].detach() - before[n]).flatten() for n in names])
+        theirs = torch.cat([(meta["student_after"][n] - before[n]).flatten() for n in names])
+        assert theirs.norm() > 0 and _relative(ours, theirs) <= 1e-3, names
     teacher = dict(trainer.teacher.named_parameters())
     for name, expected in meta["teacher_after"].items():
         moved = expected - meta["teacher"][name]
@@ -129,3 +136,34 @@ def test_schedules_are_metas(meta, monkeypatch):
     _assert_schedules(Schedules(config, config.data.batch_size), meta["schedules"])
     stage1 = meta["stage1_schedules"]
     _assert_schedules(Schedules(load_config("vitb16_stage1"), stage1["global_batch_size"]), stage1)
+
+
+def test_our_distillation_step_is_metas_multidistillation_step(tmp_path, monkeypatch):
+    """MultiDistillationMetaArch's step: the frozen teacher's centred targets, the student's unmasked global crops,
+    its EMA (Meta's model_ema, our ``teacher``) following; the teacher itself never moves."""
+    import dataclasses
+
+    from nnunet_meddinov3.network.configs import MEDDINOV3_LAYOUT
+    from pretrain.engine import stage_state
+    from pretrain.engine.distill_teacher import DistillTeacher
+    from pretrain.model import SSLNetwork
+
+    meta = torch.load(DISTILL_FIXTURE, weights_only=True)
+    for part in ("encoder", "teacher_encoder"):
+        monkeypatch.setitem(ENCODER_CONFIGS, meta[part]["name"], EncoderConfig(**meta[part]["config"]))
+    # the micro student's fp32 RoPE is no layout a fine-tuning trainer builds (make_meta_step_fixture.py)
+    monkeypatch.setitem(MEDDINOV3_LAYOUT, "rope_dtype", meta["encoder"]["config"]["rope_dtype"])
+    write_nifti(tmp_path / "data" / "ct.nii.gz", ct_volume(0))
+    config = _config(meta, f"data.roots=[{tmp_path / 'data'}]", f"data.cache_dir={tmp_path / 'cache'}")
+    model = dataclasses.replace(config.model, encoder=meta["teacher_encoder"]["name"])
+    network = SSLNetwork.build(model, 0.0)
+    network.load_state_dict(meta["distill_teacher"])
+    network.requires_grad_(False)
+    monkeypatch.setattr(stage_state, "load_teacher", lambda cfg: DistillTeacher(network.eval(), model, True, {}))
+    trainer = Trainer(config, tmp_path / "run", DistributedContext())
+    trainer.setup()
+    trainer.student.load_state_dict(meta["student"])
+    trainer.teacher.load_state_dict(meta["teacher"])
+    _assert_metas_steps(meta, trainer)
+    for name, value in network.state_dict().items():
+        assert torch.equal(value, meta["distill_teacher"][name]), name

@@ -5,6 +5,7 @@ import torch
 pytest.importorskip("peft", reason="LoRA needs the 'lora' extra (pip install 'nnunet-meddinov3[lora]')")
 
 from nnunet_meddinov3.network import ENCODER_CONFIGS, MedDINOv3Net, build_encoder, lora  # noqa: E402
+from nnunet_meddinov3.network.volumetric import MedDINOv3Net3D  # noqa: E402
 from nnunet_meddinov3.training import recipe  # noqa: E402
 from nnunet_meddinov3.training.recipe import RecipeError  # noqa: E402
 from test_trainer_env import make_trainer, nnunet_folders  # noqa: E402,F401  (the tiny real-trainer fixture)
@@ -91,26 +92,30 @@ def test_targets_parse_the_same_in_the_recipe_and_the_network():
         lora.parse_targets("ffn")
 
 
-@pytest.mark.parametrize("name", ["tiny", "meddinov3_tiny"])
-def test_a_plain_network_loads_an_adapted_one_merged(name):
-    """What nnUNetv2_predict does: the plans' network (no adapters) loads a LoRA checkpoint strictly."""
+@pytest.mark.parametrize("name, network, shape", [("tiny", MedDINOv3Net, (1, 1, 48, 48)),
+                                                  ("meddinov3_tiny", MedDINOv3Net, (1, 1, 48, 48)),
+                                                  ("meddinov3_tiny", MedDINOv3Net3D, (1, 1, 3, 48, 48))])
+def test_a_plain_network_loads_an_adapted_one_merged(name, network, shape):
+    """What nnUNetv2_predict does: the plans' network (no adapters) loads a LoRA checkpoint strictly; the
+    3D network's slice context, outside the encoder, gets no adapters."""
     torch.manual_seed(0)
-    adapted = MedDINOv3Net(1, 3, encoder=name).eval()
+    adapted = network(1, 3, encoder=name).eval()
     lora.add_lora(adapted.encoder, rank=4, alpha=8.0, targets="qkv,proj,mlp")
     for layer in lora.adapter_layers(adapted.encoder).values():
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
     state = adapted.state_dict()
     assert "encoder.vit.blocks.0.attn.qkv.base_layer.weight" in state and "encoder.lora._extra_state" in state
-    plain = lora.merge_adapters_on_load(MedDINOv3Net(1, 3, encoder=name)).eval()
+    assert not any("lora_" in key for key in state if not key.startswith("encoder."))
+    plain = lora.merge_adapters_on_load(network(1, 3, encoder=name)).eval()
     plain.load_state_dict(state, strict=True)
-    x = torch.randn(1, 1, 48, 48, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         # one rank-4 product folded into W: each weight differs by rounding only (~1e-7 relative)
         assert torch.allclose(plain(x), adapted(x), rtol=1e-4, atol=1e-4)
     merged = lora.merged_state_dict(state)
     assert set(merged) == set(plain.state_dict())
     # an adapted network of other settings refuses the checkpoint rather than compute something else
-    other = lora.merge_adapters_on_load(MedDINOv3Net(1, 3, encoder=name))
+    other = lora.merge_adapters_on_load(network(1, 3, encoder=name))
     lora.add_lora(other.encoder, rank=4, alpha=4.0, targets="qkv,proj,mlp")
     with pytest.raises(ValueError, match="trained with"):
         other.load_state_dict(state)

@@ -92,6 +92,33 @@ def test_planner_switches_checkpointing_on_and_warns_when_the_encoder_does_not_f
     assert not checkpointing and batch > 8
 
 
+def test_the_plans_lora_targets_reach_the_memory_model(tmp_path, monkeypatch):
+    planner = _planner_for_a_tiny_dataset(tmp_path, monkeypatch, gpu_memory_gb=8)
+    planner.encoder = "vitl16"
+    planner.fine_tuning_recipe = {"lora_rank": 8}
+    attention_only = planner._memory_gb([896, 896], 2, True)
+    planner.fine_tuning_recipe = {"lora_rank": 8, "lora_targets": "qkv,proj,mlp"}  # adapters on the MLP too
+    assert planner._memory_gb([896, 896], 2, True) > attention_only
+
+
+def test_3d_patches_count_as_their_slices_and_give_up_slices_before_the_batch(tmp_path, monkeypatch):
+    planner = _planner_for_a_tiny_dataset(tmp_path, monkeypatch, gpu_memory_gb=8)
+    planner.encoder = "vitb16"
+    # a 3D patch of S slices costs what a 2D batch of S times as many images costs
+    assert planner._memory_gb([16, 192, 192], 2, False) == pytest.approx(planner._memory_gb([192, 192], 32, False))
+    planner._n_voxels_dataset = 1e12
+    plan = {"patch_size": [64, 200, 180], "spacing": [2.5, 0.8, 0.8], "batch_size": 2}
+    planned = planner.fullres_configuration(plan)
+    slices, *plane = planned["patch_size"]
+    assert plane == [208, 192]  # rounded up to multiples of 16
+    assert planner.min_slices <= slices < 64  # 64 slices of ViT-B do not fit 8 GB even checkpointed
+    assert planned["batch_size"] == 2
+    assert planned["architecture"]["network_class_name"] == "nnunet_meddinov3.network.volumetric.MedDINOv3Net3D"
+    assert planned["architecture"]["arch_kwargs"]["context"] == "slice_attention"
+    planner.UNet_vram_target_GB = 80  # a big GPU keeps nnU-Net's slices
+    assert planner.fullres_configuration(plan)["patch_size"][0] == 64
+
+
 def test_plan_options_are_checked_before_anything_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
     proc = meddinov3(["plan_and_preprocess", "-d", "1", "--target-patch", "900"], env, tmp_path)

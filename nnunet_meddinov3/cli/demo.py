@@ -12,6 +12,7 @@ a step fails, the tables of the steps that finished are printed before the failu
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -25,8 +26,13 @@ from pathlib import Path
 from nnunet_meddinov3.checkpoints.registry import WEIGHTS_ENV
 from nnunet_meddinov3.training.recipe import LEGACY_ENV
 
-DATASET_ID = 501
-DATASET_NAME = f"Dataset{DATASET_ID:03d}_SyntheticCT"
+# --dataset: (nnU-Net id, name, generator module, volume shape); the thorax is the second generator, for a
+# result that is not tuned to the first
+DATASETS = {"ct": (501, "SyntheticCT", "synthetic_ct", (12, 96, 96)),
+            "thorax": (502, "SyntheticThorax", "synthetic_thorax", (20, 112, 128))}
+# --3d CONTEXT ...: the tiny 3D trainer of each cross-slice context (nnunet_meddinov3/training/trainer_3d.py)
+TRAINERS_3D = {"slice_attention": "nnUNetTrainerMedDINOv3_3D_Tiny", "depth_conv": "nnUNetTrainerMedDINOv3_3D_TinyDepthConv",
+               "none": "nnUNetTrainerMedDINOv3_3D_TinyPerSlice"}
 # the random init the pretraining starts from (tiny_stage1's model.layer_scale_init), the probe's baseline
 RANDOM_BASELINE = "random:meddinov3_tiny,layer_scale_init=1.0"
 PRETRAIN_STOPPED_COLLAPSE = 4  # python -m pretrain's exit status for a run the collapse monitor stopped
@@ -68,6 +74,13 @@ def add_arguments(parser) -> None:
                         help="iterations of the tiny self-distillation pretraining (default 1500; 0 skips pretraining)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="device for pretraining, training and prediction (default cpu)")
+    parser.add_argument("--3d", dest="contexts_3d", nargs="*", choices=sorted(TRAINERS_3D), default=None,
+                        metavar="CONTEXT",
+                        help="also train nnU-Net's stock 3d_fullres and the tiny MedDINOv3 3D model (from the "
+                             "export) on the same fold; CONTEXT: the cross-slice context(s) to compare, of "
+                             f"{', '.join(sorted(TRAINERS_3D))} (default slice_attention)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="ct",
+                        help="the synthetic dataset: ct (abdomen-like, the default) or thorax (a second generator)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of the whole pipeline (2 epochs, 60 pretraining iterations): its numbers "
                              "mean nothing")
@@ -124,10 +137,9 @@ def step_threads(args, loader_workers: int) -> int | None:
     cores they leave (nnunet_meddinov3.cpu_threads). None (leave it) on CUDA or where the user set it.
     nnUNetv2_train and nnUNetv2_predict give their own process one thread per core on a CPU
     (torch.set_num_threads), whatever it says; their worker processes still take it."""
-    from nnunet_meddinov3.cpu_threads import free_core_threads, threads_set_by_user
-    if args.device != "cpu" or threads_set_by_user() is not None:
-        return None
-    return free_core_threads(loader_workers)
+    from nnunet_meddinov3.cpu_threads import choose_threads
+    choice = choose_threads(loader_workers) if args.device == "cpu" else None
+    return None if choice is None else choice[0]
 
 
 def _step(title: str, cmd: list[str], env: dict, log_dir: Path, ok_codes: tuple[int, ...] = (0,),
@@ -193,14 +205,15 @@ def _pretraining_summary(run_dir: Path) -> dict | None:
             "teacher_logit_std": [mean("teacher_logit_std", first), mean("teacher_logit_std", last)]}
 
 
-def _train_predict_evaluate(tag: str, trainer: str, env: dict, raw: Path, workdir: Path, logs: Path, args) -> dict:
+def _train_predict_evaluate(tag: str, trainer: str, env: dict, raw: Path, workdir: Path, logs: Path, args,
+                            configuration: str = "2d") -> dict:
     """Train fold 0, predict the held-out cases and evaluate them; ``tag`` names the logs and predictions."""
-    workers = int(env["nnUNet_def_n_proc"])
-    _step(f"Train {tag}", ["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", args.device],
+    workers, dataset_id = int(env["nnUNet_def_n_proc"]), str(DATASETS[args.dataset][0])
+    _step(f"Train {tag}", ["nnUNetv2_train", dataset_id, configuration, "0", "-tr", trainer, "-device", args.device],
           env, logs, threads=step_threads(args, int(env["nnUNet_n_proc_DA"])))
     pred = workdir / "predictions" / tag
-    _step(f"Predict {tag}", ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DATASET_ID),
-                             "-c", "2d", "-tr", trainer, "-f", "0", "-device", args.device], env, logs,
+    _step(f"Predict {tag}", ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", dataset_id,
+                             "-c", configuration, "-tr", trainer, "-f", "0", "-device", args.device], env, logs,
           threads=step_threads(args, workers))
     _step(f"Evaluate {tag}", ["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(pred), "-djfile",
                               str(raw / "dataset.json"), "-pfile", str(pred / "plans.json")], env, logs,
@@ -220,7 +233,8 @@ def _pretrain(args, env: dict, raw: Path, workdir: Path, logs: Path, results: De
     left out), print what its losses did, export it; returns the export."""
     from nnunet_meddinov3.evaluation.probe import preprocessed_split
     from pretrain.configs import load_config
-    validation = preprocessed_split(DATASET_NAME, "2d", "nnUNetPlans", 0, preprocessed=env["nnUNet_preprocessed"]).val
+    dataset_name = raw.name
+    validation = preprocessed_split(dataset_name, "2d", "nnUNetPlans", 0, preprocessed=env["nnUNet_preprocessed"]).val
     run_dir, export = workdir / "pretrain" / "tiny_stage1", workdir / "pretrain" / "demo_export.safetensors"
     resume = pretrain_resume_option(run_dir)
     loader_workers = load_config("tiny_stage1").data.num_workers
@@ -230,7 +244,7 @@ def _pretrain(args, env: dict, raw: Path, workdir: Path, logs: Path, results: De
         f"data.exclude_test_images_of=[{raw}]", f"data.exclude_case_ids=[{', '.join(validation)}]",
         # nnU-Net's normalisation of this dataset, so fine-tuning sees what pretraining saw
         "data.intensity.kind=nnunet",
-        f"data.intensity.plans={Path(env['nnUNet_preprocessed']) / DATASET_NAME / 'nnUNetPlans.json'}"], env, logs,
+        f"data.intensity.plans={Path(env['nnUNet_preprocessed']) / dataset_name / 'nnUNetPlans.json'}"], env, logs,
         ok_codes=(0, PRETRAIN_STOPPED_COLLAPSE), threads=step_threads(args, loader_workers))
     if code == PRETRAIN_STOPPED_COLLAPSE:
         print("    the collapse monitor stopped pretraining (see the log); the demo goes on with the checkpoint "
@@ -246,26 +260,42 @@ def _pretrain(args, env: dict, raw: Path, workdir: Path, logs: Path, results: De
     return export
 
 
+def _runs(args, env: dict, workdir: Path, export: Path | None) -> dict[str, tuple[str, dict, str, str]]:
+    """label -> (trainer, environment, tag, configuration) of each training, in order."""
+    runs = {"nnU-Net 2D (stock)": ("nnUNetTrainerShortSchedule", env, "nnUNetTrainerShortSchedule", "2d"),
+            "MedDINOv3 tiny, scratch": ("nnUNetTrainerMedDINOv3_Tiny", env, "nnUNetTrainerMedDINOv3_Tiny", "2d")}
+    # the pretrained runs get a results folder of their own: the trainers' names are the scratch runs'
+    pretrained_env = dict(env, nnUNet_results=str(workdir / "nnUNet_results_pretrained"))
+    if export is not None:
+        pretrained_env[WEIGHTS_ENV] = str(export)
+        runs["MedDINOv3 tiny, own pretraining"] = ("nnUNetTrainerMedDINOv3_Tiny", pretrained_env,
+                                                   "nnUNetTrainerMedDINOv3_Tiny_pretrained", "2d")
+    if args.contexts_3d is not None:
+        runs["nnU-Net 3d_fullres (stock)"] = ("nnUNetTrainerShortSchedule", env, "nnUNetTrainerShortSchedule_3d",
+                                              "3d_fullres")
+        start = "own pretraining" if export is not None else "scratch"
+        for context in args.contexts_3d or ["slice_attention"]:
+            trainer = TRAINERS_3D[context]
+            runs[f"MedDINOv3 3D tiny, {context}, {start}"] = (trainer, pretrained_env, f"{trainer}_{start.split()[0]}",
+                                                              "3d_fullres")
+    return runs
+
+
 def _pipeline(args, env: dict, raw: Path, workdir: Path, logs: Path, results: DemoResults) -> None:
     """Every step, in order; what each finished step produced goes into ``results``."""
-    _step("Plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d",
+    dataset_id = str(DATASETS[args.dataset][0])
+    configurations = ["2d"] + (["3d_fullres"] if args.contexts_3d is not None else [])
+    _step("Plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", *configurations,
                                   "-np", env["nnUNet_def_n_proc"]], env, logs,
           threads=step_threads(args, int(env["nnUNet_def_n_proc"])))
     export = _pretrain(args, env, raw, workdir, logs, results) if args.pretrain_iterations > 0 else None
 
-    runs = {"nnU-Net 2D (stock)": ("nnUNetTrainerShortSchedule", env, "nnUNetTrainerShortSchedule"),
-            "MedDINOv3 tiny, scratch": ("nnUNetTrainerMedDINOv3_Tiny", env, "nnUNetTrainerMedDINOv3_Tiny")}
-    if export is not None:
-        # its own results folder: the trainer's name is the same as the scratch run's
-        pretrained_env = dict(env, nnUNet_results=str(workdir / "nnUNet_results_pretrained"))
-        pretrained_env[WEIGHTS_ENV] = str(export)
-        runs["MedDINOv3 tiny, own pretraining"] = ("nnUNetTrainerMedDINOv3_Tiny", pretrained_env,
-                                                   "nnUNetTrainerMedDINOv3_Tiny_pretrained")
-    for label, (trainer, run_env, tag) in runs.items():
-        results.summaries[label] = _train_predict_evaluate(tag, trainer, run_env, raw, workdir, logs, args)
+    for label, (trainer, run_env, tag, configuration) in _runs(args, env, workdir, export).items():
+        results.summaries[label] = _train_predict_evaluate(tag, trainer, run_env, raw, workdir, logs, args,
+                                                           configuration)
     if export is not None:
         _step("Probe the export against a random init", [
-            "meddinov3", "probe", "-d", str(DATASET_ID), "--weights", RANDOM_BASELINE, str(export),
+            "meddinov3", "probe", "-d", dataset_id, "--weights", RANDOM_BASELINE, str(export),
             "-o", str(workdir / "probe")], env, logs, threads=step_threads(args, 0))
         results.probe = json.loads((workdir / "probe" / "probe.json").read_text())
 
@@ -315,16 +345,17 @@ def run(args) -> int:
               "numbers mean nothing", flush=True)
     if step_threads(args, 0) is not None:
         from nnunet_meddinov3.cpu_threads import available_cores
-        print(f"CPU threads: each step gets OMP_NUM_THREADS = the {available_cores()} available core(s) minus its "
+        print(f"CPU threads: each step gets OMP_NUM_THREADS = the {available_cores()} available core(s) (of those other jobs leave idle) minus its "
               "loader workers, at least 1 (more spin-wait against the loaders); set OMP_NUM_THREADS to choose",
               flush=True)
 
-    from nnunet_meddinov3.data.synthetic_ct import write_nnunet_raw_dataset
-    raw = Path(env["nnUNet_raw"]) / DATASET_NAME
+    dataset_id, name, generator, shape = DATASETS[args.dataset]
+    raw = Path(env["nnUNet_raw"]) / f"Dataset{dataset_id:03d}_{name}"
     if not (raw / "dataset.json").exists():
-        print(f"==> Writing the synthetic CT dataset to {raw}", flush=True)
-        write_nnunet_raw_dataset(env["nnUNet_raw"], DATASET_ID, num_train=args.num_train, num_test=args.num_test,
-                                 shape=(12, 96, 96))
+        print(f"==> Writing the synthetic dataset to {raw}", flush=True)
+        module = importlib.import_module(f"nnunet_meddinov3.data.{generator}")
+        write = getattr(module, "write_thorax_dataset" if args.dataset == "thorax" else "write_nnunet_raw_dataset")
+        write(env["nnUNet_raw"], dataset_id, num_train=args.num_train, num_test=args.num_test, shape=shape)
     results = DemoResults()
     try:
         _pipeline(args, env, raw, workdir, logs, results)

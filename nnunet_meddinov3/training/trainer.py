@@ -31,6 +31,8 @@ from nnunet_meddinov3.checkpoints.format import METADATA_KEY, file_sha256, read_
 from nnunet_meddinov3.checkpoints.registry import WEIGHTS_ENV
 from nnunet_meddinov3.data.intensity import compare_with_nnunet
 from nnunet_meddinov3.network import MedDINOv3Net
+from nnunet_meddinov3.network.configs import PATCH_SIZE
+from nnunet_meddinov3.network.volumetric import MedDINOv3Net3D
 from nnunet_meddinov3.network.configs import MEDDINOV3_LAYOUT
 from nnunet_meddinov3.network import lora
 from nnunet_meddinov3.training.optim import WarmupLinearDecayLR, build_adamw, group_base_lr, parameter_groups
@@ -62,9 +64,11 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
 class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
     """MedDINOv3 ViT-B/16 CT weights, multi-scale aggregation decoder (the paper's recipe)."""
 
-    # The network this trainer builds, and the patches it takes: 2D here, 3D in trainer_3d.py.
-    network_class = MedDINOv3Net
-    spatial_dims = 2
+    # The network for each dimensionality of patch: like nnU-Net's own trainer, the 2d configurations and
+    # 3d_fullres (MedDINOv3Net3D: the same 2D encoder on every slice, with cross-slice ``context``; on
+    # stock plans this class attribute names it, ours name it in the plans). trainer_3d.py: 3D only.
+    network_classes = {2: MedDINOv3Net, 3: MedDINOv3Net3D}
+    context = "slice_attention"
     # Architecture used when the plans are stock nnU-Net plans (their 2d network is a CNN).
     encoder_size = recipe.ENCODER
     decoder = recipe.DECODER
@@ -127,21 +131,36 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
         return self.default_weights, f"trainer {self.__class__.__name__}"
 
     @classmethod
+    def network_class(cls, configuration_manager) -> type:
+        return cls.network_classes[len(configuration_manager.patch_size)]
+
+    @classmethod
     def plans_are_ours(cls, configuration_manager) -> bool:
-        """Whether the configuration's architecture is this trainer's network (our planner's plans)."""
-        network = cls.network_class
+        """Whether the configuration's architecture is the network this trainer builds (our planner's plans)."""
+        network = cls.network_class(configuration_manager)
         return configuration_manager.network_arch_class_name == f"{network.__module__}.{network.__qualname__}"
 
     @classmethod
     def check_configuration(cls, configuration_manager, configuration: str = "this configuration") -> None:
-        """A configuration of the other dimensionality gets told which trainer takes it."""
-        dims = len(configuration_manager.patch_size)
-        if dims != cls.spatial_dims:
-            other = (cls.__name__.replace("nnUNetTrainerMedDINOv3", "nnUNetTrainerMedDINOv3_3D", 1) if dims == 3
-                     else cls.__name__.replace("_3D", "", 1))
+        """One line that says what to do, for a configuration this trainer's network cannot take."""
+        patch = list(configuration_manager.patch_size)
+        if len(patch) not in cls.network_classes:
             kinds = {2: "2D configurations (2d, 2d_highres)", 3: "3D configurations (3d_fullres)"}
-            raise ValueError(f"{cls.__name__} trains {kinds[cls.spatial_dims]}, but {configuration} has a {dims}D "
-                              f"patch {list(configuration_manager.patch_size)}: train it with -tr {other}")
+            raise ValueError(f"{cls.__name__} trains {' and '.join(kinds[d] for d in cls.network_classes)}, but "
+                             f"{configuration} has a {len(patch)}D patch {patch}: train it with -tr "
+                             f"{cls.__name__.replace('_3D', '', 1)}")
+        if len(patch) == 3:
+            context = cls.network_kwargs(configuration_manager)["context"]
+            if patch[0] < 2 and context != "none":
+                raise ValueError(
+                    f"{cls.__name__}: {configuration}'s patch {patch} has {patch[0]} slice, too few for the cross-slice "
+                    f"context '{context}' (a 2D dataset?): train its 2d configuration, or plan at least 2 slices "
+                    f"per patch")
+            if cls.plans_are_ours(configuration_manager) and any(side % PATCH_SIZE for side in patch[1:]):
+                raise ValueError(
+                    f"{cls.__name__}: the in-plane patch {patch[1:]} of {configuration} in these MedDINOv3 plans is "
+                    f"not a multiple of {PATCH_SIZE}, which the ViT needs: plan again with `meddinov3 "
+                    f"plan_and_preprocess`, or set patch_size's last two entries to multiples of {PATCH_SIZE}")
 
     @classmethod
     def network_kwargs(cls, configuration_manager) -> dict:
@@ -150,6 +169,8 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
             kwargs = dict(configuration_manager.network_arch_init_kwargs)
         else:
             kwargs = dict(encoder=cls.encoder_size, decoder=cls.decoder, drop_path_rate=cls.drop_path_rate)
+        if len(configuration_manager.patch_size) == 3:
+            kwargs.setdefault("context", cls.context)
         kwargs.update(cls.network_overrides)
         kwargs["encoder_overrides"] = {**kwargs.get("encoder_overrides", {}), **cls.encoder_layout}
         # Machine settings, never the parameters: safe to differ between training and prediction.
@@ -164,8 +185,8 @@ class nnUNetTrainerMedDINOv3(RecipeTrainerBase):
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         # Called on the class by the predictor too: everything comes from the plans and the class.
         cls.check_configuration(configuration_manager)
-        network = cls.network_class(num_input_channels, num_output_channels,
-                                    **cls.network_kwargs(configuration_manager))
+        network = cls.network_class(configuration_manager)(num_input_channels, num_output_channels,
+                                                           **cls.network_kwargs(configuration_manager))
         # the predictor builds it without adapters: a LoRA checkpoint's adapters are merged as it loads
         return lora.merge_adapters_on_load(network)
 

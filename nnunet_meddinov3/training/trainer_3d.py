@@ -1,10 +1,12 @@
-"""nnU-Net trainers for MedDINOv3Net3D: the 2D trainers on nnU-Net's ``3d_fullres``.
+"""nnU-Net trainers for MedDINOv3Net3D on nnU-Net's ``3d_fullres``, by name.
 
-Each is its 2D namesake with ``_3D`` after ``MedDINOv3`` and one difference: the network
-(:class:`~nnunet_meddinov3.network.volumetric.MedDINOv3Net3D`, the same 2D encoder on every slice of
-the plane of the last two axes, with cross-slice context that starts as the identity). The weights,
-the recipe, LoRA, crash safety and everything else are the 2D trainer's, so any 2D weights file
-fine-tunes here unchanged and no 3D pretraining is needed.
+Every MedDINOv3 trainer trains 3d_fullres as nnU-Net's own trainer does (trainer.py: the same 2D
+encoder on every slice of the plane of the last two axes, with cross-slice context that starts as the
+identity), so ``-tr nnUNetTrainerMedDINOv3 -c 3d_fullres`` works and nnU-Net's model selection can
+compare 2d and 3d_fullres of one trainer. These are the same trainers restricted to 3D, named for it:
+each is its namesake with ``_3D`` after ``MedDINOv3``, plus the context variants compared in the
+README. The weights, the recipe, LoRA, crash safety and everything else are the 2D trainer's, so any
+2D weights file fine-tunes here unchanged and no 3D pretraining is needed.
 
 On stock ``nnUNetPlans`` the network comes from the class (its ``context`` included); on
 ``nnUNetPlansMedDINOv3`` from the plans' ``3d_fullres`` configuration, which ``meddinov3
@@ -13,7 +15,6 @@ memory model.
 """
 from __future__ import annotations
 
-from nnunet_meddinov3.network.configs import PATCH_SIZE
 from nnunet_meddinov3.network.volumetric import MedDINOv3Net3D
 from nnunet_meddinov3.training.trainer import (
     nnUNetTrainerMedDINOv3,
@@ -28,35 +29,10 @@ from nnunet_meddinov3.training.trainer import (
 
 
 class Volumetric:
-    """Makes a MedDINOv3 trainer train MedDINOv3Net3D on 3D configurations; put it first in the bases."""
+    """Makes a MedDINOv3 trainer 3D only (the 2D trainers take 3d_fullres too, as nnU-Net's own trainer
+    does): a 2d configuration gets told which trainer takes it. Put it first in the bases."""
 
-    network_class = MedDINOv3Net3D
-    spatial_dims = 3
-    # Cross-slice context on stock plans (ours name it): slice attention after the tapped blocks, the
-    # better of the two placements compared (README, "3D").
-    context = "slice_attention"
-
-    @classmethod
-    def check_configuration(cls, configuration_manager, configuration: str = "this configuration") -> None:
-        super().check_configuration(configuration_manager, configuration)
-        slices, *plane = configuration_manager.patch_size
-        context = cls.network_kwargs(configuration_manager)["context"]
-        if slices < 2 and context != "none":
-            raise ValueError(
-                f"{cls.__name__}: {configuration}'s patch {list(configuration_manager.patch_size)} has {slices} slice, "
-                f"too few for the cross-slice context '{context}' (a 2D dataset?): train its 2d configuration with "
-                f"-tr {cls.__name__.replace('_3D', '', 1)}, or plan at least 2 slices per patch")
-        if cls.plans_are_ours(configuration_manager) and any(side % PATCH_SIZE for side in plane):
-            raise ValueError(
-                f"{cls.__name__}: the in-plane patch {plane} of {configuration} in these MedDINOv3 plans is not a "
-                f"multiple of {PATCH_SIZE}, which the ViT needs: plan again with `meddinov3 plan_and_preprocess`, "
-                f"or set patch_size's last two entries to multiples of {PATCH_SIZE}")
-
-    @classmethod
-    def network_kwargs(cls, configuration_manager) -> dict:
-        kwargs = super().network_kwargs(configuration_manager)
-        kwargs.setdefault("context", cls.context)
-        return kwargs
+    network_classes = {3: MedDINOv3Net3D}
 
 
 class nnUNetTrainerMedDINOv3_3D(Volumetric, nnUNetTrainerMedDINOv3):

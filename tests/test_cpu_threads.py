@@ -11,8 +11,10 @@ import pytest
 from nnunet_meddinov3.cpu_threads import (
     available_cores,
     cgroup_cpu_limit,
+    cpu_times,
     describe_choice,
     free_core_threads,
+    idle_cores,
     threads_set_by_user,
 )
 
@@ -59,3 +61,17 @@ def test_an_omp_num_threads_the_user_set_is_theirs():
     assert threads_set_by_user({"OMP_NUM_THREADS": " 2 "}) == 2
     for unset in ({}, {"OMP_NUM_THREADS": ""}, {"OMP_NUM_THREADS": "0"}, {"OMP_NUM_THREADS": "four"}):
         assert threads_set_by_user(unset) is None  # OpenMP ignores these too
+
+
+def test_cores_other_jobs_keep_busy_are_not_counted():
+    cores = available_cores()
+    # two /proc/stat readings half a second apart: 3 of every 4 ticks idle
+    readings = iter([(1000, 2000), (1300, 2400)])
+    idle = idle_cores(0, times=lambda: next(readings))
+    assert idle == pytest.approx(0.75 * (os.cpu_count() or 1))
+    assert free_core_threads(0, idle=0.4) == 1  # every core busy with other jobs: one thread
+    assert free_core_threads(0, idle=cores + 8) == cores  # an idle host: the cores this process may use
+    assert idle_cores(0, times=lambda: None) is None  # no /proc/stat: nothing is subtracted
+    assert free_core_threads(0, idle=None) == cores
+    stat = cpu_times()
+    assert stat is None or 0 <= stat[0] <= stat[1]

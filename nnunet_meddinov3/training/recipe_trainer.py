@@ -12,7 +12,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-from nnunet_meddinov3.cpu_threads import free_core_threads, threads_set_by_user
+from nnunet_meddinov3.cpu_threads import choose_threads, threads_set_by_user
 from nnunet_meddinov3.nnunet_checkpoints import read_checkpoint_lazily
 from nnunet_meddinov3.training import recipe
 from nnunet_meddinov3.training.crash_safety import CrashSafeTraining
@@ -136,10 +136,9 @@ class RecipeTrainerBase(CrashSafeTraining, nnUNetTrainer):
         if self.device.type == "cpu":
             # nnUNetv2_train -device cpu asks for one thread per core, whose spin-waits then take the cores
             # from the augmentation workers: the free cores instead, or what OMP_NUM_THREADS says
-            threads = threads_set_by_user() or free_core_threads(get_allowed_n_proc_DA())
+            threads, why = choose_threads(get_allowed_n_proc_DA()) or (threads_set_by_user(), "OMP_NUM_THREADS")
             torch.set_num_threads(threads)
-            self.print_to_log_file(f"CPU: {threads} torch thread(s) (OMP_NUM_THREADS, or the cores the "
-                                   f"{get_allowed_n_proc_DA()} augmentation worker(s) leave)")
+            self.print_to_log_file(f"CPU: {threads} torch thread(s): {why}")
         super().initialize()
 
     def apply_recipe(self, values: dict) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nnunet_meddinov3.cpu_threads import describe_choice, free_core_threads, threads_set_by_user
+from nnunet_meddinov3.cpu_threads import choose_threads
 
 _announced_threads: set[int] = set()  # the CPU thread counts this process has logged
 
@@ -67,13 +67,15 @@ class DistributedContext:
         """On a CPU, give torch the cores the ``loader_workers`` of this node's processes leave
         (nnunet_meddinov3.cpu_threads: its default of one thread per core spin-waits against them), unless
         OMP_NUM_THREADS says otherwise; said once on rank 0. The count, or None where nothing was set."""
-        if self.device.type != "cpu" or threads_set_by_user() is not None:
+        choice = None
+        if self.device.type == "cpu":
+            choice = choose_threads(loader_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if choice is None:
             return None
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        threads = free_core_threads(loader_workers, processes)
+        threads, why = choice
         torch.set_num_threads(threads)
         if self.is_main and threads not in _announced_threads:  # a chain's stages say it once
-            print(describe_choice(threads, loader_workers, processes), flush=True)
+            print(why, flush=True)
             _announced_threads.add(threads)
         return threads
 

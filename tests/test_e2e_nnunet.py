@@ -1,7 +1,8 @@
 """End to end through the real console scripts on a tiny synthetic dataset (no mocks).
 
 The stock commands must find our trainer through nnU-Net's own nnUNet_extTrainer lookup, train,
-resume with --c, and predict with the pretrained weights file deleted.
+resume with --c, and predict with the pretrained weights file deleted; in 2D and in 3D (3d_fullres),
+with model selection and ensembling across both and the stock baselines.
 """
 import hashlib
 import json
@@ -19,7 +20,9 @@ import torch
 pytestmark = pytest.mark.e2e
 
 DATASET = 501
-TINY = "nnUNetTrainerMedDINOv3_Tiny"
+TINY = "nnUNetTrainerMedDINOv3_Tiny"  # trains 2d and 3d_fullres, as nnU-Net's own trainer does
+TINY_3D = "nnUNetTrainerMedDINOv3_3D_Tiny"  # the same, 3D only
+BASELINE = "nnUNetTrainerShortSchedule"
 SHORT = "epochs={epochs} iterations=2 val_iterations=1"  # a recipe short enough for a test
 
 
@@ -41,6 +44,7 @@ def workspace(stock_planned_ct, fixtures):
     # with a recipe in the plans (the trainings on these plans run without the environment override)
     run(["meddinov3", "plan_and_preprocess", "-d", str(DATASET), "--target-patch", "128", "--grad-checkpointing",
          "-np", "1", "--recipe", *SHORT.format(epochs=1).split()], env, root)
+    run(["nnUNetv2_preprocess", "-d", str(DATASET), "-c", "3d_fullres", "-np", "1"], env, root)  # stock 3D plans
     return {"root": root, "raw": raw, "env": env, "weights": weights}
 
 
@@ -111,10 +115,50 @@ def test_train_on_stock_plans_resume_and_predict_without_weights(workspace):
     assert set(summary["mean"]) == {"1", "2", "3"}
 
 
+def test_3d_fullres_trains_from_2d_weights_resumes_validates_and_predicts_from_the_checkpoint_alone(workspace, fixtures):
+    ws = workspace
+    train = ["nnUNetv2_train", str(DATASET), "3d_fullres", "0", "-tr", TINY, "-device", "cpu"]
+    weights = str(fixtures / "meddino_tiny_teacher.pth")  # a 2D checkpoint: the encoder runs on every slice
+    out = run(train, dict(ws["env"], MEDDINOV3_WEIGHTS=weights), ws["root"]).stdout
+    assert "Encoder weights:" in out and "Epoch 1" in out
+    fold = results_folder(ws, "nnUNetPlans", "3d_fullres") / "fold_0"
+    weights = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    # the 2D encoder's keys, unchanged, beside the cross-slice context's, whose zero-initialised output
+    # projections have trained
+    assert "encoder.vit.rope.periods" in weights
+    projections = [v for k, v in weights.items() if k.startswith("slice_context.") and k.endswith("proj.weight")]
+    assert projections and any(p.abs().max() > 0 for p in projections)
+
+    resumed = run(train + ["--c"], dict(ws["env"], MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=3)), ws["root"]).stdout
+    assert "Epoch 2" in resumed and "Epoch 0\n" not in resumed
+    run(train + ["--val", "--npz"], ws["env"], ws["root"])
+    assert list((fold / "validation").glob("*.npz"))
+
+    pred = ws["root"] / "pred_3d"
+    run(["nnUNetv2_predict", "-i", str(ws["raw"] / "imagesTs"), "-o", str(pred), "-d", str(DATASET), "-c",
+         "3d_fullres", "-tr", TINY, "-f", "0", "-device", "cpu"], ws["env"], ws["root"])
+    assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["case_006.nii.gz", "case_007.nii.gz"]
+    # a clinical folder (any file name, no _0000): the same labels as nnUNetv2_predict's
+    clinical, labels = ws["root"] / "clinical_3d", ws["root"] / "clinical_3d_out"
+    clinical.mkdir()
+    shutil.copy(ws["raw"] / "imagesTs" / "case_006_0000.nii.gz", clinical / "patient a.nii.gz")
+    run(["meddinov3", "predict", "-i", str(clinical), "-o", str(labels), "-d", str(DATASET), "-c", "3d_fullres",
+         "-tr", TINY, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"], ws["env"], ws["root"])
+    read = [sitk.GetArrayFromImage(sitk.ReadImage(str(f))) for f in (pred / "case_006.nii.gz", labels / "patient a.nii.gz")]
+    assert np.array_equal(*read)
+
+
+def test_a_2d_configuration_given_a_3d_only_trainer_says_which_trainer_takes_it(workspace):
+    done = run(["nnUNetv2_train", str(DATASET), "2d", "1", "-tr", TINY_3D, "-device", "cpu"], workspace["env"],
+               workspace["root"], expect_ok=False)
+    assert done.returncode != 0
+    assert f"train it with -tr {TINY}" in done.stderr.strip().splitlines()[-1]
+
+
 def test_nnunet_model_selection_ensembling_and_zip_export_take_our_trainer(workspace, fixtures, tmp_path):
-    """The tools users pick and ship models with, next to a stock baseline on the same fold:
-    --val --npz, find_best_configuration (with an ensemble of both), export to zip, install into an
-    empty results folder and predict from there with no weights file anywhere."""
+    """The tools users pick and ship models with, next to the stock baselines on the same fold:
+    --val --npz, find_best_configuration over 2d and 3d_fullres (with ensembles), export to zip, install
+    into an empty results folder and predict from there with no weights file anywhere."""
     ws, env = workspace, dict(workspace["env"])
     fold = results_folder(ws, "nnUNetPlans") / "fold_0"
     if not (fold / "checkpoint_final.pth").exists():  # when run on its own
@@ -124,15 +168,21 @@ def test_nnunet_model_selection_ensembling_and_zip_export_take_our_trainer(works
         ws["weights"].unlink()
     run(["nnUNetv2_train", str(DATASET), "2d", "0", "-tr", TINY, "--val", "--npz", "-device", "cpu"], env, ws["root"])
     assert list((fold / "validation").glob("*.npz"))
-    baseline = "nnUNetTrainerShortSchedule"
-    # one epoch is enough for a model to ensemble with
-    run(["nnUNetv2_train", str(DATASET), "2d", "0", "-tr", baseline, "--npz", "-device", "cpu"],
-        dict(env, MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=1)), ws["root"])
+    baseline = BASELINE
+    one_epoch = dict(env, MEDDINOV3_RECIPE_OVERRIDE=SHORT.format(epochs=1))  # enough for a model to ensemble with
+    if not list((results_folder(ws, "nnUNetPlans", "3d_fullres") / "fold_0" / "validation").glob("*.npz")):
+        run(["nnUNetv2_train", str(DATASET), "3d_fullres", "0", "-tr", TINY, "--npz", "-device", "cpu"], one_epoch,
+            ws["root"])  # when run on its own
+    for configuration in ("2d", "3d_fullres"):
+        run(["nnUNetv2_train", str(DATASET), configuration, "0", "-tr", baseline, "--npz", "-device", "cpu"],
+            one_epoch, ws["root"])
 
-    best = run(["nnUNetv2_find_best_configuration", str(DATASET), "-c", "2d", "-tr", baseline, TINY, "-f", "0",
-                "-np", "1"], env, ws["root"]).stdout
-    assert f"{TINY}__nnUNetPlans__2d:" in best and f"{baseline}__nnUNetPlans__2d:" in best
+    best = run(["nnUNetv2_find_best_configuration", str(DATASET), "-c", "2d", "3d_fullres", "-tr", baseline, TINY,
+                "-f", "0", "-np", "1"], env, ws["root"]).stdout
+    for trainer in (TINY, baseline):
+        assert f"{trainer}__nnUNetPlans__2d:" in best and f"{trainer}__nnUNetPlans__3d_fullres:" in best
     assert f"ensemble___{baseline}__nnUNetPlans__2d___{TINY}__nnUNetPlans__2d___0:" in best
+    assert f"ensemble___{TINY}__nnUNetPlans__2d___{TINY}__nnUNetPlans__3d_fullres___0:" in best
 
     archive = tmp_path / "model.zip"
     run(["nnUNetv2_export_model_to_zip", "-d", str(DATASET), "-o", str(archive), "-c", "2d", "-tr", TINY,

@@ -353,3 +353,8 @@ class nnUNetTrainerMedDINOv3_TinyBottleneck(nnUNetTrainerMedDINOv3_Tiny):
     """The tiny CPU model with the bottleneck decoder, to compare decoders on the demo dataset."""
 
     network_overrides = {**nnUNetTrainerMedDINOv3_Tiny.network_overrides, "decoder": "bottleneck"}
+
+
+# What nnunet_ext/ re-exports for nnU-Net's trainer lookup: every trainer class defined here.
+__all__ = [name for name, value in list(globals().items())
+           if name.startswith("nnUNetTrainer") and getattr(value, "__module__", None) == __name__]

@@ -84,3 +84,8 @@ class nnUNetTrainerMedDINOv3_3D_LLRD(Volumetric, nnUNetTrainerMedDINOv3_LLRD):
 
 class nnUNetTrainerMedDINOv3_3D_Bottleneck(Volumetric, nnUNetTrainerMedDINOv3_Bottleneck):
     """The cheaper bottleneck decoder in 3D."""
+
+
+# What nnunet_ext/ re-exports for nnU-Net's trainer lookup: every trainer class defined here.
+__all__ = [name for name, value in list(globals().items())
+           if name.startswith("nnUNetTrainer") and getattr(value, "__module__", None) == __name__]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of `meddinov3 bench` (issue 5): about 6 minutes on one H100 (8 at most: every run
-# is bounded by a timeout; give the device call timeout_s >= 480).
+# GPU check of `meddinov3 bench` (issues 5 and 33): about 7.5 minutes on one H100 (at most BENCH_DEADLINE_S,
+# 580 s: every run is bounded by a timeout, and step 4 by what is left; give the device call timeout_s 600).
 #
 #   Steps 1 and 3 also profile one training step (--profile: the 15 kernels with the most CUDA time).
 #   1. ViT-B/16 at 896x896, batch 2, bf16: MedDINOv3Net multiscale and bottleneck decoders next to the
@@ -14,10 +14,16 @@
 #   3. The compiled multiscale network at batch 8 (the planner's batch for `--gpu-memory-gb 26`; its memory
 #      model says 25.4 GB): MFU at a batch that amortises the launch overheads of 3141-token GEMMs.
 #                                                       -> bench_vitb16_896_compile_b8.{json,txt}
+#   4. 3D (issue 33): ViT-B/16 MedDINOv3Net3D (multiscale) with slice attention and with the depth convolution
+#      next to nnU-Net's 3d_fullres PlainConvUNet as its planner plans a 32 x 192 x 192 CT patch (spacing
+#      2.5 x 0.8 x 0.8 mm), batch 2, bf16, eager: step time, peak memory and inference as ratios to nnU-Net's.
+#      Alone (BENCH_STEPS=4) about 2 minutes in all.     -> bench_3d_vitb16_32x192x192.{json,txt}
 #
 # Results go to $OUT when set (the device tool's folder), else ./bench_out. BENCH_STEPS="1 3" runs only those
-# steps; BENCH1_DECODERS="multiscale" leaves the bottleneck decoder out of step 1; BENCH_STEP{1,2,3}_TIMEOUT bound
-# each step (160, 190, 100 s; a timeout around this script would not reach them: each starts its own group). scripts/gpu_check.sh runs this with the train check in one device call.
+# steps; BENCH1_DECODERS="multiscale" leaves the bottleneck decoder out of step 1; BENCH_STEP{1,2,3,4}_TIMEOUT bound
+# each step (160, 190, 100, 120 s; a timeout around this script would not reach them: each starts its own group),
+# and step 4 gets at most what is left of BENCH_DEADLINE_S (580 s from the start). scripts/gpu_check.sh runs
+# steps 1 and 3 with the train check in one device call.
 #
 # Needs python3 with CUDA torch, timm (the pyproject range), nnunetv2 and the packages its trainer imports
 # (the baseline is planned and built by nnU-Net's own planner and trainer). The GPU machine lacks several of them:
@@ -26,6 +32,7 @@
 #   device run:   carry [".pydeps", ".whl", ".meddinov3_ref"],
 #                 command "MEDDINOV3_REFERENCE_REPO=.meddinov3_ref bash scripts/gpu_check_bench.sh"
 set -uo pipefail
+START=$(date +%s)
 
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh" bench_out
 
@@ -61,10 +68,10 @@ EOF
 BENCH=("$PY" -m nnunet_meddinov3.cli.main bench --device cuda --dtype bf16 --encoders meddinov3_vitb16
        --patch-sizes 896)
 
-STEPS="${BENCH_STEPS:-1 2 3}"  # which of the three steps to run (scripts/gpu_check.sh runs 1 and 3)
+STEPS="${BENCH_STEPS:-1 2 3 4}"  # which of the four steps to run (scripts/gpu_check.sh runs 1 and 3)
 status=0
 if [[ " $STEPS " == *" 1 "* ]]; then
-echo "== 1/3: baseline vs multiscale/bottleneck${REFERENCE[0]:+ vs the MedDINOv3 reference}"
+echo "== 1/4: baseline vs multiscale/bottleneck${REFERENCE[0]:+ vs the MedDINOv3 reference}"
 # shellcheck disable=SC2086  # BENCH1_DECODERS is a list of words
 timeout "${BENCH_STEP1_TIMEOUT:-160}" "${BENCH[@]}" --batch-size 2 --decoders ${BENCH1_DECODERS:-multiscale bottleneck} ${REFERENCE[@]+"${REFERENCE[@]}"} --warmup 5 --repeats 20 --profile \
     --worker-timeout 90 -o "$OUT_DIR/bench_vitb16_896.json" 2>&1 | tee "$OUT_DIR/bench_vitb16_896.txt"
@@ -72,17 +79,33 @@ status=${PIPESTATUS[0]}
 fi
 
 if [[ " $STEPS " == *" 2 "* ]]; then
-echo "== 2/3: multiscale${REFERENCE[0]:+ and the reference}, whole network compiled"
+echo "== 2/4: multiscale${REFERENCE[0]:+ and the reference}, whole network compiled"
 timeout "${BENCH_STEP2_TIMEOUT:-190}" "${BENCH[@]}" --batch-size 2 --decoders multiscale --no-baseline --compile network ${REFERENCE[@]+"${REFERENCE[@]}"} \
     --warmup 5 --repeats 20 --worker-timeout 100 -o "$OUT_DIR/bench_vitb16_896_compile.json" 2>&1 \
     | tee "$OUT_DIR/bench_vitb16_896_compile.txt"
 fi
 
 if [[ " $STEPS " == *" 3 "* ]]; then
-echo "== 3/3: multiscale compiled, batch 8"
+echo "== 3/4: multiscale compiled, batch 8"
 timeout "${BENCH_STEP3_TIMEOUT:-100}" "${BENCH[@]}" --batch-size 8 --decoders multiscale --no-baseline --compile network \
     --warmup 2 --repeats 8 --profile --worker-timeout 95 -o "$OUT_DIR/bench_vitb16_896_compile_b8.json" 2>&1 \
     | tee "$OUT_DIR/bench_vitb16_896_compile_b8.txt"
+fi
+
+if [[ " $STEPS " == *" 4 "* ]]; then
+left=$(( ${BENCH_DEADLINE_S:-580} - ($(date +%s) - START) ))
+step4=$(( left < ${BENCH_STEP4_TIMEOUT:-120} ? left : ${BENCH_STEP4_TIMEOUT:-120} ))
+if [ "$step4" -lt 60 ]; then  # three workers (CUDA start, cudnn autotuning of the 3D convolutions) need more
+    echo "== 4/4: 3D skipped: $left s left of BENCH_DEADLINE_S"
+else
+echo "== 4/4: 3D, ViT-B slice_attention / depth_conv vs nnU-Net 3d_fullres at 32x192x192, batch 2, at most $step4 s"
+timeout "$step4" "$PY" -m nnunet_meddinov3.cli.main bench --device cuda --dtype bf16 --encoders meddinov3_vitb16 \
+    --decoders multiscale --patch-3d 32 192 192 --contexts slice_attention depth_conv --batch-size 2 \
+    --warmup 3 --repeats 10 --worker-timeout 50 -o "$OUT_DIR/bench_3d_vitb16_32x192x192.json" 2>&1 \
+    | tee "$OUT_DIR/bench_3d_vitb16_32x192x192.txt"
+step4_status=${PIPESTATUS[0]}
+[ "$step4_status" = 0 ] || status=$step4_status
+fi
 fi
 
 exit "$status"

@@ -28,11 +28,13 @@ from nnunet_meddinov3.benchmark.bench import (
     measure,
     nnunet_2d_arch_kwargs,
     plan_2d,
+    plan_3d,
     reference_parameter_groups,
     resolve_reference_repo,
 )
 from nnunet_meddinov3.benchmark.baseline import NNUNetParts
 from nnunet_meddinov3.benchmark.factories import build_meddinov3_network, build_nnunet_network
+from nnunet_meddinov3.network.volumetric import MedDINOv3Net3D
 from nnunet_meddinov3.cli.main import main
 
 TINY = ["--encoders", "tiny", "--patch-sizes", "64", "--batch-size", "1", "--repeats", "2", "--warmup", "1"]
@@ -83,8 +85,10 @@ def test_tiny_bench_via_console_script(tmp_path, standin):
     assert "ratios_to_baseline" not in baseline
     for r in results[1:]:
         ratios = r["ratios_to_baseline"]
-        assert set(ratios) == {"training_throughput", "training_memory", "inference_throughput", "inference_memory"}
+        assert set(ratios) == {f"{phase}_{what}" for phase in ("training", "inference")
+                               for what in ("throughput", "step_time", "memory")}
         assert ratios["training_throughput"] > 0 and ratios["inference_throughput"] > 0
+        assert ratios["training_step_time"] == pytest.approx(1 / ratios["training_throughput"])
     ratios = ours["ratios_to_reference"]
     assert set(ratios) == {"training_throughput", "training_step_time", "training_memory", "inference_throughput",
                            "inference_memory"}
@@ -310,3 +314,101 @@ def test_cpu_bf16_runs_ours_in_bf16_and_leaves_the_baseline_and_reference_fp32(s
     assert not build_meddinov3_network(dataclasses.replace(configs[1], cpu_bf16=False)).cpu_autocast
     result = measure(configs[1])
     assert result["effective_dtype"] == "bf16" and result["training"]["images_per_s"] > 0
+
+
+TINY_3D = ["--encoders", "tiny", "--decoders", "multiscale", "--patch-3d", "4", "32", "32", "--batch-size", "1",
+           "--repeats", "2", "--warmup", "1", "--device", "cpu"]
+
+
+def test_3d_bench_measures_meddinov3net3d_per_context_against_nnunet_3d_fullres(tmp_path, capsys, monkeypatch):
+    """--patch-3d: each configuration in its own worker process, nnU-Net's 3d_fullres network first."""
+    monkeypatch.delenv("MEDDINOV3_REFERENCE_REPO", raising=False)
+    out = tmp_path / "bench3d.json"
+    assert main(["bench", *TINY_3D, "--contexts", "slice_attention", "depth_conv", "-o", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["label"] for r in results] == ["nnU-Net 3d_fullres PlainConvUNet", "tiny+multiscale 3D slice_attention",
+                                             "tiny+multiscale 3D depth_conv"]
+    baseline, *ours = results
+    for r in results:
+        assert "error" not in r, r.get("error")
+        assert r["config"]["patch_size"] == [4, 32, 32]  # no 2D patch when only --patch-3d is given
+        for phase in ("training", "inference"):
+            assert r[phase]["images_per_s"] > 0 and len(r[phase]["step_times_s"]) == 2
+            assert r[phase]["peak_memory_bytes"] > 0 and r[phase]["flops_per_step"] > 0
+    assert "ratios_to_baseline" not in baseline and "context_parameters" not in baseline
+    for r in ours:
+        assert r["config"]["network"] == OURS and r["context_parameters"] > 0
+        ratios = r["ratios_to_baseline"]
+        for phase in ("training", "inference"):
+            assert ratios[f"{phase}_step_time"] == pytest.approx(
+                r[phase]["median_step_s"] / baseline[phase]["median_step_s"])
+            assert ratios[f"{phase}_memory"] == pytest.approx(
+                r[phase]["peak_memory_bytes"] / baseline[phase]["peak_memory_bytes"])
+    stdout = capsys.readouterr().out
+    assert "4x32x32" in stdout and "ratios to the nnU-Net network" in stdout
+    assert "tiny+multiscale 3D slice_attention @ 4x32x32: training step" in stdout and "context parameters" in stdout
+
+
+def test_3d_baseline_is_nnunets_3d_fullres_plan_with_the_slice_axis_first():
+    plan = plan_3d((8, 64, 64))
+    assert plan["configuration"] == "3d_fullres" and plan["plans"]["transpose_forward"] == [0, 1, 2]
+    arch = plan["plans"]["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert arch["conv_op"].endswith("Conv3d") and arch["norm_op"].endswith("InstanceNorm3d")
+    # CT-like spacing: the thick-slice axis is not pooled, nor convolved across, at full resolution
+    assert arch["kernel_sizes"][0] == [1, 3, 3] and arch["strides"][1] == [1, 2, 2]
+    parts = NNUNetParts.build(plan_3d((4, 32, 32), num_classes=3), torch.device("cpu"))
+    model = build_nnunet_network(BenchConfig(network=BASELINE, patch_size=(4, 32, 32), num_classes=3), parts)
+    outputs = model(torch.zeros(1, 1, 4, 32, 32))
+    targets = parts.deep_supervision_targets(torch.randint(0, 3, (1, 1, 4, 32, 32)))
+    assert [t.shape for t in targets] == [(1, 1, *o.shape[2:]) for o in outputs]
+
+
+def test_3d_patch_nnunet_would_change_is_refused(capsys, monkeypatch):
+    monkeypatch.delenv("MEDDINOV3_REFERENCE_REPO", raising=False)
+    with pytest.raises(ValueError, match=r"would plan a \(8, 160, 160\) 3d_fullres patch"):
+        plan_3d((8, 144, 144))  # nnU-Net's topology pads 144 to 160
+    with pytest.raises(ValueError, match="slice axis .first. must have the largest spacing"):
+        plan_3d((8, 64, 64), spacing=(0.8, 0.8, 2.5))  # nnU-Net would transpose the slice axis first
+    assert main(["bench", *TINY_3D[:4], "--patch-3d", "8", "144", "144", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "would plan a (8, 160, 160)" in err and "--no-baseline" in err
+    assert main(["bench", *TINY_3D[:4], "--patch-3d", "8", "72", "72", "--device", "cpu"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err
+    assert main(["bench", *TINY_3D[:4], "--patch-3d", "1", "32", "32", "--device", "cpu"]) == 2
+    assert "S >= 2" in capsys.readouterr().err
+    assert main(["bench", *TINY_3D, "--contexts", "slice_conv"]) == 2
+    assert "unknown ['slice_conv']" in capsys.readouterr().err
+
+
+def test_3d_configs_one_per_context_and_no_reference(standin):
+    configs = build_configs(["tiny"], ["multiscale"], [64, (8, 64, 64)], reference_repo=str(standin),
+                            contexts=("slice_attention", "none"), batch_size=1)
+    assert [(c.label, c.patch_size) for c in configs] == [
+        ("nnU-Net PlainConvUNet", 64), ("tiny+multiscale", 64), ("reference tiny+multiscale", 64),
+        ("nnU-Net 3d_fullres PlainConvUNet", (8, 64, 64)), ("tiny+multiscale 3D slice_attention", (8, 64, 64)),
+        ("tiny+multiscale 3D none", (8, 64, 64))]
+    assert BenchConfig.from_json(configs[4].to_json()) == configs[4]  # the JSON list comes back a tuple
+    assert configs[4].spatial_shape == (8, 64, 64) and configs[1].spatial_shape == (64, 64)
+    network = build_meddinov3_network(configs[4])
+    assert isinstance(network, MedDINOv3Net3D) and network.context == "slice_attention"
+
+
+def test_interleaved_3d_run_times_inference_steps_too(tmp_path, capsys, monkeypatch):
+    """--interleave-inference: each round's training step is followed by a timed inference step, so inference
+    ratios to nnU-Net's 3d_fullres network come from the same rounds."""
+    monkeypatch.delenv("MEDDINOV3_REFERENCE_REPO", raising=False)
+    out = tmp_path / "interleaved3d.json"
+    assert main(["bench", *TINY_3D, "--contexts", "none", "--interleave", "--interleave-inference",
+                 "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    baseline, ours = report["results"]
+    for r in (baseline, ours):
+        assert r["interleaved"] is True and "error" not in r, r.get("error")
+        for phase in ("training", "inference"):
+            assert len(r[phase]["step_times_s"]) == 2 and r[phase]["peak_memory_bytes"] is None
+    assert ours["ratios_to_baseline"]["inference_step_time"] == pytest.approx(
+        ours["inference"]["median_step_s"] / baseline["inference"]["median_step_s"])
+    assert ours["context_parameters"] == 0 and "interleaved_inference" in report["meta"]["method"]
+    assert "inference step" in capsys.readouterr().out
+    assert main(["bench", *TINY_3D, "--interleave-inference"]) == 2
+    assert "add --interleave" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Training and inference throughput and peak memory: MedDINOv3Net variants vs the nnU-Net 2D network,
-and optionally vs the MedDINOv3 reference implementation.
+and optionally vs the MedDINOv3 reference implementation; on 3D patches (S, H, W), MedDINOv3Net3D per
+cross-slice context vs nnU-Net's 3d_fullres network (``BenchConfig.patch_size`` a 3-tuple).
 
 Every configuration runs in its own fresh process (``python -m nnunet_meddinov3.benchmark.bench
 --worker JSON``), so its peak memory is its own: on CUDA ``torch.cuda.max_memory_allocated``
@@ -11,8 +12,8 @@ Three kinds of network (``BenchConfig.network``):
 
 - ``BASELINE``: nnU-Net's PlainConvUNet, planned by nnU-Net's ExperimentPlanner for the patch and
   built, with its loss, optimiser and deep-supervision targets, by an nnUNetTrainer
-  (:mod:`~nnunet_meddinov3.benchmark.baseline`).
-- ``OURS``: MedDINOv3Net (encoder x decoder).
+  (:mod:`~nnunet_meddinov3.benchmark.baseline`); for a 3D patch its 3d_fullres configuration.
+- ``OURS``: MedDINOv3Net (encoder x decoder); for a 3D patch MedDINOv3Net3D with a cross-slice context.
 - ``REFERENCE``: the MedDINOv3 reference implementation (github ricklisz/MedDINOv3), imported from a
   checkout the user points at (``--reference-repo``; its code is never copied here) and built exactly
   as its trainer ``meddinov3_base_primus_multiscale_Trainer`` builds it:
@@ -63,7 +64,7 @@ import time
 from typing import Callable, Sequence
 
 # The names the CLI and the tests use, from the modules that define them.
-from nnunet_meddinov3.benchmark.baseline import nnunet_2d_arch_kwargs, plan_2d  # noqa: F401
+from nnunet_meddinov3.benchmark.baseline import nnunet_2d_arch_kwargs, plan_2d, plan_3d  # noqa: F401
 from nnunet_meddinov3.benchmark.configs import (  # noqa: F401
     BASELINE,
     COMPILE_MODES,
@@ -72,6 +73,7 @@ from nnunet_meddinov3.benchmark.configs import (  # noqa: F401
     REFERENCE,
     BenchConfig,
     build_configs,
+    patch_label,
 )
 from nnunet_meddinov3.benchmark.measure import grad_scaler_report, measure, nnunet_plan_for  # noqa: F401
 from nnunet_meddinov3.benchmark.reference import (  # noqa: F401
@@ -86,6 +88,7 @@ from nnunet_meddinov3.benchmark.report import (  # noqa: F401
     add_baseline_ratios,
     add_reference_ratios,
     environment,
+    format_baseline_ratios,
     format_table,
     write_report,
 )
@@ -121,7 +124,8 @@ def run_benchmark(configs: Sequence[BenchConfig], timeout_s: float | None = None
     results = []
     for i, config in enumerate(configs, 1):
         if progress:
-            progress(f"[{i}/{len(configs)}] {config.label} @ {config.patch_size}px, batch {config.batch_size}")
+            progress(f"[{i}/{len(configs)}] {config.label} @ {patch_label(config.patch_size)}px, "
+                     f"batch {config.batch_size}")
         started = time.perf_counter()
         result = run_worker(config, timeout_s)
         result["wall_s"] = time.perf_counter() - started
@@ -142,7 +146,8 @@ def run_benchmark(configs: Sequence[BenchConfig], timeout_s: float | None = None
 def _worker_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="measure one benchmark configuration (used by meddinov3 bench)")
     parser.add_argument("--worker", required=True, metavar="JSON", help="a BenchConfig as JSON")
-    parser.add_argument("--nnunet-plan", metavar="JSON", help="nnU-Net's plan for it (plan_2d); planned here if absent")
+    parser.add_argument("--nnunet-plan", metavar="JSON",
+                        help="nnU-Net's plan for it (plan_2d or plan_3d); planned here if absent")
     args = parser.parse_args(argv)
     result = measure(BenchConfig.from_json(args.worker), json.loads(args.nnunet_plan) if args.nnunet_plan else None)
     print(RESULT_MARKER + json.dumps(result), flush=True)

@@ -36,7 +36,13 @@ METHOD_NOTES = {
     "throughput": "batch_size / median step time over the repeats, after the warm-up steps",
     "profile": "--profile: one training step after the timed ones under torch.profiler; the 15 entries with the "
                "most self time (CUDA: device time, i.e. kernels; CPU: CPU time of aten ops), in ms",
-    "ratios": "ratios_to_baseline: vs the nnU-Net network of the same patch/batch/device/dtype; "
+    "volumetric": "3D patches (S, H, W), slice axis first: MedDINOv3Net3D (the 2D network on every (H, W) slice, "
+                  "cross-slice context as named) against nnU-Net's 3d_fullres PlainConvUNet planned by its "
+                  "ExperimentPlanner for a one-volume dataset of that shape at CT-like spacing (2.5, 0.8, 0.8) mm, "
+                  "built, with its deep-supervised loss and SGD, by an nnUNetTrainer for 3d_fullres; img/s counts "
+                  "patches",
+    "ratios": "ratios_to_baseline: vs the nnU-Net network of the same patch/batch/device/dtype (step times: "
+              "ours / nnU-Net's, <1 is faster); "
               "ratios_to_reference (our entries): ours / the reference of the same encoder, decoder, patch, "
               "batch, device (throughput >1 and step time <1: ours faster; memory >1: ours uses more)",
 }
@@ -48,7 +54,8 @@ class BenchConfig:
 
     # BASELINE (PlainConvUNet as nnU-Net plans it), OURS (MedDINOv3Net) or REFERENCE (the MedDINOv3 reference)
     network: str
-    patch_size: int
+    # a square 2D patch's side, or a 3D patch (S, H, W), slice axis first (a list from JSON becomes the tuple)
+    patch_size: int | tuple[int, int, int]
     batch_size: int = 2
     num_classes: int = 16
     input_channels: int = 1
@@ -71,6 +78,21 @@ class BenchConfig:
     peak_tflops: float | None = None
     # REFERENCE only: the folder holding the reference's ``dinov3`` package (resolve_reference_repo's answer).
     reference_repo: str | None = None
+    # OURS on a 3D patch: MedDINOv3Net3D's cross-slice context (network.slice_context.CONTEXT_KINDS)
+    context: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.patch_size, list):
+            object.__setattr__(self, "patch_size", tuple(self.patch_size))
+
+    @property
+    def is_volumetric(self) -> bool:
+        return isinstance(self.patch_size, tuple)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """The input's spatial shape: (S, H, W) for a 3D patch, (P, P) for a square 2D one."""
+        return self.patch_size if self.is_volumetric else (self.patch_size, self.patch_size)
 
     @property
     def is_baseline(self) -> bool:
@@ -88,11 +110,13 @@ class BenchConfig:
     @property
     def label(self) -> str:
         if self.is_baseline:
-            name = "nnU-Net PlainConvUNet"
+            name = "nnU-Net 3d_fullres PlainConvUNet" if self.is_volumetric else "nnU-Net PlainConvUNet"
         elif self.is_reference:
             name = f"reference {self.encoder}+{self.decoder}"
         else:
             name = f"{self.encoder}+{self.decoder}"
+            if self.is_volumetric:
+                name += f" 3D {self.context}"
             if self.grad_checkpointing:
                 name += " ckpt"
             if self.runs_cpu_bf16:
@@ -111,13 +135,21 @@ class BenchConfig:
         return cls(**json.loads(text))
 
 
-def build_configs(encoders: Sequence[str], decoders: Sequence[str], patch_sizes: Sequence[int], *,
-                  baseline: bool = True, reference_repo: str | None = None, plain_decoder_too: bool = False,
-                  **common) -> list[BenchConfig]:
+def patch_label(patch_size) -> str:
+    """A patch as tables show it: "64" (square 2D) or "8x64x64" (3D, slice axis first)."""
+    return str(patch_size) if isinstance(patch_size, int) else "x".join(map(str, patch_size))
+
+
+def build_configs(encoders: Sequence[str], decoders: Sequence[str], patch_sizes: Sequence[int | tuple[int, int, int]],
+                  *, baseline: bool = True, reference_repo: str | None = None, plain_decoder_too: bool = False,
+                  contexts: Sequence[str] = ("slice_attention",), **common) -> list[BenchConfig]:
     """Per patch size: the nnU-Net baseline, then every encoder x decoder (with ``plain_decoder_too``,
     followed by the same with the decoder's plain path), each followed by the MedDINOv3 reference of
     the same encoder and decoder when ``reference_repo`` is given and the reference has that decoder
     (REFERENCE_DECODERS: not ``bottleneck``).
+
+    A 3D patch (S, H, W) gets nnU-Net's 3d_fullres network as its baseline and MedDINOv3Net3D once per
+    cross-slice context of ``contexts`` for each encoder x decoder; the reference has no 3D network.
 
     ``reference_repo`` is the folder holding the reference's ``dinov3`` package, or the repository
     root (resolve_reference_repo). The reference is built without gradient checkpointing (it has
@@ -130,15 +162,19 @@ def build_configs(encoders: Sequence[str], decoders: Sequence[str], patch_sizes:
         reference_repo = resolve_reference_repo(reference_repo)
     configs = []
     for patch in patch_sizes:
+        patch = patch if isinstance(patch, int) else tuple(patch)
+        volumetric = not isinstance(patch, int)
         if baseline:
             configs.append(BenchConfig(network=BASELINE, patch_size=patch, **common))
         for encoder in encoders:
             for decoder in decoders:
-                configs.append(BenchConfig(network=OURS, patch_size=patch, encoder=encoder, decoder=decoder, **common))
-                if plain_decoder_too:
-                    configs.append(BenchConfig(network=OURS, patch_size=patch, encoder=encoder, decoder=decoder,
-                                               plain_decoder=True, **common))
-                if reference_repo is not None and decoder in REFERENCE_DECODERS:
+                for context in contexts if volumetric else (None,):
+                    ours = BenchConfig(network=OURS, patch_size=patch, encoder=encoder, decoder=decoder,
+                                       context=context, **common)
+                    configs.append(ours)
+                    if plain_decoder_too:
+                        configs.append(dataclasses.replace(ours, plain_decoder=True))
+                if reference_repo is not None and decoder in REFERENCE_DECODERS and not volumetric:
                     configs.append(BenchConfig(network=REFERENCE, patch_size=patch, encoder=encoder, decoder=decoder,
                                                reference_repo=reference_repo,
                                                **{**common, "grad_checkpointing": False}))

@@ -23,15 +23,20 @@ from nnunet_meddinov3.benchmark.reference import (
 )
 from nnunet_meddinov3.network import MedDINOv3Net
 from nnunet_meddinov3.network.configs import default_feature_layers, resolve_encoder_config
+from nnunet_meddinov3.network.volumetric import MedDINOv3Net3D
 from nnunet_meddinov3.training import recipe
 from nnunet_meddinov3.training.optim import build_adamw, parameter_groups
 
 
 def build_meddinov3_network(config: BenchConfig) -> MedDINOv3Net:
-    return MedDINOv3Net(config.input_channels, config.num_classes, encoder=config.encoder, decoder=config.decoder,
-                        drop_path_rate=recipe.DROP_PATH_RATE,
-                        autocast_dtype="bf16" if config.dtype == "bf16" or config.runs_cpu_bf16 else None,
-                        grad_checkpointing=config.grad_checkpointing, cpu_autocast=config.runs_cpu_bf16)
+    """MedDINOv3Net, or on a 3D patch MedDINOv3Net3D with the configuration's cross-slice context."""
+    network_class, volumetric = (MedDINOv3Net3D, {"context": config.context}) if config.is_volumetric \
+        else (MedDINOv3Net, {})
+    return network_class(config.input_channels, config.num_classes, encoder=config.encoder, decoder=config.decoder,
+                         drop_path_rate=recipe.DROP_PATH_RATE,
+                         autocast_dtype="bf16" if config.dtype == "bf16" or config.runs_cpu_bf16 else None,
+                         grad_checkpointing=config.grad_checkpointing, cpu_autocast=config.runs_cpu_bf16,
+                         **volumetric)
 
 
 def build_nnunet_network(config: BenchConfig, parts: NNUNetParts) -> torch.nn.Module:
@@ -70,6 +75,8 @@ def build_network(config: BenchConfig, parts: NNUNetParts) -> torch.nn.Module:
     if config.is_baseline:
         return build_nnunet_network(config, parts)
     if config.is_reference:
+        if config.is_volumetric:
+            raise ValueError("the MedDINOv3 reference has no 3D network")
         return build_reference_network(config)
     return build_meddinov3_network(config)
 

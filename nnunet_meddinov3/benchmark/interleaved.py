@@ -22,13 +22,24 @@ from nnunet_meddinov3.benchmark.measure import Workload, nnunet_parts_for, synch
 INTERLEAVED_NOTE = ("all configurations in one process; after each one's warm-up steps, rounds of one timed "
                      "training step per configuration in turn; median over the rounds; no memory, inference "
                      "or FLOP numbers")
+INTERLEAVED_INFERENCE_NOTE = ("--interleave-inference: in each round each configuration's training step is followed "
+                              "by one timed inference step (eval(), no_grad), so inference ratios share the drift too")
 
 
-def measure_interleaved(configs: Sequence[BenchConfig], progress: Callable[[str], None] | None = None) -> list[dict]:
+def _phase_times(times: list[float], batch_size: int) -> dict:
+    median = statistics.median(times)
+    return {"median_step_s": median, "step_times_s": times, "images_per_s": batch_size / median,
+            "peak_memory_bytes": None, "flops_per_step": None}
+
+
+def measure_interleaved(configs: Sequence[BenchConfig], progress: Callable[[str], None] | None = None,
+                        inference: bool = False) -> list[dict]:
     """Each configuration's ``warmup`` steps, then ``repeats`` rounds of one timed training step each
-    (the largest ``warmup``/``repeats`` among them). A configuration that cannot be built or run gets
-    ``{"error": ...}`` and leaves the rounds; the others go on."""
+    (the largest ``warmup``/``repeats`` among them); with ``inference``, each training step is followed by
+    one inference step (``eval()``, ``no_grad``), timed too. A configuration that cannot be built or run
+    gets ``{"error": ...}`` and leaves the rounds; the others go on."""
     say = progress or (lambda message: None)
+    phases = ("training", "inference") if inference else ("training",)
     workloads, results = [], []
     for config in configs:
         result = {"label": config.label, "config": dataclasses.asdict(config), "interleaved": True}
@@ -38,7 +49,7 @@ def measure_interleaved(configs: Sequence[BenchConfig], progress: Callable[[str]
             work.set_mode(True)
             work.build_optimizer()
             result.update(work.describe(), interleaved=True)
-            workloads.append((work, result, []))
+            workloads.append((work, result, {phase: [] for phase in phases}))
         except (ValueError, ImportError, RuntimeError) as e:
             result["error"] = f"{type(e).__name__}: {e}"
             say(f"    {config.label}: {result['error']}")
@@ -50,25 +61,31 @@ def measure_interleaved(configs: Sequence[BenchConfig], progress: Callable[[str]
         timed = round_ >= warmup
         say(f"round {round_ + 1}/{warmup + repeats}" + ("" if timed else " (warm-up)"))
         for work, result, times in workloads:
-            if "error" in result:
-                continue
-            try:
-                synchronize(work.device)
-                start = time.perf_counter()
-                work.train_step()
-                synchronize(work.device)
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-                say(f"    {work.config.label}: {result['error']}")
-                continue
-            if timed:
-                times.append(time.perf_counter() - start)
+            for phase in phases:
+                if "error" in result:
+                    break
+                training = phase == "training"
+                work.set_mode(training)
+                try:
+                    with torch.enable_grad() if training else torch.no_grad():
+                        synchronize(work.device)
+                        start = time.perf_counter()
+                        if training:
+                            work.train_step()
+                        else:
+                            work.infer_step()
+                        synchronize(work.device)
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                    say(f"    {work.config.label}: {result['error']}")
+                    break
+                if timed:
+                    times[phase].append(time.perf_counter() - start)
 
     for work, result, times in workloads:
-        if "error" in result or not times:
+        if "error" in result:
             continue
-        median = statistics.median(times)
-        result["training"] = {"median_step_s": median, "step_times_s": times,
-                              "images_per_s": work.config.batch_size / median,
-                              "peak_memory_bytes": None, "flops_per_step": None}
+        for phase, phase_times in times.items():
+            if phase_times:
+                result[phase] = _phase_times(phase_times, work.config.batch_size)
     return results

@@ -25,10 +25,11 @@ from typing import Callable
 import torch
 from torch.utils import flop_counter
 
-from nnunet_meddinov3.benchmark.baseline import NNUNetParts, plan_2d
+from nnunet_meddinov3.benchmark.baseline import NNUNetParts, plan_2d, plan_3d
 from nnunet_meddinov3.benchmark.configs import OURS, BenchConfig
 from nnunet_meddinov3.benchmark.factories import CompiledBlocks, build_network, build_optimizer
 from nnunet_meddinov3.benchmark.reference import REFERENCE_EFFECTIVE_DTYPE_CUDA, import_reference
+from nnunet_meddinov3.network.volumetric import MedDINOv3Net3D
 
 GRAD_CLIP_NORM = 12.0  # nnUNetTrainer.train_step: clip_grad_norm_(..., 12)
 
@@ -149,8 +150,10 @@ def _out_of_memory(error: BaseException) -> dict:
 
 
 def nnunet_plan_for(config: BenchConfig) -> dict:
-    """nnU-Net's plan the configuration's nnU-Net parts are built from (``plan_2d`` caches it per patch)."""
-    return plan_2d(config.patch_size, config.num_classes, config.input_channels, require_patch=config.is_baseline)
+    """nnU-Net's plan the configuration's nnU-Net parts are built from (``plan_2d``, or ``plan_3d`` for a 3D
+    patch; both cached per patch)."""
+    plan = plan_3d if config.is_volumetric else plan_2d
+    return plan(config.patch_size, config.num_classes, config.input_channels, require_patch=config.is_baseline)
 
 
 def nnunet_parts_for(config: BenchConfig, device: torch.device, nnunet_plan: dict | None = None) -> NNUNetParts:
@@ -174,10 +177,8 @@ class Workload:
         self.model = build_network(config, parts).to(device)
         if config.plain_decoder and config.network == OURS:
             self.model.decoder.upsample.cpu_workspace = False
-        self.images = torch.randn(config.batch_size, config.input_channels, config.patch_size, config.patch_size,
-                                  device=device)
-        labels = torch.randint(0, config.num_classes,
-                               (config.batch_size, 1, config.patch_size, config.patch_size), device=device)
+        self.images = torch.randn(config.batch_size, config.input_channels, *config.spatial_shape, device=device)
+        labels = torch.randint(0, config.num_classes, (config.batch_size, 1, *config.spatial_shape), device=device)
         # as nnU-Net's data loader makes them, once, outside the timing
         self.targets = parts.deep_supervision_targets(labels) if config.is_baseline else labels
 
@@ -241,16 +242,20 @@ class Workload:
         return loss.item()
 
     def describe(self) -> dict:
-        return {"label": self.config.label, "config": dataclasses.asdict(self.config),
-                "parameters": sum(p.numel() for p in self.model.parameters()),
-                "effective_dtype": self.effective_dtype}
+        description = {"label": self.config.label, "config": dataclasses.asdict(self.config),
+                       "parameters": sum(p.numel() for p in self.model.parameters()),
+                       "effective_dtype": self.effective_dtype}
+        if isinstance(self.model, MedDINOv3Net3D):
+            description["context_parameters"] = self.model.context_parameter_count()
+        return description
 
 
 def measure(config: BenchConfig, nnunet_plan: dict | None = None) -> dict:
     """Build the configuration's network and time inference then training; one process per call.
 
-    ``nnunet_plan`` is :func:`~nnunet_meddinov3.benchmark.baseline.plan_2d`'s answer for the
-    configuration (planned here when not given; the parent plans once per patch size).
+    ``nnunet_plan`` is :func:`~nnunet_meddinov3.benchmark.baseline.plan_2d`'s (3D:
+    :func:`~nnunet_meddinov3.benchmark.baseline.plan_3d`'s) answer for the configuration (planned here
+    when not given; the parent plans once per patch size).
     """
     device = torch.device(config.device)
     # nnU-Net's trainer (loss, optimiser, targets), built before the memory baseline: it holds no tensors

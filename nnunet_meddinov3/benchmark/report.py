@@ -7,19 +7,25 @@ import platform
 
 import torch
 
-from nnunet_meddinov3.benchmark.configs import BASELINE, OURS, REFERENCE
+from nnunet_meddinov3.benchmark.configs import BASELINE, OURS, REFERENCE, patch_label
 from nnunet_meddinov3.durable_files import write_atomically
+
 
 def _ratio(numerator, denominator):
     return numerator / denominator if numerator is not None and denominator else None
 
 
+def _patch_key(patch_size):
+    """A result's patch as a dict key: an int, or a tuple for a 3D patch (a list once through JSON)."""
+    return patch_size if isinstance(patch_size, int) else tuple(patch_size)
+
+
 def add_baseline_ratios(results: list[dict]) -> None:
-    """Each MedDINOv3Net or reference entry gets throughput and memory ratios to the baseline of its
-    patch/batch/device/dtype."""
+    """Each MedDINOv3Net or reference entry gets throughput, step time and memory ratios to the baseline
+    of its patch/batch/device/dtype (a 3D patch's baseline is nnU-Net's 3d_fullres network)."""
     def key(r):
         c = r["config"]
-        return c["patch_size"], c["batch_size"], c["device"], c["dtype"]
+        return _patch_key(c["patch_size"]), c["batch_size"], c["device"], c["dtype"]
 
     baselines = {key(r): r for r in results if r["config"]["network"] == BASELINE}
     for r in results:
@@ -30,6 +36,7 @@ def add_baseline_ratios(results: list[dict]) -> None:
         for phase in ("training", "inference"):
             ours, theirs = r.get(phase, {}), base.get(phase, {})
             ratios[f"{phase}_throughput"] = _ratio(ours.get("images_per_s"), theirs.get("images_per_s"))
+            ratios[f"{phase}_step_time"] = _ratio(ours.get("median_step_s"), theirs.get("median_step_s"))
             ratios[f"{phase}_memory"] = _ratio(ours.get("peak_memory_bytes"), theirs.get("peak_memory_bytes"))
         r["ratios_to_baseline"] = ratios
 
@@ -40,7 +47,7 @@ def add_reference_ratios(results: list[dict]) -> None:
     time (<1: ours faster) and peak memory (>1: ours uses more)."""
     def key(r):
         c = r["config"]
-        return c["encoder"], c["decoder"], c["patch_size"], c["batch_size"], c["device"]
+        return c["encoder"], c["decoder"], _patch_key(c["patch_size"]), c["batch_size"], c["device"]
 
     references = {key(r): r for r in results if r["config"]["network"] == REFERENCE}
     for r in results:
@@ -100,7 +107,7 @@ def format_table(results: list[dict]) -> str:
         flops = train.get("flops_per_step")
         mib = 1024 ** 2
         rows.append((
-            r["label"], str(c["patch_size"]), str(c["batch_size"]),
+            r["label"], patch_label(c["patch_size"]), str(c["batch_size"]),
             _fmt(train.get("images_per_s"), ".2f", "ERR" if "error" in train else "-"),
             _fmt(ratios.get("training_throughput"), ".2f"),
             _fmt(r.get("ratios_to_reference", {}).get("training_throughput"), ".2f"),
@@ -114,7 +121,7 @@ def format_table(results: list[dict]) -> str:
             _fmt(None if train.get("mfu") is None else 100 * train["mfu"], ".1f"),
         ))
         if "error" in r:
-            rows[-1] = (r["label"], str(c["patch_size"]), str(c["batch_size"]),
+            rows[-1] = (r["label"], patch_label(c["patch_size"]), str(c["batch_size"]),
                         "ERROR: " + r["error"].splitlines()[0], *[""] * (len(header) - 4))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
@@ -126,7 +133,28 @@ def format_table(results: list[dict]) -> str:
     lines.append("x ref: our training throughput over the MedDINOv3 reference's (--reference-repo) of the same "
                  "encoder, decoder, patch and batch (>1: ours faster); on CUDA the reference runs fp16 autocast + "
                  "GradScaler, as its trainer.")
+    if any(not isinstance(r["config"]["patch_size"], int) for r in results):
+        lines.append("3D patches (S x H x W): img/s counts patches; the baseline is nnU-Net's 3d_fullres network "
+                     "planned for that patch.")
     return "\n".join(lines)
+
+
+def format_baseline_ratios(results: list[dict]) -> str:
+    """Per entry with a baseline in the run: training and inference step time and peak memory, each
+    ours / the nnU-Net network's (<1: ours faster or smaller; what the run did not measure is left out),
+    and a 3D network's context parameters."""
+    lines = ["ratios to the nnU-Net network of the same patch and batch, this run (ours / nnU-Net's):"]
+    for r in results:
+        ratios = r.get("ratios_to_baseline")
+        if not ratios:
+            continue
+        parts = [f"{phase} {what} {ratios[f'{phase}_{key}']:.2f}x"
+                 for phase in ("training", "inference") for key, what in (("step_time", "step"), ("memory", "memory"))
+                 if ratios.get(f"{phase}_{key}") is not None]
+        if "context_parameters" in r:
+            parts.append(f"context parameters {r['context_parameters']:,}")
+        lines.append(f"  {r['label']} @ {patch_label(r['config']['patch_size'])}: {'; '.join(parts)}")
+    return "\n".join(lines) if len(lines) > 1 else ""
 
 
 def format_step_times(results: list[dict]) -> str:

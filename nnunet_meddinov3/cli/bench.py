@@ -3,6 +3,8 @@ the nnU-Net 2D network (PlainConvUNet as nnU-Net plans it) at the same patch siz
 optionally next to the MedDINOv3 reference implementation (``--reference-repo``, a checkout of
 https://github.com/ricklisz/MedDINOv3: its Primus_Multiscale / Primus for our multiscale / single
 decoders, built as its trainer builds them; there is no reference for the bottleneck decoder).
+With ``--patch-3d S H W``, the same for 3D patches: MedDINOv3Net3D, once per cross-slice context of
+``--contexts``, next to nnU-Net's 3d_fullres network planned for that patch at CT-like spacing.
 
 Each configuration runs in a fresh process, so peak memory is per configuration; ``--interleave``
 instead times training steps of all of them in one process, one step of each in turn. See
@@ -12,6 +14,8 @@ instead times training steps of all of them in one process, one step of each in 
     meddinov3 bench --device cuda --decoders multiscale --patch-sizes 448 --reference-repo ~/MedDINOv3
     meddinov3 bench --device cpu --dtype fp32 --decoders multiscale --patch-sizes 448 --no-baseline \
         --interleave --plain-decoder-too --reference-repo ~/MedDINOv3
+    meddinov3 bench --device cuda --encoders vitb16 --decoders multiscale --patch-3d 32 192 192 \
+        --contexts slice_attention depth_conv
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import sys
 import time
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 (and fp16)
+DEFAULT_PATCH_SIZES = (512, 896)
 REFERENCE_REPO_ENV = "MEDDINOV3_REFERENCE_REPO"
 
 
@@ -33,8 +38,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decoders", nargs="+", default=["multiscale", "single", "bottleneck"],
                         choices=sorted(DECODER_NAMES), metavar="DECODER",
                         help="decoders (default: multiscale single bottleneck)")
-    parser.add_argument("--patch-sizes", nargs="+", type=int, default=[512, 896], metavar="PX",
-                        help="square patch sizes, multiples of 16 (default 512 896)")
+    parser.add_argument("--patch-sizes", nargs="+", type=int, default=None, metavar="PX",
+                        help="square 2D patch sizes, multiples of 16 (default "
+                             f"{' '.join(map(str, DEFAULT_PATCH_SIZES))}, none when --patch-3d is given)")
+    parser.add_argument("--patch-3d", nargs=3, type=int, action="append", default=None, metavar=("S", "H", "W"),
+                        dest="patches_3d",
+                        help="a 3D patch, slice axis first (H and W multiples of 16, S >= 2); repeat for more. "
+                             "Measures MedDINOv3Net3D per --contexts against nnU-Net's 3d_fullres network as its "
+                             "ExperimentPlanner plans that patch at CT-like spacing (2.5, 0.8, 0.8) mm")
+    parser.add_argument("--contexts", nargs="+", default=["slice_attention"], metavar="CONTEXT",
+                        help="cross-slice contexts of MedDINOv3Net3D on --patch-3d patches: slice_attention, "
+                             "depth_conv, none (default slice_attention)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
     parser.add_argument("--classes", type=int, default=16, help="segmentation classes incl. background (default 16)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -62,8 +76,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the nnU-Net PlainConvUNet baseline")
     parser.add_argument("--interleave", action="store_true",
                         help="time training steps only, all configurations in this one process, one step of each "
-                             "in turn: machine drift hits all alike (for CPU comparisons); no memory, inference "
-                             "or FLOP numbers")
+                             "in turn: machine drift hits all alike (for CPU comparisons); no memory or FLOP "
+                             "numbers, and no inference ones without --interleave-inference")
+    parser.add_argument("--interleave-inference", action="store_true",
+                        help="with --interleave: after each training step, time one inference step of the same "
+                             "configuration too (eval, no_grad), so that inference ratios share the drift as well")
     parser.add_argument("--profile", action="store_true",
                         help="after the timing, profile one training step (torch.profiler) and print the 15 "
                              "ops/kernels with the most self time (CUDA: kernel time); not with --interleave")
@@ -87,10 +104,12 @@ def run(args) -> int:
 
     from nnunet_meddinov3.benchmark.bench import (
         METHOD_NOTES, REFERENCE_DECODERS, ReferenceRepoError, add_baseline_ratios, add_reference_ratios,
-        build_configs, environment, format_table, nnunet_2d_arch_kwargs, reference_commit,
-        resolve_reference_repo, run_benchmark, write_report)
-    from nnunet_meddinov3.benchmark.interleaved import INTERLEAVED_NOTE, measure_interleaved
+        build_configs, environment, format_baseline_ratios, format_table, nnunet_2d_arch_kwargs, plan_3d,
+        reference_commit, resolve_reference_repo, run_benchmark, write_report)
+    from nnunet_meddinov3.benchmark.interleaved import (
+        INTERLEAVED_INFERENCE_NOTE, INTERLEAVED_NOTE, measure_interleaved)
     from nnunet_meddinov3.benchmark.report import format_profiles, format_step_times
+    from nnunet_meddinov3.network.slice_context import CONTEXT_KINDS
 
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,13 +117,25 @@ def run(args) -> int:
         return _error("--device cuda, but torch sees no CUDA device")
     else:
         device = args.device
-    bad = [p for p in args.patch_sizes if p <= 0 or p % 16]
+    patches_3d = [tuple(patch) for patch in args.patches_3d or ()]
+    patch_sizes = args.patch_sizes if args.patch_sizes is not None else [] if patches_3d else list(DEFAULT_PATCH_SIZES)
+    bad = [p for p in patch_sizes if p <= 0 or p % 16]
     if bad:
         return _error(f"patch sizes must be positive multiples of 16 (the ViT patch); got {bad}")
+    bad = [patch for patch in patches_3d if patch[0] < 2 or any(side <= 0 or side % 16 for side in patch[1:])]
+    if bad:
+        return _error(f"--patch-3d S H W needs S >= 2 slices (nnU-Net plans no 3d_fullres for one, the contexts mix "
+                      f"slices) and H, W positive multiples of 16 (the ViT patch); got {bad}")
+    unknown = sorted(set(args.contexts) - set(CONTEXT_KINDS))
+    if unknown:
+        return _error(f"--contexts: unknown {unknown}; choose from {', '.join(CONTEXT_KINDS)}")
     if not args.no_baseline:
-        for patch in args.patch_sizes:
+        for patch in patch_sizes + patches_3d:
             try:
-                nnunet_2d_arch_kwargs(patch)
+                if isinstance(patch, tuple):
+                    plan_3d(patch)
+                else:
+                    nnunet_2d_arch_kwargs(patch)
             except ValueError as e:
                 return _error(f"{e} (or run without the baseline: --no-baseline)")
     for name in ("batch_size", "classes", "repeats"):
@@ -114,6 +145,8 @@ def run(args) -> int:
         return _error("--warmup must be >= 0")
     if args.profile and args.interleave:
         return _error("--profile profiles each configuration in its own process; run it without --interleave")
+    if args.interleave_inference and not args.interleave:
+        return _error("--interleave-inference adds inference steps to --interleave's rounds; add --interleave")
     reference = None
     if args.reference_repo:
         # Resolved here, before any worker starts, so that a wrong path fails at once.
@@ -133,12 +166,15 @@ def run(args) -> int:
         if args.grad_checkpointing:
             print("meddinov3 bench: note: the reference has no activation checkpointing; it runs without",
                   file=sys.stderr)
+        if patches_3d:
+            print("meddinov3 bench: note: the reference has no 3D network; none on the --patch-3d patches",
+                  file=sys.stderr)
     if device == "cpu" and args.dtype == "bf16" and not args.cpu_bf16:
         print("meddinov3 bench: note: CPU runs fp32 (no autocast), as nnU-Net does; --cpu-bf16 runs ours in bf16",
               file=sys.stderr)
 
     configs = build_configs(
-        args.encoders, args.decoders, args.patch_sizes, baseline=not args.no_baseline,
+        args.encoders, args.decoders, patch_sizes + patches_3d, contexts=args.contexts, baseline=not args.no_baseline,
         reference_repo=reference["import_root"] if reference else None, batch_size=args.batch_size,
         num_classes=args.classes, device=device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
         compile=args.compile, grad_checkpointing=args.grad_checkpointing, cpu_bf16=args.cpu_bf16,
@@ -160,7 +196,9 @@ def run(args) -> int:
 
     if args.interleave:
         meta["method"] = {**METHOD_NOTES, "interleaved": INTERLEAVED_NOTE}
-        results = measure_interleaved(configs, progress=progress)
+        if args.interleave_inference:
+            meta["method"]["interleaved_inference"] = INTERLEAVED_INFERENCE_NOTE
+        results = measure_interleaved(configs, progress=progress, inference=args.interleave_inference)
         add_baseline_ratios(results)
         add_reference_ratios(results)
         save(results)
@@ -169,6 +207,9 @@ def run(args) -> int:
     print(format_table(results))
     if args.interleave:
         print(format_step_times(results))
+    baseline_ratios = format_baseline_ratios(results)
+    if baseline_ratios:
+        print("\n" + baseline_ratios)
     if args.profile:
         print("\n" + format_profiles(results))
     if args.output:

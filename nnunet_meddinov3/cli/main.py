@@ -35,7 +35,7 @@ SUBCOMMANDS = {
     "demo": ("demo", "synthetic CT: pretrain -> export -> nnU-Net baseline vs tiny MedDINOv3 -> Dice and probe tables"),
     "weights": ("weights", "list, inspect, convert, verify and fetch encoder checkpoints"),
     "compare": ("compare", "compare trainers' cross-validation results (Dice, NSD, Wilcoxon)"),
-    "bench": ("bench", "training/inference throughput and peak memory vs the nnU-Net 2D network"),
+    "bench": ("bench", "training/inference throughput and peak memory vs the nnU-Net 2D or 3d_fullres network"),
     "bench_loader": ("bench_loader", "images/s of nnU-Net's data loading and augmentation: can its workers feed the GPU"),
     "predict": ("predict", "predict nnU-Net folders, NIfTI folders or DICOM series trees"),
     "features": ("features", "PCA and cosine-similarity pictures of the encoder's dense features"),

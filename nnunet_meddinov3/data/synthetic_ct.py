@@ -56,7 +56,7 @@ def synthetic_case(rng: np.random.Generator, shape=(12, 96, 96)) -> tuple[np.nda
 IMAGE_IO = ("SimpleITKIO", "NibabelIO")  # nnU-Net reader/writer classes the files can be written for
 
 
-def _write(array: np.ndarray, path: Path, spacing_xyz, image_io: str) -> None:
+def write_image(array: np.ndarray, path: Path, spacing_xyz, image_io: str) -> None:
     """``array`` in (z, y, x) order as NIfTI, read back by nnU-Net's ``image_io`` in that same order."""
     if image_io == "NibabelIO":
         import nibabel
@@ -91,9 +91,9 @@ def write_nnunet_raw_dataset(raw_folder: str | Path, dataset_id: int = 501, name
         image, label = make_case(rng, shape)
         split = "Tr" if i < num_train else "Ts"
         case = f"case_{i:03d}"
-        _write(image.round().astype(np.int16), folder / f"images{split}" / f"{case}_0000.nii.gz", spacing_xyz,
+        write_image(image.round().astype(np.int16), folder / f"images{split}" / f"{case}_0000.nii.gz", spacing_xyz,
                image_io)
-        _write(label, folder / f"labels{split}" / f"{case}.nii.gz", spacing_xyz, image_io)
+        write_image(label, folder / f"labels{split}" / f"{case}.nii.gz", spacing_xyz, image_io)
     dataset_json = {"channel_names": {"0": "CT"}, "labels": LABELS if labels is None else labels,
                     "numTraining": num_train, "file_ending": ".nii.gz", "name": name,
                     "description": f"synthetic CT-like volumes written by {module}"}

@@ -113,7 +113,9 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     (["-d", "993"], ["dataset '993' not found", f"Dataset{DATASET}_LoaderCT"]),
     (["-d", "Liver"], ["neither a dataset id", f"Dataset{DATASET}_LoaderCT"]),
     (["-d", str(DATASET), "-p", "nnUNetPlans"], ["no plans 'nnUNetPlans'", "nnUNetPlansMedDINOv3", "-p"]),
-    (["-d", str(DATASET), "-c", "3d_fullres"], ["no configuration '3d_fullres'", "2d, 2d_highres"]),
+    (["-d", str(DATASET), "-c", "3d_lowres"], ["no configuration '3d_lowres'", "2d, 2d_highres, 3d_fullres"]),
+    # our plans hold 3d_fullres since the 3D trainers; this dataset preprocessed 2d only
+    (["-d", str(DATASET), "-c", "3d_fullres"], ["planned but not preprocessed", "nnUNetv2_preprocess"]),
     (["-d", str(DATASET), "-tr", "nnUNetTrainerMedDINOv4"], ["no trainer class 'nnUNetTrainerMedDINOv4'"]),
     (["-d", str(DATASET), "--gpu-images-per-s", "0"], ["must be positive"]),
     (["-d", str(DATASET), "--batches", "0"], ["--batches must be at least 1"]),

@@ -92,18 +92,14 @@ def test_planner_switches_checkpointing_on_and_warns_when_the_encoder_does_not_f
     assert not checkpointing and batch > 8
 
 
-def test_the_plans_lora_targets_reach_the_memory_model(tmp_path, monkeypatch):
+def test_3d_patches_count_as_their_slices_and_give_up_slices_before_the_batch(tmp_path, monkeypatch):
     planner = _planner_for_a_tiny_dataset(tmp_path, monkeypatch, gpu_memory_gb=8)
-    planner.encoder = "vitl16"
-    planner.fine_tuning_recipe = {"lora_rank": 8}
+    # (the plans' lora_targets reach the memory model too)
+    planner.encoder, planner.fine_tuning_recipe = "vitl16", {"lora_rank": 8}
     attention_only = planner._memory_gb([896, 896], 2, True)
     planner.fine_tuning_recipe = {"lora_rank": 8, "lora_targets": "qkv,proj,mlp"}  # adapters on the MLP too
     assert planner._memory_gb([896, 896], 2, True) > attention_only
-
-
-def test_3d_patches_count_as_their_slices_and_give_up_slices_before_the_batch(tmp_path, monkeypatch):
-    planner = _planner_for_a_tiny_dataset(tmp_path, monkeypatch, gpu_memory_gb=8)
-    planner.encoder = "vitb16"
+    planner.encoder, planner.fine_tuning_recipe = "vitb16", {}
     # a 3D patch of S slices costs what a 2D batch of S times as many images costs
     assert planner._memory_gb([16, 192, 192], 2, False) == pytest.approx(planner._memory_gb([192, 192], 32, False))
     planner._n_voxels_dataset = 1e12

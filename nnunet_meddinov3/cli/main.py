@@ -15,7 +15,7 @@ import sys
 import warnings
 
 DESCRIPTION = """\
-Fine-tune DINOv3 / MedDINOv3 vision transformers for 2D medical image segmentation inside nnU-Net v2,
+Fine-tune DINOv3 / MedDINOv3 vision transformers for 2D and 3D medical image segmentation inside nnU-Net v2,
 and inspect, convert and compare their weights.
 
 Typical first steps:

@@ -32,12 +32,15 @@ def ct_sources(tmp_path_factory) -> dict[str, Path]:
     return {"nnunet": nnunet, "nifti": nifti, "dicom": dicom}
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    # two contended cores: one intra-op thread is several times faster for these tiny matrices (and the
-    # variable, so that training's own free-core rule leaves it at that)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # two contended cores: one intra-op thread is several times faster for these tiny matrices. The variable
+    # too, so that training's free-core rule (nnunet_meddinov3/cpu_threads.py) leaves the count alone: module
+    # fixtures train as well (teachers, reference runs), and a run compared bit for bit with another must
+    # compute with the same threads. Module scope, so it is in force before those fixtures.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)

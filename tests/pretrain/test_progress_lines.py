@@ -95,8 +95,10 @@ def test_cpu_pretraining_takes_the_cores_its_loader_workers_leave(monkeypatch, c
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     context = DistributedContext(device=torch.device("cpu"))
     torch.set_num_threads(7)
-    assert context.use_free_cpu_threads(1) == free_core_threads(1) == torch.get_num_threads()
-    assert context.use_free_cpu_threads(1) == free_core_threads(1)
+    # the cores the loader leaves, less those other jobs hold right now
+    chosen = context.use_free_cpu_threads(1)
+    assert 1 <= chosen <= free_core_threads(1) and chosen == torch.get_num_threads()
+    assert 1 <= context.use_free_cpu_threads(1) <= free_core_threads(1)
     said = capsys.readouterr().out
     assert said.count("CPU thread(s) for torch") == 1 and "minus 1 loader worker(s)" in said  # said once
 

@@ -2,11 +2,12 @@
 import hashlib
 
 import pytest
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 import torch
 
 from nnunet_meddinov3.training import recipe
 from nnunet_meddinov3.training.recipe import RecipeError
-from nnunet_meddinov3.training.trainer import _env, _flag
+from nnunet_meddinov3.training.trainer import _env, _flag, nnUNetTrainerMedDINOv3_Tiny
 
 
 def test_machine_settings_unset_or_empty_give_the_default(monkeypatch):
@@ -325,3 +326,20 @@ def test_the_log_says_whether_the_plans_normalise_as_the_weights_were_pretrained
         else:
             assert "window [17, 176]" in log and "pretrained with window [-1000, 1000]" in log
             assert "--intensity-from" in log and "data.intensity.kind=nnunet" in log
+
+
+def test_3d_configurations_the_network_cannot_take_get_one_line_saying_what_to_do():
+    def configuration(patch, ours=False):
+        architecture = ({"network_class_name": "nnunet_meddinov3.network.volumetric.MedDINOv3Net3D",
+                         "arch_kwargs": {"encoder": "tiny", "context": "slice_attention"}, "_kw_requires_import": []}
+                        if ours else {"network_class_name": "some.CNN", "arch_kwargs": {}, "_kw_requires_import": []})
+        return ConfigurationManager({"patch_size": patch, "architecture": architecture})
+
+    nnUNetTrainerMedDINOv3_Tiny.check_configuration(configuration([5, 64, 64]), "3d_fullres")  # fine
+    with pytest.raises(ValueError, match="has 1 slice, too few for the cross-slice context 'slice_attention' "
+                                         r"\(a 2D dataset\?\): train its 2d configuration"):
+        nnUNetTrainerMedDINOv3_Tiny.check_configuration(configuration([1, 64, 64]), "3d_fullres")
+    with pytest.raises(ValueError, match=r"in-plane patch \[64, 72\] .* plan again with `meddinov3 plan_and_preprocess`"):
+        nnUNetTrainerMedDINOv3_Tiny.check_configuration(configuration([8, 64, 72], ours=True), "3d_fullres")
+    # stock plans: the network pads a patch that is no multiple of 16, as in 2D
+    nnUNetTrainerMedDINOv3_Tiny.check_configuration(configuration([8, 64, 72]), "3d_fullres")

@@ -28,8 +28,8 @@ from nnunet_meddinov3.training.recipe import LEGACY_ENV
 
 # --dataset: (nnU-Net id, name, generator module, volume shape); the thorax is the second generator, for a
 # result that is not tuned to the first
-DATASETS = {"ct": (501, "SyntheticCT", "synthetic_ct", (12, 96, 96)),
-            "thorax": (502, "SyntheticThorax", "synthetic_thorax", (20, 112, 128))}
+DATASETS = {"ct": (501, "SyntheticCT", "synthetic_ct.write_nnunet_raw_dataset", (12, 96, 96)),
+            "thorax": (502, "SyntheticThorax", "synthetic_thorax.write_thorax_dataset", (20, 112, 128))}
 # --3d CONTEXT ...: the tiny 3D trainer of each cross-slice context (nnunet_meddinov3/training/trainer_3d.py)
 TRAINERS_3D = {"slice_attention": "nnUNetTrainerMedDINOv3_3D_Tiny", "depth_conv": "nnUNetTrainerMedDINOv3_3D_TinyDepthConv",
                "none": "nnUNetTrainerMedDINOv3_3D_TinyPerSlice"}
@@ -353,8 +353,8 @@ def run(args) -> int:
     raw = Path(env["nnUNet_raw"]) / f"Dataset{dataset_id:03d}_{name}"
     if not (raw / "dataset.json").exists():
         print(f"==> Writing the synthetic dataset to {raw}", flush=True)
-        module = importlib.import_module(f"nnunet_meddinov3.data.{generator}")
-        write = getattr(module, "write_thorax_dataset" if args.dataset == "thorax" else "write_nnunet_raw_dataset")
+        module, function = generator.split(".")
+        write = getattr(importlib.import_module(f"nnunet_meddinov3.data.{module}"), function)
         write(env["nnUNet_raw"], dataset_id, num_train=args.num_train, num_test=args.num_test, shape=shape)
     results = DemoResults()
     try:

@@ -98,11 +98,17 @@ def recomputes_in_backward(vit: Eva) -> bool:
     return vit.grad_checkpointing and torch.is_grad_enabled()
 
 
+def run_checkpointed(vit: Eva, function, *args, **kwargs):
+    """``function(*args, **kwargs)``, recomputed in backward as :func:`recomputes_in_backward` says (for the
+    blocks, and for what runs between them, like the 3D network's slice context)."""
+    if recomputes_in_backward(vit):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+    return function(*args, **kwargs)
+
+
 def run_block(vit: Eva, block: EvaBlock, tokens: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
     """One block of ``Eva.forward_features``, checkpointed as :func:`recomputes_in_backward` says."""
-    if recomputes_in_backward(vit):
-        return checkpoint(block, tokens, rope=rope, use_reentrant=False)
-    return block(tokens, rope=rope)
+    return run_checkpointed(vit, block, tokens, rope=rope)
 
 
 def run_blocks(vit: Eva, tokens: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from nnunet_meddinov3.network.meddinov3_net import MedDINOv3Net
 from nnunet_meddinov3.network.slice_context import CONTEXT_KINDS, SliceContext
-from nnunet_meddinov3.network.timm_adapter import embed_tokens, recomputes_in_backward, run_block, transformer_blocks
+from nnunet_meddinov3.network.timm_adapter import embed_tokens, run_block, run_checkpointed, transformer_blocks
 
 
 class MedDINOv3Net3D(MedDINOv3Net):
@@ -68,13 +67,6 @@ class MedDINOv3Net3D(MedDINOv3Net):
             raise ValueError(f"context '{self.context}' mixes slices and needs S >= 2 slices per patch, got "
                              f"{x.shape[2]}: plan more slices per patch or build the network with context='none'")
 
-    def _run(self, function, *args, **kwargs):
-        """``function(*args, **kwargs)``, recomputed in backward when the encoder checkpoints its blocks
-        (as ``DINOv3Encoder.forward_tokens`` does)."""
-        if recomputes_in_backward(self.encoder.vit):
-            return checkpoint(function, *args, use_reentrant=False, **kwargs)
-        return function(*args, **kwargs)
-
     def slice_features(self, slices: torch.Tensor, num_slices: int) -> list[torch.Tensor]:
         """The tokens the decoder gets: per tapped block, in block order, (B*S, h*w, D) patch tokens.
 
@@ -93,11 +85,11 @@ class MedDINOv3Net3D(MedDINOv3Net):
             if index not in taps:
                 continue
             if context is not None and context.in_residual_stream:
-                patches = self._run(context, index, tokens[:, n_prefix:], num_slices)
+                patches = run_checkpointed(encoder.vit, context, index, tokens[:, n_prefix:], num_slices)
                 tokens = torch.cat([tokens[:, :n_prefix], patches], dim=1)
             patches = encoder.final_norm(tokens)[:, n_prefix:]
             if context is not None and not context.in_residual_stream:
-                patches = self._run(context, index, patches, num_slices)
+                patches = run_checkpointed(encoder.vit, context, index, patches, num_slices)
             features.append(patches)
         return features
 
